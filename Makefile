@@ -1,0 +1,42 @@
+# Two entry points for newcomers: `make serve` (install + run the node on the embedded
+# default pipeline) and `make test` (install test dependencies + run the whole suite).
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the tests drive for real: dcmtk (storescu/echoscu), dicom3tools (dciodvfy).
+DEBIAN_TOOLS := storescu:dcmtk dciodvfy:dicom3tools
+
+.PHONY: serve test install install-test system-deps lint
+
+$(BIN)/radpipe: pyproject.toml
+	python3 -m venv $(VENV)
+	# The CPU build, pinned first so no dependency pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+install: $(BIN)/radpipe
+
+$(VENV)/.test-installed: $(BIN)/radpipe
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install-test: $(VENV)/.test-installed system-deps
+
+system-deps:
+	@missing=""; for pair in $(DEBIAN_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+serve: install
+	$(BIN)/radpipe serve
+
+lint: install-test
+	$(BIN)/ruff check plugin tests benchmarks
+	$(BIN)/ruff format --check plugin tests benchmarks
+
+test: install-test lint
+	TCP_NODELAY=1 $(BIN)/pytest -q

@@ -1,0 +1,101 @@
+"""Wiring: one running node = listener + assembler + runner + dispatcher + metrics,
+all sharing one journal. ``radpipe serve`` and the tests both start it through here."""
+
+import logging
+from pathlib import Path
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry
+from pynetdicom.transport import ThreadedAssociationServer
+
+from plugin.assembler import Assembler
+from plugin.config import NodeConfig
+from plugin.dispatch import Dispatcher
+from plugin.journal import Journal
+from plugin.metrics import Metrics, serve_metrics
+from plugin.models.artifact import ArtifactError
+from plugin.models.pool import ModelPool
+from plugin.node import start_server
+from plugin.pipeline import Pipeline, load_pipelines
+from plugin.router import Router
+from plugin.runner import Runner
+from plugin.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+def read_pipelines(config: NodeConfig) -> list[Pipeline]:
+    directory = config.pipelines.dir
+    if not directory.is_dir():
+        log.warning("pipelines folder %s does not exist: every series will be stored unrouted", directory)
+        return []
+    return load_pipelines(directory, set(config.destinations))
+
+
+class Node:
+    def __init__(self, config: NodeConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics(registry)
+        storage = config.storage.dir
+        self.journal = Journal(storage / "journal.sqlite")
+        self.spool = Spool(storage / "spool")
+        self.metrics.observe_state(self.journal.queue_depths, self.spool.free_bytes)
+        self.router = Router(read_pipelines(config))
+        self.pool = ModelPool(self.metrics)
+        self.workers = [
+            Assembler(self.journal, self.router, self.metrics),
+            Runner(self.journal, self.router, self.pool, config.results_dir, list(config.destinations), self.metrics),
+            Dispatcher(
+                self.journal,
+                config.destinations,
+                config.node.ae_title,
+                self.metrics,
+                tries=config.dispatch.tries,
+                backoff_seconds=config.dispatch.backoff_seconds,
+            ),
+        ]
+        self.server: ThreadedAssociationServer | None = None
+        self.metrics_server: tuple[WSGIServer, Thread] | None = None
+
+    @property
+    def results_dir(self) -> Path:
+        return self.config.results_dir
+
+    def start(self) -> None:
+        """Warm every model, resume interrupted work, then start listening."""
+        for pipeline in self.router.pipelines:
+            self.metrics.add_pipeline_labels(pipeline.name, pipeline.destinations_in(list(self.config.destinations)))
+            try:
+                self.pool.get(pipeline)
+            except ArtifactError as e:  # its jobs will fail with the same message; others run
+                log.error("pipeline %s: model not loaded: %s", pipeline.name, e)
+            log.info("pipeline %s v%s loaded from %s", pipeline.name, pipeline.version, pipeline.source)
+        resumed = self.journal.requeue_running_jobs()
+        if resumed:
+            log.info("resuming %d job(s) interrupted by the last shutdown", resumed)
+        for worker in self.workers:
+            worker.start()
+        if self.config.metrics.port:
+            self.metrics_server = serve_metrics(self.metrics, self.config.metrics.host, self.config.metrics.port)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics_server[0].server_port)
+        self.server = start_server(
+            self.config.node, self.spool, self.journal, self.metrics, self.config.storage.min_free_mb * 1024 * 1024
+        )
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting, let workers finish their current step, close the journal."""
+        if self.server is not None:
+            self.server.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server[0].shutdown()
+            self.metrics_server[0].server_close()
+            self.metrics_server[1].join(5)
+        for worker in self.workers:
+            worker.stop()
+        self.journal.close()

@@ -1,0 +1,159 @@
+"""The ``radpipe`` command: argument parsing and wiring only."""
+
+import argparse
+import logging
+import signal
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+
+from plugin import __version__
+
+Handler = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, tuple[Handler, list[tuple[tuple[str, ...], dict]]]] = {}
+
+
+def arg(*names: str, **options: object) -> tuple[tuple[str, ...], dict]:
+    return names, options
+
+
+def command(*arguments: tuple[tuple[str, ...], dict]) -> Callable[[Handler], Handler]:
+    """Register a subcommand; its docstring is its help text."""
+
+    def register(handler: Handler) -> Handler:
+        _COMMANDS[handler.__name__] = (handler, list(arguments))
+        return handler
+
+    return register
+
+
+CONFIG = arg("--config", type=Path, help="node config file (radpipe.yaml); default: built-in defaults")
+
+
+@command(CONFIG)
+def serve(args: argparse.Namespace) -> int:
+    """Run the DICOM node until SIGINT/SIGTERM."""
+    from plugin.app import Node
+    from plugin.config import load_config
+
+    config = load_config(args.config)
+    logging.getLogger(__name__).info("effective config: %s", config.model_dump_json())
+    node = Node(config)
+    node.start()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    node.stop()
+    return 0
+
+
+@command(CONFIG, arg("paths", nargs="+", type=Path, help="node config or pipeline files, or folders of pipelines"))
+def validate(args: argparse.Namespace) -> int:
+    """Check node config and pipeline files; print ``file: location: message`` for every error."""
+    import yaml
+
+    from plugin.config import ConfigError, load_config
+    from plugin.pipeline import PipelineError, load_pipeline_files, pipeline_files
+
+    destinations = set(load_config(args.config).destinations)
+    pipelines: list[Path] = []
+    failed = False
+    for path in args.paths:
+        if path.is_dir():
+            pipelines += pipeline_files(path)
+            continue
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            raw = None  # the pipeline loader reports the exact problem
+        if isinstance(raw, dict) and "model" not in raw and "match" not in raw:
+            try:
+                load_config(path, environ={})
+                print(f"{path}: ok (node config)")
+            except ConfigError as e:
+                print(e)
+                failed = True
+        else:
+            pipelines.append(path)
+    try:
+        for pipeline in load_pipeline_files(pipelines, destinations):
+            print(f"{pipeline.source}: ok ({pipeline.name} v{pipeline.version})")
+    except PipelineError as e:
+        print(e)
+        failed = True
+    return 1 if failed else 0
+
+
+@command(
+    CONFIG,
+    arg("--explain", action="store_true", help="say why each pipeline matches or not"),
+    arg("files", nargs="+", type=Path, help="DICOM files"),
+)
+def route(args: argparse.Namespace) -> int:
+    """Show which pipelines would run on each DICOM file."""
+    from plugin.app import read_pipelines
+    from plugin.config import load_config
+    from plugin.router import Router
+
+    router = Router(read_pipelines(load_config(args.config)))
+    for path in args.files:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        print(f"{path}:")
+        for verdict in router.explain(header):
+            p = verdict.pipeline
+            if verdict.failed is None:
+                print(f"  match     {p.name} v{p.version}")
+            elif args.explain:
+                print(
+                    f"  no match  {p.name} v{p.version}: {verdict.failed.describe()} "
+                    f"failed (actual: {verdict.failed.actual(header)})"
+                )
+    return 0
+
+
+@command(
+    arg("--host", default="127.0.0.1"),
+    arg("--port", type=int, default=11112),
+    arg("--called-ae", default="RADPIPE"),
+    arg("--results", type=Path, default=Path("radpipe-data/results"), help="the node's results folder"),
+    arg("--timeout", type=float, default=60.0, help="seconds to wait for the results"),
+)
+def demo(args: argparse.Namespace) -> int:
+    """Send a synthetic chest-CT study to a running node and print its findings."""
+    from plugin.demo.client import run_demo
+
+    with tempfile.TemporaryDirectory() as work:
+        return run_demo(args.host, args.port, args.called_ae, args.results, Path(work), args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radpipe", description="DICOM AI node")
+    parser.add_argument("--version", action="version", version=f"radpipe {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (handler, arguments) in _COMMANDS.items():
+        sub = commands.add_parser(name, help=handler.__doc__, description=handler.__doc__)
+        for names, options in arguments:
+            sub.add_argument(*names, **options)
+        sub.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
+    if args.log_level != "DEBUG":  # one line per DIMSE message / copied module is noise at INFO
+        for chatty in ("pynetdicom", "highdicom"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+    from plugin.config import ConfigError
+    from plugin.pipeline import PipelineError
+
+    try:
+        return args.handler(args)
+    except (ConfigError, PipelineError) as e:
+        print(e)
+        return 1

@@ -1,0 +1,137 @@
+"""Node configuration (``radpipe.yaml``): every key, its type, default and meaning.
+
+Every option can also be set as an environment variable ``RADPIPE_<SECTION>_<KEY>``
+(e.g. ``RADPIPE_NODE_PORT=11113``, ``RADPIPE_STORAGE_DIR=/var/lib/radpipe``); values
+are parsed as YAML scalars/lists, so ``RADPIPE_NODE_ALLOWED_CALLING_AETS=[MODALITY1]``
+works. Environment variables win over the file. The shipped ``radpipe.yaml`` documents
+the same keys with their defaults.
+"""
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSConfig(_Section):
+    """DICOM TLS (PEM files). Example: ``{cert: node.crt, key: node.key, ca: ca.crt}``."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_cert: bool = False
+
+
+class NodeSection(_Section):
+    """The DICOM listener.
+
+    ae_title: this node's AE title (default ``RADPIPE``).
+    host/port: where to listen (default 127.0.0.1:11112; use 0.0.0.0 to accept remote peers).
+    allowed_calling_aets: if non-empty, only these calling AE titles may associate.
+    max_associations: concurrent associations served (default 16).
+    """
+
+    ae_title: str = Field(default="RADPIPE", min_length=1, max_length=16)
+    host: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=0, le=65535)
+    allowed_calling_aets: list[str] = []
+    max_associations: int = Field(default=16, ge=1)
+    tls: TLSConfig = TLSConfig()
+
+
+class StorageSection(_Section):
+    """dir: where spool, journal and results live (default ``./radpipe-data``).
+    min_free_mb: below this much free space C-STORE answers 0xA700 (out of resources)."""
+
+    dir: Path = Path("radpipe-data")
+    min_free_mb: int = Field(default=1024, ge=0)
+
+
+class MetricsSection(_Section):
+    """Prometheus exposition at ``http://host:port/metrics`` (default 127.0.0.1:9400).
+    ``port: 0`` disables it."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9400, ge=0, le=65535)
+
+
+class PipelinesSection(_Section):
+    """dir: the folder of pipeline YAML files (default ``./pipelines``)."""
+
+    dir: Path = Path("pipelines")
+
+
+class DispatchSection(_Section):
+    """How results are sent: ``tries`` C-STORE attempts per destination, waiting
+    ``backoff_seconds`` x 2^(try-1) between them; after that the delivery is marked failed."""
+
+    tries: int = Field(default=3, ge=1)
+    backoff_seconds: float = Field(default=1.0, ge=0)
+
+
+class Destination(_Section):
+    """A DICOM node results are sent to with C-STORE.
+    Example: ``pacs: {ae_title: ORTHANC, host: 127.0.0.1, port: 4242}``."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: TLSConfig | None = None
+
+
+class NodeConfig(_Section):
+    node: NodeSection = NodeSection()
+    storage: StorageSection = StorageSection()
+    metrics: MetricsSection = MetricsSection()
+    pipelines: PipelinesSection = PipelinesSection()
+    dispatch: DispatchSection = DispatchSection()
+    destinations: dict[str, Destination] = {}
+
+    @property
+    def results_dir(self) -> Path:
+        return self.storage.dir / "results"
+
+
+class ConfigError(Exception):
+    """The node configuration is invalid; ``str()`` names each bad key."""
+
+
+PREFIX = "RADPIPE_"
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Overlay ``RADPIPE_<SECTION>_<KEY>`` variables onto the raw config mapping."""
+    for name, text in environ.items():
+        if not name.startswith(PREFIX):
+            continue
+        section, _, key = name[len(PREFIX) :].lower().partition("_")
+        if section not in NodeConfig.model_fields or not key:
+            continue
+        raw.setdefault(section, {})
+        if isinstance(raw[section], dict):
+            raw[section][key] = yaml.safe_load(text) if text else None
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] = os.environ) -> NodeConfig:
+    """Read the node config (or defaults when ``path`` is None) plus the environment."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the node config must be a mapping")
+    _apply_environment(raw, environ)
+    try:
+        return NodeConfig.model_validate(raw)
+    except ValidationError as e:
+        where = path or "environment"
+        raise ConfigError("\n".join(f"{where}: {'.'.join(map(str, i['loc']))}: {i['msg']}" for i in e.errors())) from e

@@ -1,0 +1,71 @@
+"""Loading a job's instances: headers in anatomical order, then pixels one instance at a
+time (compressed transfer syntaxes are decoded by pydicom's pylibjpeg/GDCM plugins)."""
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+import torch
+from pydicom import Dataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+from plugin.journal import InstanceRecord
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input instance: its header (no pixels) and where it lies."""
+
+    header: Dataset
+    path: str
+
+
+def _position_along_normal(header: Dataset) -> float | None:
+    try:
+        row, col = (
+            np.array(header.ImageOrientationPatient[:3], float),
+            np.array(header.ImageOrientationPatient[3:], float),
+        )
+        return float(np.dot(np.cross(row, col), np.array(header.ImagePositionPatient, float)))
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+
+
+def read_sources(records: Sequence[InstanceRecord]) -> list[Source]:
+    """Headers of every instance, sorted along the slice normal when the geometry is
+    known, else by InstanceNumber, else by SOP Instance UID."""
+    sources = [Source(pydicom.dcmread(r.path, stop_before_pixels=True), r.path) for r in records]
+
+    def order(source: Source) -> tuple[float, float, str]:
+        h = source.header
+        position = _position_along_normal(h)
+        number = h.get("InstanceNumber")
+        return (
+            position if position is not None else 0.0,
+            float(number) if number not in (None, "") else 0.0,
+            str(h.SOPInstanceUID),
+        )
+
+    return sorted(sources, key=order)
+
+
+def modality_frames(ds: Dataset) -> np.ndarray:
+    """All frames of an instance as float32 ``[F, H, W]`` in modality units
+    (RescaleSlope/Intercept applied); colour images are reduced to their luminance."""
+    pixels = ds.pixel_array
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+        samples = 3
+    pixels = apply_modality_lut(pixels, ds) if samples == 1 else pixels.astype(np.float32).mean(axis=-1)
+    pixels = np.asarray(pixels, dtype=np.float32)
+    return pixels.reshape(frames, *pixels.shape[-2:])
+
+
+def iter_pixels(sources: Sequence[Source]) -> Iterator[tuple[Source, torch.Tensor]]:
+    """Each source with its frames as a ``[F, 1, H, W]`` tensor, one instance in memory at a time."""
+    for source in sources:
+        ds = pydicom.dcmread(source.path)
+        yield source, torch.from_numpy(modality_frames(ds))[:, None]

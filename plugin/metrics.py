@@ -1,0 +1,110 @@
+"""Prometheus metrics (prefix ``radpipe_``), created on an injectable registry.
+
+Queue depths and spool free space are computed at scrape time by a collector that asks
+the journal and the file system, so they are never stale and cost nothing between scrapes.
+"""
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+STAGES = ("receive", "wait", "load", "preprocess", "infer", "write", "dispatch")
+QUEUES = ("assembly", "jobs", "running", "dispatch")
+REJECT_REASONS = ("invalid_uid", "undecodable", "out_of_resources", "storage_error")
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.instances_received = Counter(
+            "radpipe_instances_received", "Instances stored and journaled", ["calling_ae"], registry=r
+        )
+        self.instances_rejected = Counter(
+            "radpipe_instances_rejected", "C-STORE requests answered with a failure status", ["reason"], registry=r
+        )
+        for reason in REJECT_REASONS:
+            self.instances_rejected.labels(reason)
+        self.studies_completed = Counter(
+            "radpipe_studies_completed", "Series/studies judged complete by the assembler", registry=r
+        )
+        self.jobs = Counter("radpipe_jobs", "Pipeline jobs finished", ["pipeline", "status"], registry=r)
+        self.stage_seconds = Histogram(
+            "radpipe_stage_seconds", "Time spent per stage", ["stage", "pipeline"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.inference_batch_size = Histogram(
+            "radpipe_inference_batch_size", "Images per model call", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.results_delivered = Counter(
+            "radpipe_results_delivered", "Results a destination accepted", ["destination"], registry=r
+        )
+        self.dispatch_failures = Counter(
+            "radpipe_dispatch_failures", "Failed C-STORE attempts to a destination", ["destination"], registry=r
+        )
+        self.config_reloads = Counter("radpipe_config_reloads", "Pipeline (re)loads", ["result"], registry=r)
+        self.model_info = Gauge(
+            "radpipe_model_info",
+            "Loaded models (value is always 1)",
+            ["pipeline", "model", "precision", "device", "sparsity"],
+            registry=r,
+        )
+
+    def observe_state(self, queue_depths: Callable[[], dict[str, int]], free_bytes: Callable[[], int]) -> None:
+        """Register the scrape-time collector for queue depths and spool free space."""
+        self.registry.register(_StateCollector(queue_depths, free_bytes))
+
+    def add_pipeline_labels(self, pipeline: str, destinations: Iterable[str]) -> None:
+        """Create a pipeline's series up front so dashboards see zeros, not gaps."""
+        for status in ("done", "failed"):
+            self.jobs.labels(pipeline, status)
+        for destination in destinations:
+            self.results_delivered.labels(destination)
+            self.dispatch_failures.labels(destination)
+
+
+class _StateCollector(Collector):
+    def __init__(self, queue_depths: Callable[[], dict[str, int]], free_bytes: Callable[[], int]) -> None:
+        self._queue_depths = queue_depths
+        self._free_bytes = free_bytes
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("radpipe_queue_depth", "Items waiting per queue", labels=["queue"])
+        for queue, value in self._queue_depths().items():
+            depth.add_metric([queue], value)
+        yield depth
+        yield GaugeMetricFamily(
+            "radpipe_spool_free_bytes", "Free bytes on the spool's file system", value=self._free_bytes()
+        )
+
+
+def serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[WSGIServer, Thread]:
+    """Start the ``/metrics`` HTTP endpoint; returns (server, thread) so callers can stop it."""
+    return start_http_server(port, addr=host, registry=metrics.registry)
+
+
+class StageTimer:
+    """Adds up the time a job spends in each stage, then observes each total once."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def observe(self, metrics: Metrics, pipeline: str) -> None:
+        for name, seconds in self.seconds.items():
+            metrics.stage_seconds.labels(name, pipeline).observe(seconds)

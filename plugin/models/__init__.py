@@ -1,0 +1,1 @@
+"""Model artifacts, architectures and the device they run on."""

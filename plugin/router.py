@@ -1,0 +1,52 @@
+"""The router: which loaded pipelines want a series, judged on one instance's header."""
+
+import threading
+from dataclasses import dataclass
+
+from pydicom import Dataset
+
+from plugin.match import Condition, first_failure
+from plugin.pipeline import Pipeline
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Why a pipeline matches a dataset or not (``failed`` is None when it matches)."""
+
+    pipeline: Pipeline
+    failed: Condition | None
+
+    @property
+    def matches(self) -> bool:
+        return self.failed is None
+
+
+class Router:
+    """Holds the current pipeline set; :meth:`replace` swaps it atomically. Every version
+    ever loaded stays reachable by its hash, so a job runs on the version it was routed with."""
+
+    def __init__(self, pipelines: list[Pipeline]) -> None:
+        self._lock = threading.Lock()
+        self._pipelines: list[Pipeline] = []
+        self._versions: dict[str, Pipeline] = {}
+        self.replace(pipelines)
+
+    def replace(self, pipelines: list[Pipeline]) -> None:
+        with self._lock:
+            self._pipelines = list(pipelines)
+            self._versions.update({p.sha256: p for p in pipelines})
+
+    @property
+    def pipelines(self) -> list[Pipeline]:
+        with self._lock:
+            return list(self._pipelines)
+
+    def version(self, sha256: str) -> Pipeline | None:
+        with self._lock:
+            return self._versions.get(sha256)
+
+    def explain(self, header: Dataset) -> list[Verdict]:
+        return [Verdict(p, first_failure(p.conditions, header)) for p in self.pipelines]
+
+    def matching(self, header: Dataset) -> list[Pipeline]:
+        return [v.pipeline for v in self.explain(header) if v.matches]

@@ -1,0 +1,141 @@
+"""The runner: takes queued jobs from the journal and turns each into a result on disk.
+
+load headers -> (per instance) decode pixels -> preprocess -> warm model in batches of
+``model.batch_size`` -> postprocess -> SR -> durable write into the results folder ->
+journal (job done + one pending delivery per destination) in one transaction.
+Runs in its own thread, never in an association's (invariant 4).
+"""
+
+import io
+import logging
+from pathlib import Path
+
+import torch
+from pydicom.filewriter import dcmwrite
+
+from plugin.journal import JobRecord, Journal
+from plugin.loader import iter_pixels, read_sources
+from plugin.metrics import Metrics, StageTimer
+from plugin.models.pool import ModelPool
+from plugin.outputs.sr import AlgorithmIdentity, measurement_report
+from plugin.pipeline import Pipeline
+from plugin.postprocess import findings
+from plugin.preprocess import preprocess
+from plugin.router import Router
+from plugin.spool import write_durably
+from plugin.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class JobError(Exception):
+    """A job cannot run (its pipeline is gone, its inputs are unreadable, ...)."""
+
+
+class Runner(Worker):
+    def __init__(
+        self,
+        journal: Journal,
+        router: Router,
+        pool: ModelPool,
+        results_dir: Path,
+        destinations: list[str],
+        metrics: Metrics,
+    ) -> None:
+        super().__init__("runner")
+        self._journal = journal
+        self._router = router
+        self._pool = pool
+        self._results_dir = results_dir
+        self._destinations = destinations
+        self._metrics = metrics
+
+    def step(self) -> bool:
+        job = self._journal.claim_job()
+        if job is None:
+            return False
+        try:
+            self._run(job)
+        except Exception as e:
+            log.error("job %d (%s) failed: %s", job.id, job.pipeline, e, exc_info=not isinstance(e, JobError))
+            self._journal.fail_job(job.id, f"{type(e).__name__}: {e}")
+            self._metrics.jobs.labels(job.pipeline, "failed").inc()
+        return True
+
+    def _pipeline(self, job: JobRecord) -> Pipeline:
+        """The exact version the job was routed with; after a restart, the current one."""
+        pipeline = self._router.version(job.pipeline_sha256)
+        if pipeline is None:
+            pipeline = next((p for p in self._router.pipelines if p.name == job.pipeline), None)
+            if pipeline is None:
+                raise JobError(f"pipeline {job.pipeline!r} is no longer loaded")
+            log.warning(
+                "job %d: pipeline %s changed since routing; running version %s", job.id, job.pipeline, pipeline.version
+            )
+        return pipeline
+
+    def _run(self, job: JobRecord) -> None:
+        pipeline = self._pipeline(job)
+        name = pipeline.name
+        timer = StageTimer()
+        artifact = self._pool.get(pipeline)
+        records = self._journal.batch_instances(job.batch_id)
+        if not records:
+            raise JobError(f"batch {job.batch_id} has no instances")
+        with timer.stage("load"):
+            sources = read_sources(records)
+
+        logits: list[torch.Tensor] = []
+        pending: list[torch.Tensor] = []
+        batch_size = pipeline.model.batch_size
+
+        def infer(images: torch.Tensor) -> None:
+            with timer.stage("infer"):
+                logits.append(self._pool.infer(artifact, images))
+            self._metrics.inference_batch_size.observe(len(images))
+
+        pixels = iter_pixels(sources)
+        while True:
+            with timer.stage("load"):
+                item = next(pixels, None)
+            if item is None:
+                break
+            with timer.stage("preprocess"):
+                pending.append(preprocess(pipeline.preprocess, item[1]))
+            while sum(len(p) for p in pending) >= batch_size:
+                stacked = torch.cat(pending)
+                infer(stacked[:batch_size])
+                pending = [stacked[batch_size:]]
+        if pending and sum(len(p) for p in pending):
+            infer(torch.cat(pending))
+
+        result = findings(pipeline.postprocess, artifact.classes, torch.cat(logits))
+        algorithm = AlgorithmIdentity(
+            pipeline=name,
+            pipeline_version=pipeline.version,
+            pipeline_sha256=pipeline.sha256,
+            model_sha256=artifact.sha256,
+            precision=artifact.precision,
+            device=str(next(artifact.module.parameters()).device.type),
+        )
+        with timer.stage("write"):
+            sr = measurement_report([s.header for s in sources], result, algorithm)
+            buffer = io.BytesIO()
+            dcmwrite(buffer, sr, enforce_file_format=True)
+            target = self._results_dir / str(sr.StudyInstanceUID) / f"{sr.SOPInstanceUID}.dcm"
+            write_durably(target, buffer.getvalue())
+        self._journal.complete_job(
+            job.id, str(target), str(sr.SOPInstanceUID), pipeline.destinations_in(self._destinations)
+        )
+        timer.observe(self._metrics, name)
+        self._metrics.jobs.labels(name, "done").inc()
+        summary = ", ".join(f"{f.spec.label}={f.probability:.3f}{' (present)' if f.present else ''}" for f in result)
+        log.info(
+            "job %d (%s v%s): %d image(s) -> %s; SR %s",
+            job.id,
+            name,
+            pipeline.version,
+            len(sources),
+            summary,
+            target.name,
+        )

@@ -1,0 +1,64 @@
+"""The spool: received instances as files, written so that a crash never leaves a
+half-written file under its final name.
+
+Layout: ``<storage>/spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
+A write goes to a temporary name beside the target, is fsync'd, renamed into place, and
+the directory entry is fsync'd too; only then may the journal record it (invariant 1).
+"""
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_valid_uid(uid: str) -> bool:
+    """A DICOM UID: digits and dots, at most 64 characters; also safe as a file name."""
+    return len(uid) <= 64 and _UID.match(uid) is not None
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` so that after a crash ``target`` is either absent or
+    complete: temporary file, fsync, rename, fsync of every directory that changed."""
+    folder = target.parent
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        _fsync_directory(folder.parent)  # the new directory's own entry must survive too
+        _fsync_directory(folder.parent.parent)
+    temporary = folder / f".{target.name}.{uuid.uuid4().hex}.part"
+    with temporary.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, target)
+    _fsync_directory(folder)
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> tuple[Path, str]:
+        """Durably write one instance (DICOM file bytes); return its path and sha256."""
+        for uid in (study_uid, series_uid, sop_uid):
+            if not is_valid_uid(uid):
+                raise ValueError(f"invalid UID {uid!r}")
+        target = self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+        write_durably(target, data)
+        return target, hashlib.sha256(data).hexdigest()

@@ -1,0 +1,142 @@
+"""Shared fixtures: a node on free loopback ports, real DICOM files, dcmtk helpers."""
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from plugin.app import Node
+from plugin.config import NodeConfig
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_PIPELINE = REPO / "pipelines" / "lung-nodule-demo.yaml"
+DEMO_ARTIFACT = REPO / "pipelines" / "models" / "lung-nodule-demo"
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+PYDICOM_DATA = Path(__import__("data_store").__file__).parent / "data"
+DEID_HUMANS = Path(__import__("deid_data").__file__).parent / "data" / "humans"
+
+# dcmtk waits ~40 ms per message for a delayed ACK unless told to set TCP_NODELAY.
+os.environ["TCP_NODELAY"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def strict_pydicom() -> Iterator[None]:
+    """What radpipe writes must be valid: pydicom raises on invalid values it writes."""
+    original = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+    yield
+    pydicom.config.settings.writing_validation_mode = original
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Every test must stop the threads it started (pynetdicom's may take a moment)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not leaked:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"threads left running: {[t.name for t in leaked]}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_pipeline(directory: Path, source: Path = DEMO_PIPELINE, **changes: object) -> Path:
+    """Copy a pipeline into ``directory`` with an absolute artifact path and changes."""
+    data = yaml.safe_load(source.read_text())
+    data["model"]["artifact"] = str((source.parent / data["model"]["artifact"]).resolve())
+    data["completion"]["quiet_seconds"] = 1
+    data.update(changes)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{data['name']}.yaml"
+    target.write_text(yaml.safe_dump(data, sort_keys=False))
+    return target
+
+
+def node_config(tmp_path: Path, **sections: dict) -> dict:
+    """A node config for tests: free ports, everything under ``tmp_path``."""
+    config: dict = {
+        "node": {"port": free_port()},
+        "metrics": {"port": free_port()},
+        "storage": {"dir": str(tmp_path / "data"), "min_free_mb": 1},
+        "pipelines": {"dir": str(tmp_path / "pipelines")},
+        "dispatch": {"tries": 3, "backoff_seconds": 0.1},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start an in-process node (fresh metrics registry); stopped after the test."""
+    nodes: list[Node] = []
+
+    def start(**sections: dict) -> Node:
+        if not (tmp_path / "pipelines").exists():
+            write_pipeline(tmp_path / "pipelines")
+        node = Node(NodeConfig.model_validate(node_config(tmp_path, **sections)), CollectorRegistry())
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 60, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def results(results_dir: Path) -> list[Path]:
+    return sorted(results_dir.glob("*/*.dcm"))
+
+
+def storescu(port: int, *files: Path, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["storescu", *options, "-aec", "RADPIPE", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (out.stdout + out.stderr).splitlines() if "Error" in line]
+
+
+@pytest.fixture(scope="session")
+def demo_study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """A synthetic study: a positive and a negative 24-slice CT series."""
+    from plugin.demo.series import synthetic_study
+
+    return synthetic_study(tmp_path_factory.mktemp("study"), seed=7)
+
+
+@pytest.fixture(scope="session")
+def dcmtk() -> None:
+    for tool in ("storescu", "echoscu", "dciodvfy"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} not installed: run `make test`, which installs dcmtk and dicom3tools")
