@@ -51,6 +51,8 @@ class Metrics:
             "radpipe_dispatch_failures", "Failed C-STORE attempts to a destination", ["destination"], registry=r
         )
         self.config_reloads = Counter("radpipe_config_reloads", "Pipeline (re)loads", ["result"], registry=r)
+        for result in ("ok", "error"):
+            self.config_reloads.labels(result)
         self.model_info = Gauge(
             "radpipe_model_info",
             "Loaded models (value is always 1)",

@@ -118,7 +118,9 @@ def results(results_dir: Path) -> list[Path]:
 def storescu(port: int, *files: Path, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["storescu", *options, "-aec", "RADPIPE", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -117,5 +117,8 @@ def test_pynetdicom_scu_positive_and_negative_series(start_node, demo_study):
     assert verdicts["Demo chest CT, nodules"].present
     assert not verdicts["Demo chest CT, no nodules"].present
     assert verdicts["Demo chest CT, nodules"].probability > verdicts["Demo chest CT, no nodules"].probability
-    assert node.metrics.registry.get_sample_value("radpipe_jobs_total", {"pipeline": "lung-nodule-demo", "status": "done"}) == 2
+    assert (
+        node.metrics.registry.get_sample_value("radpipe_jobs_total", {"pipeline": "lung-nodule-demo", "status": "done"})
+        == 2
+    )
     assert node.metrics.registry.get_sample_value("radpipe_instances_received_total", {"calling_ae": "MODALITY"}) == 48

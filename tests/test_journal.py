@@ -1,0 +1,53 @@
+"""Journal rows read back exactly as written, and state survives reopening the database."""
+
+from plugin.journal import InstanceRecord, JobSpec, Journal
+
+
+def _instance(sop: str, series: str = "1.2.3", digest: str = "a" * 64) -> InstanceRecord:
+    return InstanceRecord(
+        sop, "1.2.840.10008.5.1.4.1.1.2", "1.2", series, f"/spool/{sop}.dcm", digest, 10, "CT1", 100.0
+    )
+
+
+def test_instance_round_trip_and_idempotent_resend(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite")
+    record = _instance("1.2.3.1")
+    assert journal.record_instance(record) is True
+    assert journal.instance("1.2.3.1") == record
+    assert journal.record_instance(record) is False  # identical re-send: nothing changes
+    changed = _instance("1.2.3.1", digest="b" * 64)
+    assert journal.record_instance(changed) is True
+    assert journal.instance("1.2.3.1") == changed
+    journal.close()
+
+
+def test_batch_job_delivery_lifecycle_survives_reopen(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite")
+    for n in range(3):
+        journal.record_instance(_instance(f"1.2.3.{n}"))
+    [series] = journal.pending_series()
+    assert series.count == 3
+    batch = journal.create_batch(series, [JobSpec("demo", "1", "f" * 64, 0)])
+    assert journal.pending_series() == []
+    job = journal.claim_job()
+    assert job is not None and job.status == "running" and job.batch_id == batch
+    journal.close()
+
+    journal = Journal(tmp_path / "j.sqlite")  # a restart: the running job is queued again
+    assert journal.requeue_running_jobs() == 1
+    job = journal.claim_job()
+    assert [i.sop_instance_uid for i in journal.batch_instances(job.batch_id)] == [f"1.2.3.{n}" for n in range(3)]
+    journal.complete_job(job.id, "/results/sr.dcm", "9.9", ["pacs"])
+    [delivery] = journal.pending_deliveries()
+    assert (delivery.destination, delivery.result_path, delivery.pipeline) == ("pacs", "/results/sr.dcm", "demo")
+    journal.record_delivery(job.id, "pacs", 1, None)
+    assert journal.pending_deliveries() == []
+    assert journal.queue_depths() == {"assembly": 0, "jobs": 0, "running": 0, "dispatch": 0}
+
+    # A late arrival re-opens the series; the next batch covers the whole series.
+    journal.record_instance(_instance("1.2.3.9"))
+    [late] = journal.pending_series()
+    second = journal.create_batch(late, [])
+    assert journal.batch_routing(second) == "unrouted"
+    assert len(journal.batch_instances(second)) == 4
+    journal.close()
