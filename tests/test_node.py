@@ -122,3 +122,16 @@ def test_pynetdicom_scu_positive_and_negative_series(start_node, demo_study):
         == 2
     )
     assert node.metrics.registry.get_sample_value("radpipe_instances_received_total", {"calling_ae": "MODALITY"}) == 48
+
+
+def test_late_instance_starts_a_new_run_of_the_whole_series(start_node, demo_study, dcmtk):
+    node = start_node()
+    series = demo_study["Demo chest CT, no nodules"]
+    assert storescu(node.port, *series[:-1]).returncode == 0
+    wait_for(lambda: len(results(node.results_dir)) == 1, what="first SR")
+    assert storescu(node.port, series[-1]).returncode == 0
+    jobs = wait_for(lambda: _finished_jobs(node, 2), what="second run")
+    assert [j.status for j in jobs] == ["done", "done"]
+    second = read_measurement_report(pydicom.dcmread(jobs[1].result_path))[0]
+    assert len(second.source_sop_instance_uids) == len(series)
+    assert jobs[0].result_sop_instance_uid != jobs[1].result_sop_instance_uid
