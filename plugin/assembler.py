@@ -1,17 +1,26 @@
-"""The assembler: decides when a series is complete and hands it to the router.
+"""The assembler: decides when a series (or a study) is complete and queues its jobs.
 
-A series with pending (not yet batched) instances is complete when no instance arrived
-for the longest ``quiet_seconds`` among the pipelines that match it, or when the
-shortest ``max_wait_seconds`` since its first pending instance has passed. Completion
-closes the pending instances into a batch and queues one job per matching pipeline
-(with at least ``min_instances``), or journals the batch as unrouted. Instances that
-arrive later make the series pending again, which starts a new run on the whole series.
+Every poll, pending (not yet batched) instances are grouped by study and series, and each
+series is matched against the loaded pipelines on the header of its first instance.
+
+- A study with no matching study-level pipeline completes series by series: a series is
+  complete when no instance arrived for the longest ``quiet_seconds`` among its matching
+  pipelines, when the shortest ``max_wait_seconds`` since its first pending instance has
+  passed, or when it holds the count its ``expected_count_tag`` announces.
+- If any series of a study matches a study-level pipeline, the study's pending series
+  complete together, by the same rules applied to the whole study.
+
+Completion closes the instances into batches and queues one job per matching pipeline
+(with at least ``min_instances``), or journals the batch as unrouted. Instances arriving
+later make the series pending again: a new run on the whole series (or study).
 """
 
 import logging
 import time
+from collections.abc import Sequence
 
 import pydicom
+from pydicom import Dataset
 
 from plugin.journal import JobSpec, Journal, PendingSeries
 from plugin.metrics import Metrics
@@ -24,6 +33,29 @@ log = logging.getLogger(__name__)
 DEFAULT_COMPLETION = Completion()
 
 
+def _expected_count(rules: Sequence[Completion], header: Dataset | None) -> int | None:
+    for rule in rules:
+        if rule.expected_count_tag and header is not None:
+            value = header.get(rule.expected_count_tag)
+            try:
+                return int(value) if value not in (None, "") else None
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def is_complete(
+    rules: Sequence[Completion], first: float, last: float, count: int, header: Dataset | None, now: float
+) -> bool:
+    rules = rules or [DEFAULT_COMPLETION]
+    expected = _expected_count(rules, header)
+    if expected is not None and count >= expected:
+        return True
+    quiet = max(r.quiet_seconds for r in rules)
+    max_wait = min(r.max_wait_seconds for r in rules)
+    return now - last >= quiet or now - first >= max_wait
+
+
 class Assembler(Worker):
     interval = 0.1
 
@@ -32,44 +64,83 @@ class Assembler(Worker):
         self._journal = journal
         self._router = router
         self._metrics = metrics
+        self._headers: dict[str, tuple[str, Dataset | None]] = {}
+
+    def _header(self, series: PendingSeries) -> Dataset | None:
+        """The header of the series' first pending instance, read once per series."""
+        cached = self._headers.get(series.series_instance_uid)
+        if cached is not None and cached[0] == series.first_path:
+            return cached[1]
+        try:
+            header: Dataset | None = pydicom.dcmread(series.first_path, stop_before_pixels=True)
+        except Exception as e:  # stored files decoded on receipt; still, never stall the assembler
+            log.error("series %s: cannot read %s for routing: %s", series.series_instance_uid, series.first_path, e)
+            header = None
+        self._headers[series.series_instance_uid] = (series.first_path, header)
+        return header
 
     def step(self) -> bool:
         now = time.time()
+        studies: dict[str, list[PendingSeries]] = {}
         for series in self._journal.pending_series():
-            matches = self._matching(series)
-            if self._is_complete(series, matches, now):
-                self._close(series, matches, now)
+            studies.setdefault(series.study_instance_uid, []).append(series)
+        for study_uid, pending in studies.items():
+            plans = []
+            for series in pending:
+                header = self._header(series)
+                plans.append((series, header, self._router.matching(header) if header is not None else []))
+            study_level = {p.name: p for _, _, matches in plans for p in matches if p.completion.level == "study"}
+            if study_level:
+                rules = [p.completion for _, _, matches in plans for p in matches]
+                first = min(s.first_received for s in pending)
+                last = max(s.last_received for s in pending)
+                count = sum(s.count for s in pending)
+                if is_complete(rules, first, last, count, plans[0][1], now):
+                    self._close(study_uid, plans, list(study_level.values()), now)
+                continue
+            for plan in plans:
+                series, header, matches = plan
+                rules = [p.completion for p in matches]
+                if is_complete(rules, series.first_received, series.last_received, series.count, header, now):
+                    self._close(study_uid, [plan], [], now)
         return False
 
-    def _matching(self, series: PendingSeries) -> list[Pipeline]:
-        try:
-            header = pydicom.dcmread(series.first_path, stop_before_pixels=True)
-        except Exception as e:  # the spool holds only what decoded on receipt; still, never stall
-            log.error("series %s: cannot read %s for routing: %s", series.series_instance_uid, series.first_path, e)
-            return []
-        return self._router.matching(header)
+    def _close(
+        self,
+        study_uid: str,
+        plans: list[tuple[PendingSeries, Dataset | None, list[Pipeline]]],
+        study_pipelines: list[Pipeline],
+        now: float,
+    ) -> None:
+        def spec(p: Pipeline) -> JobSpec:
+            return JobSpec(p.name, p.version, p.sha256, p.priority)
 
-    @staticmethod
-    def _is_complete(series: PendingSeries, matches: list[Pipeline], now: float) -> bool:
-        rules = [p.completion for p in matches] or [DEFAULT_COMPLETION]
-        quiet = max(r.quiet_seconds for r in rules)
-        max_wait = min(r.max_wait_seconds for r in rules)
-        return now - series.last_received >= quiet or now - series.first_received >= max_wait
-
-    def _close(self, series: PendingSeries, matches: list[Pipeline], now: float) -> None:
-        jobs = [
-            JobSpec(p.name, p.version, p.sha256, p.priority)
-            for p in matches
-            if series.count >= p.completion.min_instances
+        series_jobs = [
+            (
+                series,
+                [
+                    spec(p)
+                    for p in matches
+                    if p.completion.level == "series" and series.count >= p.completion.min_instances
+                ],
+            )
+            for series, _, matches in plans
         ]
-        batch_id = self._journal.create_batch(series, jobs)
+        total = sum(series.count for series, _, _ in plans)
+        study_jobs = [spec(p) for p in study_pipelines if total >= p.completion.min_instances]
+        self._journal.create_batches(study_uid, series_jobs, study_jobs)
         self._metrics.studies_completed.inc()
-        for pipeline in matches:
-            self._metrics.stage_seconds.labels("wait", pipeline.name).observe(now - series.first_received)
-        log.info(
-            "series %s complete: %d instance(s), batch %d, %s",
-            series.series_instance_uid,
-            series.count,
-            batch_id,
-            f"jobs for {', '.join(j.pipeline for j in jobs)}" if jobs else "unrouted",
-        )
+        first = min(series.first_received for series, _, _ in plans)
+        for pipeline in {p.name: p for _, _, matches in plans for p in matches}.values():
+            self._metrics.stage_seconds.labels("wait", pipeline.name).observe(now - first)
+        for series, jobs in series_jobs:
+            self._headers.pop(series.series_instance_uid, None)
+            names = [j.pipeline for j in jobs]
+            log.info(
+                "series %s complete: %d instance(s), %s",
+                series.series_instance_uid,
+                series.count,
+                f"jobs for {', '.join(names)}" if names else "unrouted",
+            )
+        if study_jobs:
+            log.info("study %s complete: jobs for %s", study_uid, ", ".join(j.pipeline for j in study_jobs))

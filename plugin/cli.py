@@ -105,13 +105,10 @@ def route(args: argparse.Namespace) -> int:
         print(f"{path}:")
         for verdict in router.explain(header):
             p = verdict.pipeline
-            if verdict.failed is None:
+            if verdict.failure is None:
                 print(f"  match     {p.name} v{p.version}")
             elif args.explain:
-                print(
-                    f"  no match  {p.name} v{p.version}: {verdict.failed.describe()} "
-                    f"failed (actual: {verdict.failed.actual(header)})"
-                )
+                print(f"  no match  {p.name} v{p.version}: {verdict.failure}")
     return 0
 
 

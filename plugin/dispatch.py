@@ -87,12 +87,12 @@ class Dispatcher(Worker):
                 log.warning("job %d -> %s: try %d/%d failed: %s", delivery.job_id, name, attempts, self._tries, e)
                 self.stopping.wait(self._backoff * 2 ** (attempts - 1))
                 continue
-            self._journal.record_delivery(delivery.job_id, name, attempts, None)
+            self._journal.record_delivery(delivery.result_id, name, attempts, None)
             self._metrics.results_delivered.labels(name).inc()
             timer.observe(self._metrics, delivery.pipeline)
             log.info("job %d -> %s: delivered", delivery.job_id, name)
             return
         if self.stopping.is_set():
             return  # still pending: retried after restart
-        self._journal.record_delivery(delivery.job_id, name, attempts, error)
+        self._journal.record_delivery(delivery.result_id, name, attempts, error)
         log.error("job %d -> %s: giving up after %d tries: %s", delivery.job_id, name, attempts, error)

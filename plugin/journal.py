@@ -6,8 +6,9 @@ accepts, so another backend can replace this module without touching its callers
 
 Lifecycle:
   instance received (batch_id NULL = pending)
-  -> batch created for its series (routed: one job per matching pipeline; or unrouted)
-  -> job queued -> running -> done (result written, one delivery per destination) | failed
+  -> batch created for its series (routed: one job per matching series-level pipeline;
+     or unrouted), plus a study batch when a study-level pipeline matched
+  -> job queued -> running -> done (results written; one delivery per result and destination) | failed
   -> delivery pending -> delivered | failed
 """
 
@@ -36,7 +37,7 @@ CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_instance_uid
 CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY,
     study_instance_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT,
     created_at REAL NOT NULL,
     routing TEXT NOT NULL
 );
@@ -51,19 +52,24 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     created_at REAL NOT NULL,
     started_at REAL,
-    finished_at REAL,
-    result_path TEXT,
-    result_sop_instance_uid TEXT
+    finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, priority, id);
-CREATE TABLE IF NOT EXISTS deliveries (
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY,
     job_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    result_id INTEGER NOT NULL,
     destination TEXT NOT NULL,
     status TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
     delivered_at REAL,
-    PRIMARY KEY (job_id, destination)
+    PRIMARY KEY (result_id, destination)
 );
 """
 
@@ -117,12 +123,22 @@ class JobRecord:
     created_at: float
     started_at: float | None
     finished_at: float | None
-    result_path: str | None
-    result_sop_instance_uid: str | None
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """One object a job wrote (``kind``: sr or kos)."""
+
+    id: int
+    job_id: int
+    kind: str
+    path: str
+    sop_instance_uid: str
 
 
 @dataclass(frozen=True)
 class Delivery:
+    result_id: int
     job_id: int
     destination: str
     status: str
@@ -201,27 +217,42 @@ class Journal:
             ).fetchall()
         return [PendingSeries(*row) for row in rows]
 
-    def create_batch(self, series: PendingSeries, jobs: Sequence[JobSpec]) -> int:
-        """Close the series' pending instances into a batch and queue ``jobs`` for it
-        (no jobs: the batch is journaled as unrouted)."""
+    def create_batches(
+        self, study_uid: str, series: Sequence[tuple[PendingSeries, Sequence[JobSpec]]], study_jobs: Sequence[JobSpec]
+    ) -> list[int]:
+        """Close pending series into batches and queue their jobs, in one transaction.
+
+        Each series gets a batch with its series-level ``jobs`` (none: journaled as
+        unrouted); ``study_jobs`` get one study batch over everything received for the
+        study so far. Returns the batch ids, the study batch last."""
         now = time.time()
+        ids = []
         with self._transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO batches (study_instance_uid, series_instance_uid, created_at, routing)"
-                " VALUES (?, ?, ?, ?)",
-                (series.study_instance_uid, series.series_instance_uid, now, "routed" if jobs else "unrouted"),
-            )
-            batch_id = int(cursor.lastrowid or 0)
-            db.execute(
-                "UPDATE instances SET batch_id = ? WHERE series_instance_uid = ? AND batch_id IS NULL",
-                (batch_id, series.series_instance_uid),
-            )
-            db.executemany(
-                "INSERT INTO jobs (batch_id, pipeline, pipeline_version, pipeline_sha256, priority,"
-                " status, created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?)",
-                [(batch_id, j.pipeline, j.pipeline_version, j.pipeline_sha256, j.priority, now) for j in jobs],
-            )
-        return batch_id
+
+            def batch(series_uid: str | None, jobs: Sequence[JobSpec]) -> int:
+                cursor = db.execute(
+                    "INSERT INTO batches (study_instance_uid, series_instance_uid, created_at, routing)"
+                    " VALUES (?, ?, ?, ?)",
+                    (study_uid, series_uid, now, "routed" if jobs else "unrouted"),
+                )
+                batch_id = int(cursor.lastrowid or 0)
+                db.executemany(
+                    "INSERT INTO jobs (batch_id, pipeline, pipeline_version, pipeline_sha256, priority,"
+                    " status, created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+                    [(batch_id, j.pipeline, j.pipeline_version, j.pipeline_sha256, j.priority, now) for j in jobs],
+                )
+                return batch_id
+
+            for pending, jobs in series:
+                batch_id = batch(pending.series_instance_uid, jobs)
+                db.execute(
+                    "UPDATE instances SET batch_id = ? WHERE series_instance_uid = ? AND batch_id IS NULL",
+                    (batch_id, pending.series_instance_uid),
+                )
+                ids.append(batch_id)
+            if study_jobs:
+                ids.append(batch(None, study_jobs))
+        return ids
 
     def batch_routing(self, batch_id: int) -> str | None:
         with self._lock:
@@ -229,12 +260,14 @@ class Journal:
         return row[0] if row else None
 
     def batch_instances(self, batch_id: int) -> list[InstanceRecord]:
-        """Every instance of the batch's series received up to this batch: a re-run after
-        late arrivals sees the whole series, not only the late instances."""
+        """Every instance of the batch's series (or, for a study batch, study) received up
+        to this batch: a re-run after late arrivals sees the whole series, not only the
+        late instances."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT i.* FROM instances i JOIN batches b ON i.series_instance_uid = b.series_instance_uid"
+                "SELECT i.* FROM instances i JOIN batches b ON i.study_instance_uid = b.study_instance_uid"
                 " WHERE b.id = ? AND i.batch_id IS NOT NULL AND i.batch_id <= b.id"
+                " AND (b.series_instance_uid IS NULL OR i.series_instance_uid = b.series_instance_uid)"
                 " ORDER BY i.sop_instance_uid",
                 (batch_id,),
             ).fetchall()
@@ -263,20 +296,25 @@ class Journal:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
         return [JobRecord(*row) for row in rows]
 
-    def complete_job(
-        self, job_id: int, result_path: str, result_sop_instance_uid: str, destinations: Sequence[str]
-    ) -> None:
-        """The result is on disk: mark the job done and queue one delivery per destination."""
+    def complete_job(self, job_id: int, results: Sequence[tuple[str, str, str]], destinations: Sequence[str]) -> None:
+        """The job's results (kind, path, SOP Instance UID) are on disk: mark the job done
+        and queue one delivery per result and destination."""
         with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET status = 'done', finished_at = ?, result_path = ?,"
-                " result_sop_instance_uid = ? WHERE id = ?",
-                (time.time(), result_path, result_sop_instance_uid, job_id),
-            )
-            db.executemany(
-                "INSERT INTO deliveries (job_id, destination, status) VALUES (?, ?, 'pending')",
-                [(job_id, d) for d in destinations],
-            )
+            db.execute("UPDATE jobs SET status = 'done', finished_at = ? WHERE id = ?", (time.time(), job_id))
+            for kind, path, sop_uid in results:
+                cursor = db.execute(
+                    "INSERT INTO results (job_id, kind, path, sop_instance_uid) VALUES (?, ?, ?, ?)",
+                    (job_id, kind, path, sop_uid),
+                )
+                db.executemany(
+                    "INSERT INTO deliveries (result_id, destination, status) VALUES (?, ?, 'pending')",
+                    [(cursor.lastrowid, d) for d in destinations],
+                )
+
+    def results(self, job_id: int) -> list[ResultRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM results WHERE job_id = ? ORDER BY id", (job_id,)).fetchall()
+        return [ResultRecord(*row) for row in rows]
 
     def fail_job(self, job_id: int, error: str) -> None:
         with self._transaction() as db:
@@ -292,36 +330,37 @@ class Journal:
 
     # -- deliveries --------------------------------------------------------------------
 
+    _DELIVERY = (
+        "SELECT d.result_id, r.job_id, d.destination, d.status, d.attempts, d.last_error, r.path, j.pipeline"
+        " FROM deliveries d JOIN results r ON r.id = d.result_id JOIN jobs j ON j.id = r.job_id"
+    )
+
     def pending_deliveries(self) -> list[Delivery]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT d.job_id, d.destination, d.status, d.attempts, d.last_error, j.result_path, j.pipeline"
-                " FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.status = 'pending'"
-                " ORDER BY j.priority DESC, d.job_id"
+                f"{self._DELIVERY} WHERE d.status = 'pending' ORDER BY j.priority DESC, d.result_id"
             ).fetchall()
         return [Delivery(*row) for row in rows]
 
     def deliveries(self, job_id: int) -> list[Delivery]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT d.job_id, d.destination, d.status, d.attempts, d.last_error, j.result_path, j.pipeline"
-                " FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.job_id = ? ORDER BY d.destination",
-                (job_id,),
+                f"{self._DELIVERY} WHERE r.job_id = ? ORDER BY d.result_id, d.destination", (job_id,)
             ).fetchall()
         return [Delivery(*row) for row in rows]
 
-    def record_delivery(self, job_id: int, destination: str, attempts: int, error: str | None) -> None:
+    def record_delivery(self, result_id: int, destination: str, attempts: int, error: str | None) -> None:
         """``error`` None: the destination answered success; else the delivery failed."""
         with self._transaction() as db:
             db.execute(
                 "UPDATE deliveries SET status = ?, attempts = ?, last_error = ?, delivered_at = ?"
-                " WHERE job_id = ? AND destination = ?",
+                " WHERE result_id = ? AND destination = ?",
                 (
                     "delivered" if error is None else "failed",
                     attempts,
                     error,
                     time.time() if error is None else None,
-                    job_id,
+                    result_id,
                     destination,
                 ),
             )

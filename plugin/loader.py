@@ -32,14 +32,15 @@ def _position_along_normal(header: Dataset) -> float | None:
         return None
 
 
-def read_sources(records: Sequence[InstanceRecord]) -> list[Source]:
-    """Headers of every instance, sorted along the slice normal when the geometry is
-    known, else by InstanceNumber, else by SOP Instance UID."""
+def read_sources(records: Sequence[InstanceRecord], sort: str = "position") -> list[Source]:
+    """Headers of every instance in order: ``position`` sorts along the slice normal
+    (falling back to InstanceNumber where the geometry is unknown); ``instance_number``
+    sorts by InstanceNumber. Ties go by SOP Instance UID."""
     sources = [Source(pydicom.dcmread(r.path, stop_before_pixels=True), r.path) for r in records]
 
     def order(source: Source) -> tuple[float, float, str]:
         h = source.header
-        position = _position_along_normal(h)
+        position = _position_along_normal(h) if sort == "position" else None
         number = h.get("InstanceNumber")
         return (
             position if position is not None else 0.0,

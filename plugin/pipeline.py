@@ -1,102 +1,148 @@
-"""Pipeline files: the schema of one YAML pipeline and how a directory of them is loaded.
+"""Pipeline files: the schema of one YAML pipeline and how a folder of them is loaded.
 
-A pipeline says which series it wants (``match``), when a series is complete
-(``completion``), how to turn pixels into model input (``preprocess``), which model
-(``model``), how to turn model output into findings (``postprocess``), what to write
-(``outputs``) and where to send it (``destinations``). See ``pipelines/README.md``.
+A pipeline says which series it wants (``match``), when a series or study is complete
+(``completion``), which series of a study to use (``input``), how to turn pixels into
+model input (``preprocess``), which model (``model``), how to turn model output into
+findings (``postprocess``), what to write (``outputs``) and where to send it
+(``destinations``). ``pipelines/README.md`` teaches the format; errors are reported as
+``file:line:column: location: message``, every one of them at once.
 """
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydicom.datadict import tag_for_keyword
 
-from plugin.match import Condition, parse_condition
+from plugin.match import Rule, parse_match
 from plugin.preprocess import PreprocessStep
+from plugin.yamlfile import YAMLError, YAMLFile, read_yaml
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Completion(_Strict):
-    """When a series counts as complete: no new instance for ``quiet_seconds``, or
-    ``max_wait_seconds`` after its first instance, whichever comes first."""
+def _keyword(value: str | None) -> str | None:
+    if value is not None and tag_for_keyword(value) is None:
+        raise ValueError(f"unknown DICOM keyword {value!r}")
+    return value
 
-    level: Literal["series"] = "series"
-    quiet_seconds: float = Field(default=5.0, ge=0)
-    max_wait_seconds: float = Field(default=600.0, gt=0)
+
+class Completion(_Strict):
+    """When a series (``level: series``) or a whole study (``level: study``) is complete:
+    no new instance for ``quiet_seconds``, or ``max_wait_seconds`` after the first, or as
+    soon as it holds the number of instances the ``expected_count_tag`` attribute of its
+    first instance announces (e.g. ``ImagesInAcquisition``)."""
+
+    level: Literal["series", "study"] = "series"
+    quiet_seconds: float = Field(default=5.0, ge=0, le=86400)
+    max_wait_seconds: float = Field(default=600.0, gt=0, le=7 * 86400)
     min_instances: int = Field(default=1, ge=1)
+    expected_count_tag: str | None = None
+
+    _check_tag = field_validator("expected_count_tag")(_keyword)
+
+
+class InputSelection(_Strict):
+    """Which images the model sees. For ``level: study``, ``series`` is a match block
+    that picks the study's series to use; among several, ``choose`` decides. Images are
+    ordered by ``sort``: position along the slice normal, or InstanceNumber."""
+
+    series: dict[str, Any] | None = None
+    choose: Literal["most_instances", "first", "last"] = "most_instances"
+    sort: Literal["position", "instance_number"] = "position"
+
+    _series_rule: Rule | None = PrivateAttr(default=None)
+
+    @property
+    def series_rule(self) -> Rule | None:
+        return self._series_rule
 
 
 class ModelSpec(_Strict):
-    """``artifact`` is a directory (relative to the pipeline file) holding
-    ``manifest.json`` and ``weights.safetensors``."""
+    """``artifact``: a folder (relative to the pipeline file) with ``manifest.json`` and
+    ``weights.safetensors``. ``device``: auto (CUDA when present), cpu or cuda."""
 
     artifact: Path
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=32, ge=1, le=4096)
 
 
-class FindingSpec(_Strict):
-    """A finding reported in the SR: ``label`` names one of the model's classes;
-    ``code`` is ``[scheme, value, meaning]`` (e.g. ``[SCT, "27925004", Nodule]``)."""
+CODING_SCHEMES = ("SCT", "DCM", "LN")
 
-    label: str
-    code: tuple[str, str, str]
+
+class FindingSpec(_Strict):
+    """A finding reported in the SR: ``label`` names one of the model's classes; ``code``
+    is ``[scheme, value, meaning]`` with scheme SCT (SNOMED CT), DCM or LN (LOINC)."""
+
+    label: str = Field(min_length=1)
+    code: tuple[Literal["SCT", "DCM", "LN"], str, str]
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
 class Postprocess(_Strict):
-    activation: Literal["softmax"] = "softmax"
-    aggregate: Literal["max"] = "max"
+    """``activation``: softmax (one class per image) or sigmoid (independent labels).
+    ``aggregate``: how slice probabilities become the series probability: max, mean, or
+    top_k_mean (mean of the ``top_k`` highest)."""
+
+    activation: Literal["softmax", "sigmoid"] = "softmax"
+    aggregate: Literal["max", "mean", "top_k_mean"] = "max"
+    top_k: int = Field(default=3, ge=1)
     findings: list[FindingSpec] = Field(min_length=1)
 
 
 class SROutput(_Strict):
-    sop_class: Literal["comprehensive3d"] = "comprehensive3d"
+    """``comprehensive3d`` (default) or ``enhanced`` SR for PACS that lack the former."""
+
+    sop_class: Literal["comprehensive3d", "enhanced"] = "comprehensive3d"
+
+
+class KOSOutput(_Strict):
+    """A Key Object Selection of the slice with the highest probability per finding."""
+
+    when: Literal["positive", "always"] = "positive"
 
 
 class Output(_Strict):
-    sr: SROutput
+    sr: SROutput | None = None
+    kos: KOSOutput | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Output":
+        if (self.sr is None) == (self.kos is None):
+            raise ValueError("each output names exactly one of: sr, kos")
+        return self
 
 
 class Pipeline(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    version: str
+    version: str = Field(min_length=1, max_length=32)
     match: dict[str, Any] = Field(min_length=1)
     completion: Completion = Completion()
+    input: InputSelection = InputSelection()
     preprocess: list[PreprocessStep] = []
     model: ModelSpec
     postprocess: Postprocess
-    outputs: list[Output] = [Output(sr=SROutput())]
+    outputs: list[Output] = Field(default=[Output(sr=SROutput())], min_length=1)
     destinations: list[str] | None = None
-    priority: int = 0
+    priority: int = Field(default=0, ge=-100, le=100)
 
-    _conditions: list[Condition] = PrivateAttr(default_factory=list)
+    _rule: Rule | None = PrivateAttr(default=None)
     _source: Path | None = PrivateAttr(default=None)
     _sha256: str = PrivateAttr(default="")
 
     @field_validator("version", mode="before")
     @classmethod
     def _version_as_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, (int, float)) else value
-
-    @field_validator("match")
-    @classmethod
-    def _parse_match(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for keyword, spec in value.items():
-            parse_condition(keyword, spec)  # raises ValueError with the reason
-        return value
-
-    def model_post_init(self, context: Any) -> None:
-        self._conditions = [parse_condition(k, v) for k, v in self.match.items()]
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
     @property
-    def conditions(self) -> list[Condition]:
-        return self._conditions
+    def rule(self) -> Rule:
+        assert self._rule is not None, "pipelines are created by load_pipeline"
+        return self._rule
 
     @property
     def source(self) -> Path | None:
@@ -108,71 +154,122 @@ class Pipeline(_Strict):
         """Hash of the YAML file's bytes: identifies exactly which version ran a job."""
         return self._sha256
 
-    def destinations_in(self, configured: list[str]) -> list[str]:
-        """Where results go: the listed destinations, or every configured one when the
-        pipeline lists none (``destinations: []`` sends nowhere)."""
-        return configured if self.destinations is None else self.destinations
-
     @property
     def artifact_dir(self) -> Path:
         base = self._source.parent if self._source else Path.cwd()
         return (base / self.model.artifact).resolve()
 
+    def destinations_in(self, configured: list[str]) -> list[str]:
+        """Where results go: the listed destinations, or every configured one when the
+        pipeline lists none (``destinations: []`` sends nowhere)."""
+        return configured if self.destinations is None else self.destinations
+
 
 class PipelineError(Exception):
-    """A pipeline file is invalid; ``str()`` is ``file: location: message`` lines."""
+    """Pipeline files are invalid; ``str()`` is one ``file:line:column: message`` per error."""
 
 
-def _format(path: Path, error: ValidationError) -> str:
+def _pydantic_errors(source: YAMLFile, error: ValidationError) -> list[str]:
     lines = []
     for item in error.errors():
-        location = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        lines.append(f"{path}: {location}: {item['msg']}")
-    return "\n".join(lines)
+        location = tuple(p for p in item["loc"] if not str(p).startswith("function-"))
+        dotted = ".".join(str(p) for p in location) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{source.where(location)}: {dotted}: {message}")
+    return lines
 
 
-def load_pipeline(path: Path) -> Pipeline:
-    """Read and validate one pipeline file (YAML safe loader only)."""
-    data = path.read_bytes()
+def _check_artifact(pipeline: Pipeline, source: YAMLFile) -> list[str]:
+    """The artifact exists and has every class a finding names (hashes are checked at load)."""
+    where = source.where(("model", "artifact"))
+    manifest_path = pipeline.artifact_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return [f"{where}: model.artifact: no manifest.json in {pipeline.artifact_dir}"]
     try:
-        raw = yaml.safe_load(data)
-    except yaml.YAMLError as e:
-        raise PipelineError(f"{path}: {e}") from e
+        classes = json.loads(manifest_path.read_text())["classes"]
+    except (ValueError, KeyError) as e:
+        return [f"{where}: model.artifact: unreadable manifest {manifest_path}: {e}"]
+    return [
+        f"{source.where(('postprocess', 'findings', i, 'label'))}: postprocess.findings.{i}.label: "
+        f"{f.label!r} is not a class of the model (classes: {classes})"
+        for i, f in enumerate(pipeline.postprocess.findings)
+        if f.label not in classes
+    ]
+
+
+def _parse(source: YAMLFile, sha256: str) -> tuple[Pipeline | None, list[str]]:
+    raw = source.data
     if not isinstance(raw, dict):
-        raise PipelineError(f"{path}: a pipeline file must be a mapping")
+        return None, [f"{source.where(())}: a pipeline file must be a mapping of keys"]
+    errors: list[str] = []
+    rule, match_errors = parse_match(raw.get("match", {}))
+    errors += [f"{source.where(e.path)}: {'.'.join(map(str, e.path))}: {e.message}" for e in match_errors]
+    selection = raw.get("input", {}).get("series") if isinstance(raw.get("input"), dict) else None
+    series_rule = None
+    if selection is not None:
+        series_rule, selection_errors = parse_match(selection, ("input", "series"))
+        errors += [f"{source.where(e.path)}: {'.'.join(map(str, e.path))}: {e.message}" for e in selection_errors]
     try:
         pipeline = Pipeline.model_validate(raw)
     except ValidationError as e:
-        raise PipelineError(_format(path, e)) from e
-    pipeline._source = path.resolve()
-    pipeline._sha256 = hashlib.sha256(data).hexdigest()
-    if not (pipeline.artifact_dir / "manifest.json").is_file():
-        raise PipelineError(f"{path}: model.artifact: no manifest.json in {pipeline.artifact_dir}")
+        return None, errors + _pydantic_errors(source, e)
+    pipeline._rule = rule
+    pipeline.input._series_rule = series_rule
+    pipeline._source = source.path.resolve()
+    pipeline._sha256 = sha256
+    errors += _check_artifact(pipeline, source)
+    return (pipeline if not errors else None), errors
+
+
+def read_pipeline(path: Path) -> tuple[Pipeline | None, YAMLFile | None, list[str]]:
+    """Parse one file; returns the pipeline (None when invalid), its YAML and every error."""
+    try:
+        data = path.read_bytes()
+        source = read_yaml(path, data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        return None, None, [f"{path}:1:1: cannot read: {e}"]
+    except YAMLError as e:
+        return None, None, str(e).splitlines()
+    pipeline, errors = _parse(source, hashlib.sha256(data).hexdigest())
+    return pipeline, source, errors
+
+
+def load_pipeline(path: Path) -> Pipeline:
+    """Read and validate one pipeline file; raise :class:`PipelineError` on any error."""
+    pipeline, _, errors = read_pipeline(path)
+    if errors or pipeline is None:
+        raise PipelineError("\n".join(errors))
     return pipeline
 
 
 def pipeline_files(directory: Path) -> list[Path]:
-    return sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
+    return sorted(p for p in [*directory.glob("*.yaml"), *directory.glob("*.yml")] if not p.name.startswith("."))
 
 
 def load_pipeline_files(paths: list[Path], destinations: set[str]) -> list[Pipeline]:
-    """Load and cross-check pipeline files; raise :class:`PipelineError` listing every
-    error of every file at once. Returns the pipelines most urgent first."""
+    """Load and cross-check a set of pipeline files (unique names, known destinations).
+    The set is valid only as a whole: any error raises :class:`PipelineError` listing
+    every error of every file. Returns the pipelines most urgent first."""
     pipelines: list[Pipeline] = []
     errors: list[str] = []
+    names: dict[str, Path] = {}
     for path in paths:
-        try:
-            pipeline = load_pipeline(path)
-        except PipelineError as e:
-            errors.append(str(e))
+        pipeline, source, file_errors = read_pipeline(path)
+        errors += file_errors
+        if pipeline is None or source is None:
             continue
-        errors += [
-            f"{path}: destinations: unknown destination {d!r} (node config has {sorted(destinations)})"
-            for d in pipeline.destinations or []
-            if d not in destinations
-        ]
-        if any(p.name == pipeline.name for p in pipelines):
-            errors.append(f"{path}: name: pipeline name {pipeline.name!r} is already used by another file")
+        for i, destination in enumerate(pipeline.destinations or []):
+            if destination not in destinations:
+                errors.append(
+                    f"{source.where(('destinations', i))}: destinations.{i}: unknown destination "
+                    f"{destination!r} (the node config has {sorted(destinations) or 'none'})"
+                )
+        if pipeline.name in names:
+            errors.append(
+                f"{source.where(('name',))}: name: pipeline name {pipeline.name!r} "
+                f"is already used by {names[pipeline.name]}"
+            )
+        names[pipeline.name] = path
         pipelines.append(pipeline)
     if errors:
         raise PipelineError("\n".join(errors))

@@ -23,15 +23,90 @@ class _Step(BaseModel):
         raise NotImplementedError
 
 
+# Common CT windows (center, width) in HU.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600, 1500),
+    "mediastinum": (50, 350),
+    "abdomen": (40, 400),
+    "liver": (60, 160),
+    "bone": (400, 1800),
+    "brain": (40, 80),
+}
+
+
 class Window(_Step):
-    """Clip to [center - width/2, center + width/2] and scale that range to [0, 1]."""
+    """Clip to [center - width/2, center + width/2] and scale that range to [0, 1].
+    Give ``center`` and ``width``, or a ``preset`` (lung, mediastinum, abdomen, liver, bone, brain)."""
 
     center: float
     width: float = Field(gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_preset(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = {"preset": value}
+        if isinstance(value, dict) and "preset" in value:
+            rest = {k: v for k, v in value.items() if k != "preset"}
+            if rest:
+                raise ValueError("give either a preset or center/width, not both")
+            if value["preset"] not in WINDOW_PRESETS:
+                raise ValueError(f"unknown window preset {value['preset']!r}; known: {sorted(WINDOW_PRESETS)}")
+            center, width = WINDOW_PRESETS[value["preset"]]
+            return {"center": center, "width": width}
+        return value
+
     def __call__(self, images: Tensor) -> Tensor:
         low = self.center - self.width / 2
-        return ((images - low) / self.width).clamp_(0.0, 1.0)
+        return ((images - low) / self.width).clamp(0.0, 1.0)
+
+
+class Stack(_Step):
+    """Several windows of the same single-channel image as channels, e.g. lung +
+    mediastinum for a 2-channel model."""
+
+    windows: list[Window] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, value: Any) -> Any:
+        return {"windows": value} if isinstance(value, list) else value
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return torch.cat([window(images) for window in self.windows], dim=1)
+
+
+class Rescale(_Step):
+    """``x * slope + intercept``. The loader already applies the file's own
+    RescaleSlope/Intercept (values arrive in HU for CT); this is for further scaling."""
+
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return images * self.slope + self.intercept
+
+
+class CropOrPad(_Step):
+    """Centre-crop or pad (with ``value``) to ``[height, width]`` without resampling."""
+
+    height: int = Field(gt=0, le=8192)
+    width: int = Field(gt=0, le=8192)
+    value: float = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pair(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            return {"height": value[0], "width": value[1]}
+        return value
+
+    def __call__(self, images: Tensor) -> Tensor:
+        height, width = images.shape[-2:]
+        top, left = (height - self.height) // 2, (width - self.width) // 2
+        # Negative padding crops: one call handles both directions on each axis.
+        pad = (-left, -(width - self.width - left), -top, -(height - self.height - top))
+        return F.pad(images, pad, value=self.value)
 
 
 class Resize(_Step):
@@ -71,7 +146,10 @@ class PreprocessStep(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     window: Window | None = None
+    stack: Stack | None = None
+    rescale: Rescale | None = None
     resize: Resize | None = None
+    crop_or_pad: CropOrPad | None = None
     normalize: Normalize | None = None
 
     @model_validator(mode="after")

@@ -5,20 +5,19 @@ from dataclasses import dataclass
 
 from pydicom import Dataset
 
-from plugin.match import Condition, first_failure
 from plugin.pipeline import Pipeline
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """Why a pipeline matches a dataset or not (``failed`` is None when it matches)."""
+    """Whether a pipeline matches a dataset; ``failure`` says why not (None: it matches)."""
 
     pipeline: Pipeline
-    failed: Condition | None
+    failure: str | None
 
     @property
     def matches(self) -> bool:
-        return self.failed is None
+        return self.failure is None
 
 
 class Router:
@@ -46,7 +45,7 @@ class Router:
             return self._versions.get(sha256)
 
     def explain(self, header: Dataset) -> list[Verdict]:
-        return [Verdict(p, first_failure(p.conditions, header)) for p in self.pipelines]
+        return [Verdict(p, p.rule.failure(header)) for p in self.pipelines]
 
     def matching(self, header: Dataset) -> list[Pipeline]:
         return [v.pipeline for v in self.explain(header) if v.matches]

@@ -10,13 +10,17 @@ import io
 import logging
 from pathlib import Path
 
+import pydicom
 import torch
+from pydicom import Dataset
 from pydicom.filewriter import dcmwrite
 
-from plugin.journal import JobRecord, Journal
+from plugin.journal import InstanceRecord, JobRecord, Journal
 from plugin.loader import iter_pixels, read_sources
+from plugin.match import holds
 from plugin.metrics import Metrics, StageTimer
 from plugin.models.pool import ModelPool
+from plugin.outputs.kos import key_images, key_object_selection
 from plugin.outputs.sr import AlgorithmIdentity, measurement_report
 from plugin.pipeline import Pipeline
 from plugin.postprocess import findings
@@ -74,6 +78,32 @@ class Runner(Worker):
             )
         return pipeline
 
+    def _select(self, pipeline: Pipeline, records: list[InstanceRecord]) -> list[InstanceRecord]:
+        """For a study-level pipeline: the one series ``input`` selects (series-level
+        batches hold one series already)."""
+        by_series: dict[str, list[InstanceRecord]] = {}
+        for record in records:
+            by_series.setdefault(record.series_instance_uid, []).append(record)
+        rule = pipeline.input.series_rule
+        candidates = [
+            series
+            for series in by_series.values()
+            if rule is None or holds(rule, pydicom.dcmread(series[0].path, stop_before_pixels=True))
+        ]
+        if not candidates:
+            raise JobError(f"no series of the study satisfies input.series of {pipeline.name}")
+        if pipeline.input.choose == "most_instances":
+            return max(candidates, key=len)
+        candidates.sort(key=lambda series: min(r.received_at for r in series))
+        return candidates[0] if pipeline.input.choose == "first" else candidates[-1]
+
+    def _write(self, dataset: Dataset) -> str:
+        buffer = io.BytesIO()
+        dcmwrite(buffer, dataset, enforce_file_format=True)
+        target = self._results_dir / str(dataset.StudyInstanceUID) / f"{dataset.SOPInstanceUID}.dcm"
+        write_durably(target, buffer.getvalue())
+        return str(target)
+
     def _run(self, job: JobRecord) -> None:
         pipeline = self._pipeline(job)
         name = pipeline.name
@@ -83,7 +113,7 @@ class Runner(Worker):
         if not records:
             raise JobError(f"batch {job.batch_id} has no instances")
         with timer.stage("load"):
-            sources = read_sources(records)
+            sources = read_sources(self._select(pipeline, records), pipeline.input.sort)
 
         logits: list[torch.Tensor] = []
         pending: list[torch.Tensor] = []
@@ -118,24 +148,28 @@ class Runner(Worker):
             precision=artifact.precision,
             device=str(next(artifact.module.parameters()).device.type),
         )
+        headers = [s.header for s in sources]
+        written: list[tuple[str, str, str]] = []
         with timer.stage("write"):
-            sr = measurement_report([s.header for s in sources], result, algorithm)
-            buffer = io.BytesIO()
-            dcmwrite(buffer, sr, enforce_file_format=True)
-            target = self._results_dir / str(sr.StudyInstanceUID) / f"{sr.SOPInstanceUID}.dcm"
-            write_durably(target, buffer.getvalue())
-        self._journal.complete_job(
-            job.id, str(target), str(sr.SOPInstanceUID), pipeline.destinations_in(self._destinations)
-        )
+            for output in pipeline.outputs:
+                if output.sr is not None:
+                    sr = measurement_report(headers, result, algorithm, output.sr.sop_class)
+                    written.append(("sr", self._write(sr), str(sr.SOPInstanceUID)))
+                elif output.kos is not None:
+                    images = key_images(headers, result, only_present=output.kos.when == "positive")
+                    if images:
+                        kos = key_object_selection(headers, images, algorithm)
+                        written.append(("kos", self._write(kos), str(kos.SOPInstanceUID)))
+        self._journal.complete_job(job.id, written, pipeline.destinations_in(self._destinations))
         timer.observe(self._metrics, name)
         self._metrics.jobs.labels(name, "done").inc()
         summary = ", ".join(f"{f.spec.label}={f.probability:.3f}{' (present)' if f.present else ''}" for f in result)
         log.info(
-            "job %d (%s v%s): %d image(s) -> %s; SR %s",
+            "job %d (%s v%s): %d image(s) -> %s; wrote %s",
             job.id,
             name,
             pipeline.version,
             len(sources),
             summary,
-            target.name,
+            ", ".join(kind for kind, _, _ in written),
         )

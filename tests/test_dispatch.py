@@ -1,5 +1,7 @@
 """Results reach the destination by C-STORE; an unreachable destination is retried, then failed."""
 
+from pathlib import Path
+
 import pydicom
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
@@ -30,7 +32,8 @@ def test_result_is_delivered_to_the_pipelines_destination(start_node, demo_study
         [job] = node.journal.jobs()
         [delivery] = wait_for(lambda: [d for d in node.journal.deliveries(job.id) if d.status == "delivered"])
         assert delivery.attempts == 1
-        assert received[0].SOPInstanceUID == job.result_sop_instance_uid
+        [result] = node.journal.results(job.id)
+        assert received[0].SOPInstanceUID == result.sop_instance_uid
         assert received[0].SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
         assert node.metrics.registry.get_sample_value("radpipe_results_delivered_total", {"destination": "pacs"}) == 1
     finally:
@@ -47,4 +50,4 @@ def test_unreachable_destination_is_retried_then_marked_failed(start_node, demo_
     assert "PACS@127.0.0.1" in delivery.last_error
     assert node.metrics.registry.get_sample_value("radpipe_dispatch_failures_total", {"destination": "pacs"}) == 3
     # The result stays in the results folder for a later retry.
-    assert (node.results_dir / job.result_path).is_file()
+    assert all(Path(r.path).is_file() for r in node.journal.results(job.id))

@@ -1,6 +1,6 @@
 """Journal rows read back exactly as written, and state survives reopening the database."""
 
-from plugin.journal import InstanceRecord, JobSpec, Journal
+from plugin.journal import InstanceRecord, JobSpec, Journal, ResultRecord
 
 
 def _instance(sop: str, series: str = "1.2.3", digest: str = "a" * 64) -> InstanceRecord:
@@ -27,7 +27,7 @@ def test_batch_job_delivery_lifecycle_survives_reopen(tmp_path):
         journal.record_instance(_instance(f"1.2.3.{n}"))
     [series] = journal.pending_series()
     assert series.count == 3
-    batch = journal.create_batch(series, [JobSpec("demo", "1", "f" * 64, 0)])
+    [batch] = journal.create_batches("1.2", [(series, [JobSpec("demo", "1", "f" * 64, 0)])], [])
     assert journal.pending_series() == []
     job = journal.claim_job()
     assert job is not None and job.status == "running" and job.batch_id == batch
@@ -37,17 +37,19 @@ def test_batch_job_delivery_lifecycle_survives_reopen(tmp_path):
     assert journal.requeue_running_jobs() == 1
     job = journal.claim_job()
     assert [i.sop_instance_uid for i in journal.batch_instances(job.batch_id)] == [f"1.2.3.{n}" for n in range(3)]
-    journal.complete_job(job.id, "/results/sr.dcm", "9.9", ["pacs"])
+    journal.complete_job(job.id, [("sr", "/results/sr.dcm", "9.9")], ["pacs"])
+    assert journal.results(job.id) == [ResultRecord(1, job.id, "sr", "/results/sr.dcm", "9.9")]
     [delivery] = journal.pending_deliveries()
     assert (delivery.destination, delivery.result_path, delivery.pipeline) == ("pacs", "/results/sr.dcm", "demo")
-    journal.record_delivery(job.id, "pacs", 1, None)
+    journal.record_delivery(delivery.result_id, "pacs", 1, None)
     assert journal.pending_deliveries() == []
     assert journal.queue_depths() == {"assembly": 0, "jobs": 0, "running": 0, "dispatch": 0}
 
     # A late arrival re-opens the series; the next batch covers the whole series.
     journal.record_instance(_instance("1.2.3.9"))
     [late] = journal.pending_series()
-    second = journal.create_batch(late, [])
+    [second, study] = journal.create_batches("1.2", [(late, [])], [JobSpec("study-demo", "1", "e" * 64, 0)])
     assert journal.batch_routing(second) == "unrouted"
     assert len(journal.batch_instances(second)) == 4
+    assert len(journal.batch_instances(study)) == 4  # the study batch covers every series of the study
     journal.close()

@@ -132,6 +132,7 @@ def test_late_instance_starts_a_new_run_of_the_whole_series(start_node, demo_stu
     assert storescu(node.port, series[-1]).returncode == 0
     jobs = wait_for(lambda: _finished_jobs(node, 2), what="second run")
     assert [j.status for j in jobs] == ["done", "done"]
-    second = read_measurement_report(pydicom.dcmread(jobs[1].result_path))[0]
+    [first_sr], [second_sr] = (node.journal.results(job.id) for job in jobs)
+    second = read_measurement_report(pydicom.dcmread(second_sr.path))[0]
     assert len(second.source_sop_instance_uids) == len(series)
-    assert jobs[0].result_sop_instance_uid != jobs[1].result_sop_instance_uid
+    assert first_sr.sop_instance_uid != second_sr.sop_instance_uid

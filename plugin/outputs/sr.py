@@ -17,7 +17,7 @@ import highdicom as hd
 from pydicom import Dataset, config
 from pydicom.multival import MultiValue
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
+from pydicom.uid import EnhancedSRStorage, generate_uid
 from pydicom.valuerep import validate_value
 
 from plugin import __version__
@@ -58,12 +58,13 @@ class AlgorithmIdentity:
         ]
 
 
-def result_uids(algorithm: AlgorithmIdentity, sources: Sequence[Dataset]) -> tuple[str, str]:
-    """(SeriesInstanceUID, SOPInstanceUID) of the result, derived only from the inputs and
-    the pipeline name/version (invariant 3): a re-run after a crash makes the same object,
-    so a re-send is harmless."""
+def result_uids(algorithm: AlgorithmIdentity, sources: Sequence[Dataset], kind: str) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of a result of ``kind`` (sr, kos), derived only
+    from the inputs and the pipeline name/version (invariant 3): a re-run after a crash
+    makes the same object, so a re-send is harmless."""
     first = sources[0]
     basis = [
+        kind,
         algorithm.pipeline,
         algorithm.pipeline_version,
         str(first.StudyInstanceUID),
@@ -105,12 +106,17 @@ def _measurement_group(
 
 
 def measurement_report(
-    sources: Sequence[Dataset], findings: Sequence[Finding], algorithm: AlgorithmIdentity
-) -> hd.sr.Comprehensive3DSR:
-    """Build the SR for one series. ``sources`` are the input headers (pixels not needed)."""
+    sources: Sequence[Dataset],
+    findings: Sequence[Finding],
+    algorithm: AlgorithmIdentity,
+    sop_class: str = "comprehensive3d",
+) -> hd.sr.Comprehensive3DSR | hd.sr.EnhancedSR:
+    """Build the SR for one job. ``sources`` are the input headers (pixels not needed).
+    ``sop_class`` "enhanced" writes the same content as Enhanced SR, for PACS that do not
+    accept Comprehensive 3D SR (the content has no 3D coordinates, so both are valid)."""
     if not sources:
         raise ValueError("sources: a result needs at least one source image")
-    series_uid, sop_uid = result_uids(algorithm, sources)
+    series_uid, sop_uid = result_uids(algorithm, sources, "sr")
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
@@ -127,7 +133,8 @@ def measurement_report(
         procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=[_measurement_group(f, algorithm, sources, sop_uid) for f in findings],
     )
-    sr = hd.sr.Comprehensive3DSR(
+    document = hd.sr.EnhancedSR if sop_class == "enhanced" else hd.sr.Comprehensive3DSR
+    sr = document(
         evidence=list(sources),
         content=report[0],
         series_instance_uid=series_uid,
@@ -139,14 +146,14 @@ def measurement_report(
         software_versions=f"radpipe {__version__}",
         series_description=f"radpipe {algorithm.pipeline} v{algorithm.pipeline_version} (algorithm result)"[:64],
     )
-    _conform_copied_values(sr)
+    conform_copied_values(sr)
     return sr
 
 
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 
 
-def _conform_copied_values(sr: Dataset) -> None:
+def conform_copied_values(sr: Dataset) -> None:
     """Repair or blank attribute values copied from non-conformant inputs, so that what
     radpipe writes is valid even when what it received was not (e.g. Patient's Age "75Y").
     Only attribute names are logged: the values may identify the patient."""
@@ -193,7 +200,8 @@ _ALGORITHM_NAME, _ALGORITHM_VERSION, _ALGORITHM_PARAMETERS = "111001", "111003",
 
 def read_measurement_report(dataset: Dataset) -> list[ReportedFinding]:
     """The findings of an SR written by :func:`measurement_report` (the round trip's reader)."""
-    sr = hd.sr.Comprehensive3DSR.from_dataset(dataset)
+    document = hd.sr.EnhancedSR if dataset.SOPClassUID == EnhancedSRStorage else hd.sr.Comprehensive3DSR
+    sr = document.from_dataset(dataset)
     findings = []
     for group in sr.content.get_image_measurement_groups():
         texts: dict[str, list[str]] = {}

@@ -1,0 +1,47 @@
+"""Key Object Selection: the key image of each present finding, so that a viewer opens
+the study at the slice that made the model decide."""
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.coding import Code
+
+from plugin import __version__
+from plugin.outputs.sr import AlgorithmIdentity, conform_copied_values, result_uids
+from plugin.postprocess import Finding
+
+OF_INTEREST = Code("113000", "DCM", "Of Interest")
+RESULT_SERIES_NUMBER = 9902
+
+
+def key_images(sources: Sequence[Dataset], findings: Sequence[Finding], only_present: bool) -> list[Dataset]:
+    """The highest-probability image of each (present) finding, each image once."""
+    chosen = {f.key_slice for f in findings if f.present or not only_present}
+    return [sources[i] for i in sorted(chosen)]
+
+
+def key_object_selection(
+    sources: Sequence[Dataset], images: Sequence[Dataset], algorithm: AlgorithmIdentity
+) -> hd.ko.KeyObjectSelectionDocument:
+    """A KOS referencing ``images`` (a non-empty subset of ``sources``)."""
+    if not images:
+        raise ValueError("images: a key object selection needs at least one image")
+    series_uid, sop_uid = result_uids(algorithm, sources, "kos")
+    kos = hd.ko.KeyObjectSelectionDocument(
+        evidence=list(images),
+        content=hd.ko.KeyObjectSelection(
+            document_title=OF_INTEREST,
+            referenced_objects=list(images),
+            description=f"{algorithm.pipeline} v{algorithm.pipeline_version}: key images"[:1024],
+        ),
+        series_instance_uid=series_uid,
+        series_number=RESULT_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer="radpipe",
+        software_versions=f"radpipe {__version__}",
+        series_description=f"radpipe {algorithm.pipeline} key images"[:64],
+    )
+    conform_copied_values(kos)
+    return kos
