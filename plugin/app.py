@@ -20,7 +20,9 @@ from plugin.node import start_server
 from plugin.pipeline import Pipeline, load_pipelines
 from plugin.router import Router
 from plugin.runner import Runner
+from plugin.reload import PipelineReloader
 from plugin.spool import Spool
+from plugin.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class Node:
         self.metrics.observe_state(self.journal.queue_depths, self.spool.free_bytes)
         self.router = Router(read_pipelines(config))
         self.pool = ModelPool(self.metrics)
-        self.workers = [
+        self.workers: list[Worker] = [
             Assembler(self.journal, self.router, self.metrics),
             Runner(self.journal, self.router, self.pool, config.results_dir, list(config.destinations), self.metrics),
             Dispatcher(
@@ -54,6 +56,7 @@ class Node:
                 tries=config.dispatch.tries,
                 backoff_seconds=config.dispatch.backoff_seconds,
             ),
+            PipelineReloader(config.pipelines.dir, self.router, set(config.destinations), self.pool, self.metrics),
         ]
         self.server: ThreadedAssociationServer | None = None
         self.metrics_server: tuple[WSGIServer, Thread] | None = None

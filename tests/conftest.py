@@ -142,3 +142,19 @@ def dcmtk() -> None:
     for tool in ("storescu", "echoscu", "dciodvfy"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} not installed: run `make test`, which installs dcmtk and dicom3tools")
+
+
+def with_new_uids(paths: list[Path], out_dir: Path) -> list[Path]:
+    """Copies of one series under fresh Study/Series/SOP Instance UIDs: "the next study"."""
+    from pydicom.uid import generate_uid
+
+    study, series = generate_uid(), generate_uid()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        copies.append(out_dir / f"{ds.SOPInstanceUID}.dcm")
+        ds.save_as(copies[-1])
+    return copies

@@ -1,4 +1,10 @@
-"""Warm models: each artifact is loaded once and kept for every later job."""
+"""Warm models: each artifact is loaded once and kept for every later job.
+
+The pool is keyed by artifact folder, weights hash and device, so an artifact replaced
+on disk is loaded anew on its next use. Until the new one has loaded (and passed its
+hash check), the previous one keeps serving: a half-copied artifact never stops a
+pipeline that was working.
+"""
 
 import logging
 import threading
@@ -7,7 +13,7 @@ from pathlib import Path
 import torch
 
 from plugin.metrics import Metrics
-from plugin.models.artifact import Artifact, load_artifact, read_manifest
+from plugin.models.artifact import Artifact, ArtifactError, load_artifact, read_manifest
 from plugin.models.device import select_device
 from plugin.pipeline import Pipeline
 
@@ -18,36 +24,55 @@ class ModelPool:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._lock = threading.Lock()
-        self._loaded: dict[tuple[Path, str, str], Artifact] = {}
+        self._current: dict[tuple[Path, str], Artifact] = {}  # (folder, device) -> loaded artifact
+        self._info_labels: dict[str, tuple[str, ...]] = {}  # pipeline -> its model_info labels
 
     def get(self, pipeline: Pipeline) -> Artifact:
-        """The pipeline's model, loaded on first use. The key includes the weights' hash,
-        so a replaced artifact is loaded anew while running jobs keep the old one."""
+        """The pipeline's model, loaded on first use or when its artifact changed."""
         directory = pipeline.artifact_dir
         device = select_device(pipeline.model.device)
-        weights_hash = read_manifest(directory)["files"]["weights.safetensors"]
-        key = (directory, weights_hash, str(device))
+        key = (directory, str(device))
         with self._lock:
-            artifact = self._loaded.get(key)
-            if artifact is None:
-                artifact = load_artifact(directory, device)
-                self._loaded[key] = artifact
-                log.info(
-                    "loaded model %s (sha256 %s, %s) on %s for pipeline %s",
-                    directory.name,
-                    weights_hash[:12],
-                    artifact.precision,
-                    device,
-                    pipeline.name,
+            current = self._current.get(key)
+            try:
+                weights_hash = read_manifest(directory)["files"]["weights.safetensors"]
+                if current is None or current.sha256 != weights_hash:
+                    current = load_artifact(directory, device)
+                    self._current[key] = current
+                    log.info(
+                        "loaded model %s (sha256 %s, %s) on %s",
+                        directory.name,
+                        current.sha256[:12],
+                        current.precision,
+                        device,
+                    )
+            except ArtifactError as e:
+                if current is None:
+                    raise
+                log.error(
+                    "model %s changed but cannot be loaded (%s); still using sha256 %s",
+                    directory,
+                    e,
+                    current.sha256[:12],
                 )
-                self._metrics.model_info.labels(
-                    pipeline.name,
-                    artifact.manifest.get("name", directory.name),
-                    artifact.precision,
-                    device.type,
-                    str(artifact.manifest.get("sparsity", 0.0)),
-                ).set(1)
-        return artifact
+            self._set_info(pipeline, current, device)
+        return current
+
+    def _set_info(self, pipeline: Pipeline, artifact: Artifact, device: torch.device) -> None:
+        labels = (
+            pipeline.name,
+            str(artifact.manifest.get("name", artifact.path.name)),
+            artifact.precision,
+            device.type,
+            str(artifact.manifest.get("sparsity", 0.0)),
+        )
+        previous = self._info_labels.get(pipeline.name)
+        if previous == labels:
+            return
+        if previous is not None:
+            self._metrics.model_info.remove(*previous)
+        self._metrics.model_info.labels(*labels).set(1)
+        self._info_labels[pipeline.name] = labels
 
     @staticmethod
     def infer(artifact: Artifact, batch: torch.Tensor) -> torch.Tensor:
