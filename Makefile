@@ -3,8 +3,11 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests drive for real: dcmtk (storescu/echoscu), dicom3tools (dciodvfy).
-DEBIAN_TOOLS := storescu:dcmtk dciodvfy:dicom3tools
+# Debian packages the tests drive for real: dcmtk (storescu/echoscu), dicom3tools (dciodvfy),
+# orthanc (the PACS of the round-trip test), prometheus (prometheus, promtool), systemd
+# (systemd-analyze verifies the unit file). Orthanc installs into /usr/sbin.
+DEBIAN_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc promtool:prometheus prometheus:prometheus \
+	systemd-analyze:systemd
 
 .PHONY: serve test install install-test system-deps lint
 
@@ -25,7 +28,7 @@ install-test: $(VENV)/.test-installed system-deps
 
 system-deps:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do \
-	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
+	  PATH="$$PATH:/usr/sbin" command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
