@@ -11,6 +11,8 @@ from pathlib import Path
 import pydicom
 
 from plugin import __version__
+from plugin.logs import FORMATS
+from plugin.logs import configure as configure_logging
 
 Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Handler, list[tuple[tuple[str, ...], dict]]]] = {}
@@ -131,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radpipe", description="DICOM AI node")
     parser.add_argument("--version", action="version", version=f"radpipe {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-format", default="text", choices=FORMATS, help="one line per event: text (default) or JSON"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (handler, arguments) in _COMMANDS.items():
         sub = commands.add_parser(name, help=handler.__doc__, description=handler.__doc__)
@@ -142,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
+    configure_logging(args.log_level, args.log_format)
     if args.log_level != "DEBUG":  # one line per DIMSE message / copied module is noise at INFO
         for chatty in ("pynetdicom", "highdicom"):
             logging.getLogger(chatty).setLevel(logging.WARNING)

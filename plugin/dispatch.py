@@ -13,6 +13,7 @@ from pynetdicom.status import code_to_category
 
 from plugin.config import Destination
 from plugin.journal import Delivery, Journal
+from plugin.logs import log_context
 from plugin.metrics import Metrics, StageTimer
 from plugin.worker import Worker
 
@@ -67,7 +68,8 @@ class Dispatcher(Worker):
         for delivery in self._journal.pending_deliveries():
             if self.stopping.is_set():
                 break
-            self._deliver(delivery)
+            with log_context(f"job-{delivery.job_id}/{delivery.destination}"):
+                self._deliver(delivery)
         return False
 
     def _deliver(self, delivery: Delivery) -> None:

@@ -18,6 +18,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from plugin.config import NodeSection, TLSConfig
 from plugin.journal import InstanceRecord, Journal
+from plugin.logs import association_context
 from plugin.metrics import Metrics
 from plugin.spool import Spool, is_valid_uid
 
@@ -37,6 +38,7 @@ class StoreStatus(IntEnum):
     CANNOT_UNDERSTAND = 0xC210
 
 
+@association_context
 def handle_echo(event: Event) -> int:
     return 0x0000
 
@@ -49,6 +51,7 @@ def handle_open(event: Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+@association_context
 def handle_store(event: Event, spool: Spool, journal: Journal, metrics: Metrics, min_free_bytes: int) -> int:
     """Store one instance durably, journal it, and only then answer success."""
     calling_ae = event.assoc.requestor.ae_title

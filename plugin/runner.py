@@ -17,6 +17,7 @@ from pydicom.filewriter import dcmwrite
 
 from plugin.journal import InstanceRecord, JobRecord, Journal
 from plugin.loader import iter_pixels, read_sources
+from plugin.logs import log_context
 from plugin.match import holds
 from plugin.metrics import Metrics, StageTimer
 from plugin.models.pool import ModelPool
@@ -58,12 +59,13 @@ class Runner(Worker):
         job = self._journal.claim_job()
         if job is None:
             return False
-        try:
-            self._run(job)
-        except Exception as e:
-            log.error("job %d (%s) failed: %s", job.id, job.pipeline, e, exc_info=not isinstance(e, JobError))
-            self._journal.fail_job(job.id, f"{type(e).__name__}: {e}")
-            self._metrics.jobs.labels(job.pipeline, "failed").inc()
+        with log_context(f"job-{job.id}"):
+            try:
+                self._run(job)
+            except Exception as e:
+                log.error("job %d (%s) failed: %s", job.id, job.pipeline, e, exc_info=not isinstance(e, JobError))
+                self._journal.fail_job(job.id, f"{type(e).__name__}: {e}")
+                self._metrics.jobs.labels(job.pipeline, "failed").inc()
         return True
 
     def _pipeline(self, job: JobRecord) -> Pipeline:
