@@ -2,6 +2,7 @@
 all sharing one journal. ``radpipe serve`` and the tests both start it through here."""
 
 import logging
+import time
 from pathlib import Path
 from threading import Thread
 from wsgiref.simple_server import WSGIServer
@@ -16,11 +17,13 @@ from plugin.journal import Journal
 from plugin.metrics import Metrics, serve_metrics
 from plugin.models.artifact import ArtifactError
 from plugin.models.pool import ModelPool
-from plugin.node import start_server
+from plugin.node import StoreLimits, start_servers
 from plugin.pipeline import Pipeline, load_pipelines
+from plugin.quarantine import Quarantine
+from plugin.reload import PipelineReloader
+from plugin.retention import Retention
 from plugin.router import Router
 from plugin.runner import Runner
-from plugin.reload import PipelineReloader
 from plugin.spool import Spool
 from plugin.worker import Worker
 
@@ -42,23 +45,26 @@ class Node:
         storage = config.storage.dir
         self.journal = Journal(storage / "journal.sqlite")
         self.spool = Spool(storage / "spool")
+        self.quarantine = Quarantine(storage / "quarantine")
         self.metrics.observe_state(self.journal.queue_depths, self.spool.free_bytes)
         self.router = Router(read_pipelines(config))
         self.pool = ModelPool(self.metrics)
         self.workers: list[Worker] = [
             Assembler(self.journal, self.router, self.metrics),
-            Runner(self.journal, self.router, self.pool, config.results_dir, list(config.destinations), self.metrics),
-            Dispatcher(
+            Runner(
                 self.journal,
-                config.destinations,
-                config.node.ae_title,
+                self.router,
+                self.pool,
+                config.results_dir,
+                list(config.destinations),
+                self.quarantine,
                 self.metrics,
-                tries=config.dispatch.tries,
-                backoff_seconds=config.dispatch.backoff_seconds,
             ),
+            Dispatcher(self.journal, config.destinations, config.node.ae_title, config.dispatch, self.metrics),
             PipelineReloader(config.pipelines.dir, self.router, set(config.destinations), self.pool, self.metrics),
+            Retention(self.journal, self.spool, config.results_dir, config.storage.retention_days),
         ]
-        self.server: ThreadedAssociationServer | None = None
+        self.servers: list[ThreadedAssociationServer] = []
         self.metrics_server: tuple[WSGIServer, Thread] | None = None
 
     @property
@@ -82,23 +88,35 @@ class Node:
         if self.config.metrics.port:
             self.metrics_server = serve_metrics(self.metrics, self.config.metrics.host, self.config.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics_server[0].server_port)
-        self.server = start_server(
-            self.config.node, self.spool, self.journal, self.metrics, self.config.storage.min_free_mb * 1024 * 1024
+        limits = StoreLimits(
+            min_free_bytes=self.config.storage.min_free_mb * 2**20,
+            max_instance_bytes=self.config.storage.max_instance_mb * 2**20,
+            max_queued_jobs=self.config.node.max_queued_jobs,
         )
+        self.servers = start_servers(self.config.node, self.spool, self.journal, self.quarantine, self.metrics, limits)
 
     @property
     def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.server_address[1])
+        """The main listener's port (TLS when configured)."""
+        return int(self.servers[0].server_address[1])
 
     def stop(self) -> None:
-        """Stop accepting, let workers finish their current step, close the journal."""
-        if self.server is not None:
-            self.server.shutdown()
+        """Graceful shutdown within ``node.shutdown_seconds``: stop accepting, let the
+        workers finish their current step, close the journal. A job still running at the
+        deadline stays 'running' in the journal and is queued again on the next start."""
+        deadline = time.monotonic() + self.config.node.shutdown_seconds
+        for server in self.servers:
+            server.shutdown()
         if self.metrics_server is not None:
             self.metrics_server[0].shutdown()
             self.metrics_server[0].server_close()
             self.metrics_server[1].join(5)
         for worker in self.workers:
-            worker.stop()
+            worker.stopping.set()
+        for worker in self.workers:
+            worker.stop(max(0.0, deadline - time.monotonic()))
+        stuck = [w.name for w in self.workers if w.is_alive()]
+        if stuck:
+            log.warning("shutdown deadline reached with %s still busy; their work resumes on restart", stuck)
+            return  # the journal stays open for them; the process is exiting anyway
         self.journal.close()

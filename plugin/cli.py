@@ -114,6 +114,58 @@ def route(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(CONFIG, arg("--jobs", type=int, default=10, help="how many recent jobs to list"))
+def status(args: argparse.Namespace) -> int:
+    """Show queues, recent jobs, failed jobs and dead letters (reads the journal)."""
+    from plugin.config import load_config
+    from plugin.journal import Journal
+
+    config = load_config(args.config)
+    path = config.storage.dir / "journal.sqlite"
+    if not path.is_file():
+        print(f"no journal at {path}: has the node run with this config?")
+        return 1
+    journal = Journal(path)
+    try:
+        print("queues: " + ", ".join(f"{name}={depth}" for name, depth in journal.queue_depths().items()))
+        print("recent jobs:")
+        for job in journal.recent_jobs(args.jobs):
+            error = f"  {job.error}" if job.error else ""
+            print(f"  #{job.id:<5} {job.status:<8} {job.pipeline} v{job.pipeline_version}{error}")
+        failed = [j for j in journal.jobs() if j.status == "failed"]
+        print(f"failed jobs: {len(failed)}" + ("  (radpipe retry)" if failed else ""))
+        dead = journal.deliveries(status="dead")
+        print(f"dead letters: {len(dead)}" + ("  (radpipe retry --dead-letter)" if dead else ""))
+        for delivery in dead:
+            print(
+                f"  job #{delivery.job_id} -> {delivery.destination}: {delivery.attempts} tries, {delivery.last_error}"
+            )
+    finally:
+        journal.close()
+    return 0
+
+
+@command(
+    CONFIG,
+    arg("--dead-letter", action="store_true", help="requeue dead-lettered deliveries instead of failed jobs"),
+    arg("--study", metavar="UID", help="only this study (StudyInstanceUID)"),
+)
+def retry(args: argparse.Namespace) -> int:
+    """Requeue failed jobs (or, with --dead-letter, dead-lettered deliveries); a running node picks them up."""
+    from plugin.config import load_config
+    from plugin.journal import Journal
+
+    journal = Journal(load_config(args.config).storage.dir / "journal.sqlite")
+    try:
+        if args.dead_letter:
+            print(f"requeued {journal.requeue_dead_letters(args.study)} dead-lettered deliveries")
+        else:
+            print(f"requeued {journal.requeue_failed_jobs(args.study)} failed jobs")
+    finally:
+        journal.close()
+    return 0
+
+
 @command(
     arg("--host", default="127.0.0.1"),
     arg("--port", type=int, default=11112),
@@ -127,6 +179,34 @@ def demo(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as work:
         return run_demo(args.host, args.port, args.called_ae, args.results, Path(work), args.timeout)
+
+
+@command(
+    arg("pipeline", type=Path, help="pipeline YAML whose model to optimize"),
+    arg("--recipe", type=Path, help="recipe file (default: the pipeline's model.optimize)"),
+    arg("--out", type=Path, help="artifact folder to write (default: beside the original, e.g. NAME-pruned-int8)"),
+    arg("--force", action="store_true", help="replace --out if it exists"),
+)
+def optimize(args: argparse.Namespace) -> int:
+    """Prune, fine-tune and quantize a pipeline's model; write it only if it passes the accuracy gate."""
+    from plugin.accel.optimize import run
+
+    return run(args.pipeline, args.recipe, args.out, args.force)
+
+
+@command(
+    arg("target", type=Path, help="a pipeline YAML, or an optimized artifact folder"),
+    arg("--optimized", type=Path, help="optimized artifact to compare (default: run the pipeline's recipe)"),
+    arg("--out", type=Path, default=Path("bench-results"), help="folder for bench.json and bench.png"),
+    arg("--heldout", type=int, default=1000, help="held-out phantom images for the AUC column"),
+    arg("--batch-sizes", type=int, nargs="+", default=[1, 8, 32]),
+    arg("--seconds", type=float, default=3.0, help="measuring time per variant and batch size"),
+)
+def bench(args: argparse.Namespace) -> int:
+    """fp32, compiled, pruned, int8 and ONNX Runtime side by side: latency, images/s, size, AUC."""
+    from plugin.accel.bench import run
+
+    return run(args.target, args.optimized, args.out, args.heldout, args.batch_sizes, args.seconds)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,12 +21,19 @@ class _Section(BaseModel):
 
 
 class TLSConfig(_Section):
-    """DICOM TLS (PEM files). Example: ``{cert: node.crt, key: node.key, ca: ca.crt}``."""
+    """DICOM TLS (PEM files). Example: ``{cert: node.crt, key: node.key, ca: ca.crt}``.
+    For the listener, ``ca`` verifies client certificates and ``require_client_cert``
+    makes them mandatory (mutual TLS). For a destination, ``ca`` verifies the peer and
+    ``cert``/``key`` are this node's client certificate."""
 
     cert: Path | None = None
     key: Path | None = None
     ca: Path | None = None
     require_client_cert: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None or self.ca is not None
 
 
 class NodeSection(_Section):
@@ -36,6 +43,10 @@ class NodeSection(_Section):
     host/port: where to listen (default 127.0.0.1:11112; use 0.0.0.0 to accept remote peers).
     allowed_calling_aets: if non-empty, only these calling AE titles may associate.
     max_associations: concurrent associations served (default 16).
+    tls: with a certificate, the listener on ``port`` speaks DICOM TLS only;
+    plain_port: an extra plain (non-TLS) listener beside a TLS one; null (default) = TLS only.
+    max_queued_jobs: with more jobs waiting, C-STORE answers 0xA700 (out of resources).
+    shutdown_seconds: on SIGTERM, how long in-flight work may take before the node exits.
     """
 
     ae_title: str = Field(default="RADPIPE", min_length=1, max_length=16)
@@ -44,14 +55,22 @@ class NodeSection(_Section):
     allowed_calling_aets: list[str] = []
     max_associations: int = Field(default=16, ge=1)
     tls: TLSConfig = TLSConfig()
+    plain_port: int | None = Field(default=None, ge=0, le=65535)
+    max_queued_jobs: int = Field(default=10000, ge=1)
+    shutdown_seconds: float = Field(default=30.0, gt=0)
 
 
 class StorageSection(_Section):
-    """dir: where spool, journal and results live (default ``./radpipe-data``).
-    min_free_mb: below this much free space C-STORE answers 0xA700 (out of resources)."""
+    """dir: where spool, journal, results and quarantine live (default ``./radpipe-data``).
+    min_free_mb: below this much free space C-STORE answers 0xA700 (out of resources).
+    max_instance_mb: an instance whose pixels would decode to more is refused (0xA900).
+    retention_days: delivered studies older than this are purged (0 keeps everything);
+    nothing undelivered is ever purged."""
 
     dir: Path = Path("radpipe-data")
     min_free_mb: int = Field(default=1024, ge=0)
+    max_instance_mb: int = Field(default=2048, ge=1)
+    retention_days: float = Field(default=30.0, ge=0)
 
 
 class MetricsSection(_Section):
@@ -69,11 +88,15 @@ class PipelinesSection(_Section):
 
 
 class DispatchSection(_Section):
-    """How results are sent: ``tries`` C-STORE attempts per destination, waiting
-    ``backoff_seconds`` x 2^(try-1) between them; after that the delivery is marked failed."""
+    """How results are sent. A failed C-STORE is retried after ``backoff_seconds`` x
+    2^(try-1), at most ``max_backoff_seconds`` apart, until ``give_up_after_seconds``
+    after the first try (default 24 h) or ``tries`` attempts (default: no limit); then the
+    delivery is dead-lettered (``radpipe retry --dead-letter`` requeues it)."""
 
-    tries: int = Field(default=3, ge=1)
-    backoff_seconds: float = Field(default=1.0, ge=0)
+    tries: int | None = Field(default=None, ge=1)
+    backoff_seconds: float = Field(default=2.0, ge=0)
+    max_backoff_seconds: float = Field(default=600.0, ge=0)
+    give_up_after_seconds: float = Field(default=86400.0, gt=0)
 
 
 class Destination(_Section):

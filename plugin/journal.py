@@ -9,7 +9,7 @@ Lifecycle:
   -> batch created for its series (routed: one job per matching series-level pipeline;
      or unrouted), plus a study batch when a study-level pipeline matched
   -> job queued -> running -> done (results written; one delivery per result and destination) | failed
-  -> delivery pending -> delivered | failed
+  -> delivery pending (retried with backoff) -> delivered | dead (dead letter; ``retry`` requeues)
 """
 
 import sqlite3
@@ -68,6 +68,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     status TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
+    first_attempt_at REAL,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
     delivered_at REAL,
     PRIMARY KEY (result_id, destination)
 );
@@ -144,8 +146,10 @@ class Delivery:
     status: str
     attempts: int
     last_error: str | None
+    first_attempt_at: float | None
     result_path: str
     pipeline: str
+    study_instance_uid: str
 
 
 class Journal:
@@ -331,51 +335,143 @@ class Journal:
     # -- deliveries --------------------------------------------------------------------
 
     _DELIVERY = (
-        "SELECT d.result_id, r.job_id, d.destination, d.status, d.attempts, d.last_error, r.path, j.pipeline"
-        " FROM deliveries d JOIN results r ON r.id = d.result_id JOIN jobs j ON j.id = r.job_id"
+        "SELECT d.result_id, r.job_id, d.destination, d.status, d.attempts, d.last_error, d.first_attempt_at,"
+        " r.path, j.pipeline, b.study_instance_uid FROM deliveries d JOIN results r ON r.id = d.result_id"
+        " JOIN jobs j ON j.id = r.job_id JOIN batches b ON b.id = j.batch_id"
     )
 
-    def pending_deliveries(self) -> list[Delivery]:
+    def due_deliveries(self, now: float) -> list[Delivery]:
+        """Pending deliveries whose next attempt is due, most urgent pipeline first."""
         with self._lock:
             rows = self._db.execute(
-                f"{self._DELIVERY} WHERE d.status = 'pending' ORDER BY j.priority DESC, d.result_id"
+                f"{self._DELIVERY} WHERE d.status = 'pending' AND d.next_attempt_at <= ?"
+                " ORDER BY j.priority DESC, d.result_id",
+                (now,),
             ).fetchall()
         return [Delivery(*row) for row in rows]
 
-    def deliveries(self, job_id: int) -> list[Delivery]:
+    def deliveries(self, job_id: int | None = None, status: str | None = None) -> list[Delivery]:
+        where, params = [], []
+        if job_id is not None:
+            where.append("r.job_id = ?")
+            params.append(job_id)
+        if status is not None:
+            where.append("d.status = ?")
+            params.append(status)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
         with self._lock:
-            rows = self._db.execute(
-                f"{self._DELIVERY} WHERE r.job_id = ? ORDER BY d.result_id, d.destination", (job_id,)
-            ).fetchall()
+            rows = self._db.execute(f"{self._DELIVERY}{clause} ORDER BY d.result_id, d.destination", params).fetchall()
         return [Delivery(*row) for row in rows]
 
-    def record_delivery(self, result_id: int, destination: str, attempts: int, error: str | None) -> None:
-        """``error`` None: the destination answered success; else the delivery failed."""
+    def record_attempt(
+        self, result_id: int, destination: str, error: str | None, retry_at: float | None = None
+    ) -> None:
+        """One C-STORE attempt: ``error`` None means the destination answered success;
+        otherwise the delivery is retried at ``retry_at``, or dead-lettered when None."""
+        now = time.time()
+        status = "delivered" if error is None else ("pending" if retry_at is not None else "dead")
         with self._transaction() as db:
             db.execute(
-                "UPDATE deliveries SET status = ?, attempts = ?, last_error = ?, delivered_at = ?"
+                "UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,"
+                " first_attempt_at = COALESCE(first_attempt_at, ?), next_attempt_at = ?, delivered_at = ?"
                 " WHERE result_id = ? AND destination = ?",
-                (
-                    "delivered" if error is None else "failed",
-                    attempts,
-                    error,
-                    time.time() if error is None else None,
-                    result_id,
-                    destination,
-                ),
+                (status, error, now, retry_at or 0, now if error is None else None, result_id, destination),
             )
+
+    def requeue_dead_letters(self, study_uid: str | None = None) -> int:
+        """Give dead-lettered deliveries (of one study, or all) a fresh start."""
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE deliveries SET status = 'pending', attempts = 0, first_attempt_at = NULL,"
+                " next_attempt_at = 0 WHERE status = 'dead' AND (? IS NULL OR result_id IN ("
+                " SELECT r.id FROM results r JOIN jobs j ON j.id = r.job_id JOIN batches b ON b.id = j.batch_id"
+                " WHERE b.study_instance_uid = ?))",
+                (study_uid, study_uid),
+            ).rowcount
+
+    def requeue_failed_jobs(self, study_uid: str | None = None) -> int:
+        """Run failed jobs (of one study, or all) again."""
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE jobs SET status = 'queued', error = NULL WHERE status = 'failed' AND (? IS NULL OR"
+                " batch_id IN (SELECT id FROM batches WHERE study_instance_uid = ?))",
+                (study_uid, study_uid),
+            ).rowcount
+
+    def previous_result(self, job: JobRecord, kind: str = "sr") -> ResultRecord | None:
+        """The latest earlier result of the same pipeline for the same series (or study):
+        what a re-run after late arrivals supersedes."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT r.* FROM results r JOIN jobs j ON j.id = r.job_id JOIN batches b ON b.id = j.batch_id"
+                " JOIN batches mine ON mine.id = ? WHERE j.pipeline = ? AND r.kind = ? AND j.id < ?"
+                " AND b.study_instance_uid = mine.study_instance_uid"
+                " AND COALESCE(b.series_instance_uid, '') = COALESCE(mine.series_instance_uid, '')"
+                " ORDER BY j.id DESC LIMIT 1",
+                (job.batch_id, job.pipeline, kind, job.id),
+            ).fetchone()
+        return ResultRecord(*row) if row else None
+
+    # -- retention ---------------------------------------------------------------------
+
+    def purgeable_studies(self, older_than: float) -> list[str]:
+        """Studies whose every instance is batched, every job finished and every result
+        delivered, with nothing received since ``older_than``. Anything undelivered
+        (pending or dead-lettered) keeps its study."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_instance_uid FROM instances GROUP BY study_instance_uid"
+                " HAVING MAX(received_at) < ? AND SUM(batch_id IS NULL) = 0",
+                (older_than,),
+            ).fetchall()
+            studies = []
+            for (study_uid,) in rows:
+                busy = self._db.execute(
+                    "SELECT (SELECT COUNT(*) FROM jobs j JOIN batches b ON b.id = j.batch_id"
+                    "        WHERE b.study_instance_uid = ? AND j.status IN ('queued', 'running'))"
+                    " + (SELECT COUNT(*) FROM deliveries d JOIN results r ON r.id = d.result_id"
+                    "    JOIN jobs j ON j.id = r.job_id JOIN batches b ON b.id = j.batch_id"
+                    "    WHERE b.study_instance_uid = ? AND d.status != 'delivered')",
+                    (study_uid, study_uid),
+                ).fetchone()[0]
+                if not busy:
+                    studies.append(study_uid)
+        return studies
+
+    def forget_study(self, study_uid: str) -> None:
+        """Delete every row of a purged study, in one transaction."""
+        with self._transaction() as db:
+            batches = "SELECT id FROM batches WHERE study_instance_uid = ?"
+            jobs = f"SELECT id FROM jobs WHERE batch_id IN ({batches})"
+            results = f"SELECT id FROM results WHERE job_id IN ({jobs})"
+            db.execute(f"DELETE FROM deliveries WHERE result_id IN ({results})", (study_uid,))
+            db.execute(f"DELETE FROM results WHERE job_id IN ({jobs})", (study_uid,))
+            db.execute(f"DELETE FROM jobs WHERE batch_id IN ({batches})", (study_uid,))
+            db.execute("DELETE FROM batches WHERE study_instance_uid = ?", (study_uid,))
+            db.execute("DELETE FROM instances WHERE study_instance_uid = ?", (study_uid,))
 
     # -- monitoring --------------------------------------------------------------------
 
     def queue_depths(self) -> dict[str, int]:
-        """Work waiting in each queue: pending instances, queued/running jobs, deliveries."""
+        """Work waiting in each queue: pending instances, queued/running jobs, deliveries
+        waiting to be sent, and dead letters."""
         with self._lock:
             pending = self._db.execute("SELECT COUNT(*) FROM instances WHERE batch_id IS NULL").fetchone()[0]
             jobs = dict(self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
-            deliveries = self._db.execute("SELECT COUNT(*) FROM deliveries WHERE status = 'pending'").fetchone()[0]
+            deliveries = dict(self._db.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status").fetchall())
         return {
             "assembly": pending,
             "jobs": jobs.get("queued", 0),
             "running": jobs.get("running", 0),
-            "dispatch": deliveries,
+            "dispatch": deliveries.get("pending", 0),
+            "dead_letter": deliveries.get("dead", 0),
         }
+
+    def queued_jobs(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0])
+
+    def recent_jobs(self, limit: int = 20) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [JobRecord(*row) for row in rows]

@@ -65,8 +65,23 @@ def modality_frames(ds: Dataset) -> np.ndarray:
     return pixels.reshape(frames, *pixels.shape[-2:])
 
 
+class PixelDataError(Exception):
+    """An instance's pixel data cannot be decoded (corrupt or truncated compressed data)."""
+
+    def __init__(self, source: Source, cause: Exception) -> None:
+        super().__init__(f"{source.header.SOPInstanceUID}: cannot decode pixel data: {cause}")
+        self.source = source
+
+
+def is_image(source: Source) -> bool:
+    return "Rows" in source.header
+
+
 def iter_pixels(sources: Sequence[Source]) -> Iterator[tuple[Source, torch.Tensor]]:
     """Each source with its frames as a ``[F, 1, H, W]`` tensor, one instance in memory at a time."""
     for source in sources:
-        ds = pydicom.dcmread(source.path)
-        yield source, torch.from_numpy(modality_frames(ds))[:, None]
+        try:
+            frames = modality_frames(pydicom.dcmread(source.path))
+        except Exception as e:  # decoders raise many types; all mean the same to the job
+            raise PixelDataError(source, e) from e
+        yield source, torch.from_numpy(frames)[:, None]

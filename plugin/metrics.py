@@ -15,8 +15,20 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 STAGES = ("receive", "wait", "load", "preprocess", "infer", "write", "dispatch")
-QUEUES = ("assembly", "jobs", "running", "dispatch")
-REJECT_REASONS = ("invalid_uid", "undecodable", "out_of_resources", "storage_error")
+QUEUES = ("assembly", "jobs", "running", "dispatch", "dead_letter")
+REJECT_REASONS = (
+    "invalid_uid",
+    "undecodable",
+    "missing_pixel_data",
+    "pixel_data_mismatch",
+    "unsupported_pixel_format",
+    "absurd_size",
+    "duplicate_conflict",
+    "out_of_resources",
+    "queue_full",
+    "storage_error",
+)
+ASSOCIATION_REJECT_REASONS = ("calling_ae_not_allowed", "called_ae_mismatch", "other")
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -34,6 +46,11 @@ class Metrics:
         )
         for reason in REJECT_REASONS:
             self.instances_rejected.labels(reason)
+        self.associations_rejected = Counter(
+            "radpipe_associations_rejected", "Associations refused", ["reason"], registry=r
+        )
+        for reason in ASSOCIATION_REJECT_REASONS:
+            self.associations_rejected.labels(reason)
         self.studies_completed = Counter(
             "radpipe_studies_completed", "Series/studies judged complete by the assembler", registry=r
         )

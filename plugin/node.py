@@ -2,15 +2,19 @@
 transfer syntax, compressed ones included.
 
 The C-STORE handler only checks, stores and journals (invariants 1 and 4); everything
-else happens in background workers that read the journal.
+else happens in background workers that read the journal. Whatever it refuses, it
+quarantines with the reason, and it answers a named DIMSE status.
 """
 
+import hashlib
 import logging
 import socket
 import ssl
 import time
+from dataclasses import dataclass
 from enum import IntEnum
 
+from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
@@ -20,6 +24,7 @@ from plugin.config import NodeSection, TLSConfig
 from plugin.journal import InstanceRecord, Journal
 from plugin.logs import association_context
 from plugin.metrics import Metrics
+from plugin.quarantine import Quarantine
 from plugin.spool import Spool, is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -29,13 +34,63 @@ class StoreStatus(IntEnum):
     """C-STORE response statuses this node answers (PS3.4 Annex B.2.3)."""
 
     SUCCESS = 0x0000
-    # Refused: out of resources. Disk below the configured floor or a write failed; the
-    # sender keeps the instance and retries later.
+    # Refused: out of resources. Disk below its floor, the job queue over its cap, or a
+    # write failed: the sender keeps the instance and retries later.
     OUT_OF_RESOURCES = 0xA700
-    # Error: data set does not match SOP class. Required UIDs missing or malformed.
+    # Error: data set does not match SOP class. UIDs missing or malformed, pixel module
+    # inconsistent with the pixel data, absurd sizes, or a known SOP Instance UID with
+    # different content: retrying the same bytes will not help.
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     # Error: cannot understand. The data set could not be decoded at all.
     CANNOT_UNDERSTAND = 0xC210
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    min_free_bytes: int
+    max_instance_bytes: int
+    max_queued_jobs: int
+
+
+class Refusal(Exception):
+    def __init__(self, status: StoreStatus, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.reason, self.detail = status, reason, detail
+
+
+BITS_ALLOCATED = {1, 8, 16, 32, 64}
+PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422",
+               "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"}  # fmt: skip
+
+
+def check_pixel_module(ds: Dataset, encapsulated: bool, max_bytes: int) -> None:
+    """Refuse pixel data that cannot be what its header says, before it is stored: the
+    decoder must never be asked to allocate an absurd size or read past the data."""
+    has_pixels = "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+    if "Rows" not in ds and not has_pixels:
+        return  # not an image (SR, RTSTRUCT, presentation state, ...)
+    bad = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    if not has_pixels:
+        raise Refusal(bad, "missing_pixel_data", "image attributes present but no Pixel Data")
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        photometric = str(ds.get("PhotometricInterpretation", ""))
+    except (AttributeError, TypeError, ValueError) as e:
+        raise Refusal(bad, "unsupported_pixel_format", f"incomplete image pixel module: {e}") from e
+    if rows <= 0 or columns <= 0 or frames <= 0 or samples not in (1, 3):
+        raise Refusal(bad, "unsupported_pixel_format", f"{rows}x{columns}, {frames} frame(s), {samples} sample(s)")
+    if bits not in BITS_ALLOCATED or photometric not in PHOTOMETRIC:
+        raise Refusal(bad, "unsupported_pixel_format", f"BitsAllocated {bits}, PhotometricInterpretation {photometric}")
+    expected = (rows * columns * frames * samples * bits + 7) // 8
+    if expected > max_bytes:
+        raise Refusal(bad, "absurd_size", f"pixels would decode to {expected / 2**20:.0f} MiB")
+    if not encapsulated and "PixelData" in ds:
+        length = len(ds.PixelData)
+        if length not in (expected, expected + 1):
+            raise Refusal(bad, "pixel_data_mismatch", f"Pixel Data has {length} bytes, the header implies {expected}")
 
 
 @association_context
@@ -51,60 +106,92 @@ def handle_open(event: Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-@association_context
-def handle_store(event: Event, spool: Spool, journal: Journal, metrics: Metrics, min_free_bytes: int) -> int:
-    """Store one instance durably, journal it, and only then answer success."""
-    calling_ae = event.assoc.requestor.ae_title
-    start = time.perf_counter()
+def handle_rejected(event: Event, settings: NodeSection, metrics: Metrics) -> None:
+    """Count refused associations by why (the peer is told by the A-ASSOCIATE-RJ)."""
+    requestor, acceptor = event.assoc.requestor, event.assoc.acceptor
+    if settings.allowed_calling_aets and requestor.ae_title not in settings.allowed_calling_aets:
+        reason = "calling_ae_not_allowed"
+    elif requestor.address_info and acceptor.ae_title != settings.ae_title:
+        reason = "called_ae_mismatch"
+    else:
+        reason = "other"
+    metrics.associations_rejected.labels(reason).inc()
+    log.warning("association from %s (calling AE %s) rejected: %s", requestor.address, requestor.ae_title, reason)
+
+
+def _store(event: Event, spool: Spool, journal: Journal, limits: StoreLimits) -> InstanceRecord:
+    """Check, store and journal one instance; raise :class:`Refusal` on any problem."""
+    bad = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     try:
         dataset = event.dataset
         study_uid = str(dataset.get("StudyInstanceUID", ""))
         series_uid = str(dataset.get("SeriesInstanceUID", ""))
+        encapsulated = event.context.transfer_syntax.is_encapsulated
+        check_pixel_module(dataset, encapsulated, limits.max_instance_bytes)
+    except Refusal:
+        raise
     except Exception as e:
-        log.error("C-STORE from %s: undecodable data set: %s", calling_ae, e)
-        metrics.instances_rejected.labels("undecodable").inc()
-        return StoreStatus.CANNOT_UNDERSTAND
+        raise Refusal(StoreStatus.CANNOT_UNDERSTAND, "undecodable", f"cannot decode the data set: {e}") from e
     sop_uid = str(event.request.AffectedSOPInstanceUID)
-    sop_class_uid = str(event.request.AffectedSOPClassUID)
-    bad = [
-        name for name, uid in (("Study", study_uid), ("Series", series_uid), ("SOP", sop_uid)) if not is_valid_uid(uid)
-    ]
-    if bad:
-        log.error("C-STORE from %s: missing or invalid %s Instance UID; refused", calling_ae, "/".join(bad))
-        metrics.instances_rejected.labels("invalid_uid").inc()
-        return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
-    if spool.free_bytes() < min_free_bytes:
-        log.error("C-STORE from %s: spool below its free-space floor; answering out of resources", calling_ae)
-        metrics.instances_rejected.labels("out_of_resources").inc()
-        return StoreStatus.OUT_OF_RESOURCES
+    bad_uids = [n for n, u in (("Study", study_uid), ("Series", series_uid), ("SOP", sop_uid)) if not is_valid_uid(u)]
+    if bad_uids:
+        raise Refusal(bad, "invalid_uid", f"missing or invalid {'/'.join(bad_uids)} Instance UID")
+    if spool.free_bytes() < limits.min_free_bytes:
+        raise Refusal(StoreStatus.OUT_OF_RESOURCES, "out_of_resources", "spool below its free-space floor")
+    if journal.queued_jobs() >= limits.max_queued_jobs:
+        raise Refusal(StoreStatus.OUT_OF_RESOURCES, "queue_full", "job queue at its cap")
+    data = event.encoded_dataset()
+    digest = hashlib.sha256(data).hexdigest()
+    known = journal.instance(sop_uid)
+    if known is not None and known.sha256 != digest:
+        raise Refusal(bad, "duplicate_conflict", "SOP Instance UID already received with different content")
+    record = InstanceRecord(
+        sop_instance_uid=sop_uid,
+        sop_class_uid=str(event.request.AffectedSOPClassUID),
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        path="",
+        sha256=digest,
+        size=len(data),
+        calling_ae=event.assoc.requestor.ae_title,
+        received_at=time.time(),
+    )
+    if known is not None:
+        return known  # the identical instance again: already durable, nothing to do
     try:
-        data = event.encoded_dataset()
-        path, digest = spool.store(study_uid, series_uid, sop_uid, data)
-        journal.record_instance(
-            InstanceRecord(
-                sop_instance_uid=sop_uid,
-                sop_class_uid=sop_class_uid,
-                study_instance_uid=study_uid,
-                series_instance_uid=series_uid,
-                path=str(path),
-                sha256=digest,
-                size=len(data),
-                calling_ae=calling_ae,
-                received_at=time.time(),
-            )
-        )
+        path = spool.store(study_uid, series_uid, sop_uid, data)
+        record = InstanceRecord(**{**record.__dict__, "path": str(path)})
+        journal.record_instance(record)
     except OSError as e:
-        log.error("C-STORE from %s: cannot store instance %s: %s", calling_ae, sop_uid, e)
-        metrics.instances_rejected.labels("storage_error").inc()
-        return StoreStatus.OUT_OF_RESOURCES
+        raise Refusal(StoreStatus.OUT_OF_RESOURCES, "storage_error", f"cannot store: {e}") from e
+    return record
+
+
+@association_context
+def handle_store(
+    event: Event, spool: Spool, journal: Journal, quarantine: Quarantine, metrics: Metrics, limits: StoreLimits
+) -> int:
+    """Store one instance durably, journal it, and only then answer success."""
+    calling_ae = event.assoc.requestor.ae_title
+    start = time.perf_counter()
+    try:
+        _store(event, spool, journal, limits)
+    except Refusal as refusal:
+        metrics.instances_rejected.labels(refusal.reason).inc()
+        log.error("C-STORE from %s refused (%s): %s", calling_ae, refusal.reason, refusal.detail)
+        if refusal.status != StoreStatus.OUT_OF_RESOURCES:  # the sender keeps those and retries
+            try:
+                data = event.request.DataSet.getvalue() if event.request.DataSet else b""
+                quarantine.keep_bytes(data, refusal.reason, refusal.detail, calling_ae)
+            except OSError as e:
+                log.error("cannot quarantine the refused instance: %s", e)
+        return int(refusal.status)
     metrics.instances_received.labels(calling_ae).inc()
     metrics.stage_seconds.labels("receive", "").observe(time.perf_counter() - start)
     return StoreStatus.SUCCESS
 
 
-def _server_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
-    if tls.cert is None:
-        return None
+def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tls.cert, tls.key)
     if tls.ca is not None:
@@ -126,21 +213,30 @@ def build_ae(settings: NodeSection) -> AE:
     return ae
 
 
-def start_server(
-    settings: NodeSection, spool: Spool, journal: Journal, metrics: Metrics, min_free_bytes: int
-) -> ThreadedAssociationServer:
-    """Start listening in the background; returns the server (``shutdown()`` stops it)."""
+def start_servers(
+    settings: NodeSection, spool: Spool, journal: Journal, quarantine: Quarantine, metrics: Metrics, limits: StoreLimits
+) -> list[ThreadedAssociationServer]:
+    """Start listening in the background: on ``port`` (TLS when a certificate is
+    configured) and, if set, a plain listener on ``plain_port``. Returns the servers."""
     ae = build_ae(settings)
     handlers = [
         (evt.EVT_CONN_OPEN, handle_open),
+        (evt.EVT_REJECTED, handle_rejected, [settings, metrics]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, journal, metrics, min_free_bytes]),
+        (evt.EVT_C_STORE, handle_store, [spool, journal, quarantine, metrics, limits]),
     ]
-    server = ae.start_server(
-        (settings.host, settings.port),
-        block=False,
-        evt_handlers=handlers,
-        ssl_context=_server_ssl_context(settings.tls),
-    )
-    log.info("DICOM node %s listening on %s:%d", settings.ae_title, *server.server_address[:2])
-    return server
+    listeners = [(settings.port, server_ssl_context(settings.tls) if settings.tls.cert else None)]
+    if settings.tls.cert and settings.plain_port is not None:
+        listeners.append((settings.plain_port, None))
+    servers = []
+    for port, ssl_context in listeners:
+        server = ae.start_server((settings.host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
+        log.info(
+            "DICOM node %s listening on %s:%d%s",
+            settings.ae_title,
+            settings.host,
+            server.server_address[1],
+            " (TLS)" if ssl_context else "",
+        )
+        servers.append(server)
+    return servers

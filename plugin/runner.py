@@ -16,7 +16,7 @@ from pydicom import Dataset
 from pydicom.filewriter import dcmwrite
 
 from plugin.journal import InstanceRecord, JobRecord, Journal
-from plugin.loader import iter_pixels, read_sources
+from plugin.loader import PixelDataError, is_image, iter_pixels, read_sources
 from plugin.logs import log_context
 from plugin.match import holds
 from plugin.metrics import Metrics, StageTimer
@@ -26,6 +26,7 @@ from plugin.outputs.sr import AlgorithmIdentity, measurement_report
 from plugin.pipeline import Pipeline
 from plugin.postprocess import findings
 from plugin.preprocess import preprocess
+from plugin.quarantine import Quarantine
 from plugin.router import Router
 from plugin.spool import write_durably
 from plugin.worker import Worker
@@ -45,6 +46,7 @@ class Runner(Worker):
         pool: ModelPool,
         results_dir: Path,
         destinations: list[str],
+        quarantine: Quarantine,
         metrics: Metrics,
     ) -> None:
         super().__init__("runner")
@@ -53,6 +55,7 @@ class Runner(Worker):
         self._pool = pool
         self._results_dir = results_dir
         self._destinations = destinations
+        self._quarantine = quarantine
         self._metrics = metrics
 
     def step(self) -> bool:
@@ -115,7 +118,9 @@ class Runner(Worker):
         if not records:
             raise JobError(f"batch {job.batch_id} has no instances")
         with timer.stage("load"):
-            sources = read_sources(self._select(pipeline, records), pipeline.input.sort)
+            sources = [s for s in read_sources(self._select(pipeline, records), pipeline.input.sort) if is_image(s)]
+        if not sources:
+            raise JobError("no images among the inputs (non-image SOP classes only)")
 
         logits: list[torch.Tensor] = []
         pending: list[torch.Tensor] = []
@@ -129,7 +134,11 @@ class Runner(Worker):
         pixels = iter_pixels(sources)
         while True:
             with timer.stage("load"):
-                item = next(pixels, None)
+                try:
+                    item = next(pixels, None)
+                except PixelDataError as e:
+                    self._quarantine.keep_file(Path(e.source.path), "decode_failed", str(e), f"job {job.id}")
+                    raise JobError(f"{e}; instance quarantined") from e
             if item is None:
                 break
             with timer.stage("preprocess"):
@@ -155,7 +164,11 @@ class Runner(Worker):
         with timer.stage("write"):
             for output in pipeline.outputs:
                 if output.sr is not None:
-                    sr = measurement_report(headers, result, algorithm, output.sr.sop_class)
+                    previous = self._journal.previous_result(job)
+                    predecessors = (
+                        [pydicom.dcmread(previous.path)] if previous and Path(previous.path).is_file() else []
+                    )
+                    sr = measurement_report(headers, result, algorithm, output.sr.sop_class, predecessors)
                     written.append(("sr", self._write(sr), str(sr.SOPInstanceUID)))
                 elif output.kos is not None:
                     images = key_images(headers, result, only_present=output.kos.when == "positive")

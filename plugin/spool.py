@@ -6,7 +6,6 @@ A write goes to a temporary name beside the target, is fsync'd, renamed into pla
 the directory entry is fsync'd too; only then may the journal record it (invariant 1).
 """
 
-import hashlib
 import os
 import re
 import shutil
@@ -54,11 +53,15 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> tuple[Path, str]:
-        """Durably write one instance (DICOM file bytes); return its path and sha256."""
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
+        """Durably write one instance (DICOM file bytes); return its path."""
         for uid in (study_uid, series_uid, sop_uid):
             if not is_valid_uid(uid):
                 raise ValueError(f"invalid UID {uid!r}")
         target = self.root / study_uid / series_uid / f"{sop_uid}.dcm"
         write_durably(target, data)
-        return target, hashlib.sha256(data).hexdigest()
+        return target
+
+    def remove_study(self, study_uid: str) -> None:
+        if is_valid_uid(study_uid):
+            shutil.rmtree(self.root / study_uid, ignore_errors=True)

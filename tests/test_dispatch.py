@@ -40,12 +40,12 @@ def test_result_is_delivered_to_the_pipelines_destination(start_node, demo_study
         pacs.shutdown()
 
 
-def test_unreachable_destination_is_retried_then_marked_failed(start_node, demo_study, dcmtk):
+def test_unreachable_destination_is_retried_then_dead_lettered(start_node, demo_study, dcmtk):
     closed_port = free_port()
     node = start_node(destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": closed_port}})
     assert storescu(node.port, *demo_study["Demo chest CT, no nodules"]).returncode == 0
     job = wait_for(lambda: node.journal.jobs() and node.journal.jobs()[0].status == "done" and node.journal.jobs()[0])
-    [delivery] = wait_for(lambda: [d for d in node.journal.deliveries(job.id) if d.status == "failed"], what="failure")
+    [delivery] = wait_for(lambda: node.journal.deliveries(status="dead"), what="a dead letter")
     assert delivery.attempts == 3
     assert "PACS@127.0.0.1" in delivery.last_error
     assert node.metrics.registry.get_sample_value("radpipe_dispatch_failures_total", {"destination": "pacs"}) == 3

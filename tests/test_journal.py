@@ -39,11 +39,19 @@ def test_batch_job_delivery_lifecycle_survives_reopen(tmp_path):
     assert [i.sop_instance_uid for i in journal.batch_instances(job.batch_id)] == [f"1.2.3.{n}" for n in range(3)]
     journal.complete_job(job.id, [("sr", "/results/sr.dcm", "9.9")], ["pacs"])
     assert journal.results(job.id) == [ResultRecord(1, job.id, "sr", "/results/sr.dcm", "9.9")]
-    [delivery] = journal.pending_deliveries()
+    [delivery] = journal.due_deliveries(now=0)
     assert (delivery.destination, delivery.result_path, delivery.pipeline) == ("pacs", "/results/sr.dcm", "demo")
-    journal.record_delivery(delivery.result_id, "pacs", 1, None)
-    assert journal.pending_deliveries() == []
-    assert journal.queue_depths() == {"assembly": 0, "jobs": 0, "running": 0, "dispatch": 0}
+    journal.record_attempt(delivery.result_id, "pacs", "refused", retry_at=1000.0)
+    assert journal.due_deliveries(now=999) == []  # not due before its backoff ends
+    [delivery] = journal.due_deliveries(now=1000)
+    assert (delivery.attempts, delivery.last_error, delivery.status) == (1, "refused", "pending")
+    journal.record_attempt(delivery.result_id, "pacs", "refused again", retry_at=None)
+    assert journal.queue_depths() == {"assembly": 0, "jobs": 0, "running": 0, "dispatch": 0, "dead_letter": 1}
+    assert journal.requeue_dead_letters(study_uid="9.9.9") == 0  # another study
+    assert journal.requeue_dead_letters(study_uid="1.2") == 1
+    journal.record_attempt(delivery.result_id, "pacs", None)
+    [delivered] = journal.deliveries(job.id)
+    assert (delivered.status, delivered.attempts) == ("delivered", 1)
 
     # A late arrival re-opens the series; the next batch covers the whole series.
     journal.record_instance(_instance("1.2.3.9"))

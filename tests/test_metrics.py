@@ -36,5 +36,5 @@ def test_metrics_endpoint_serves_the_contract(start_node):
         "sparsity": "0.0",
     }
     depths = {s.labels["queue"]: s.value for s in families["radpipe_queue_depth"].samples}
-    assert depths == {"assembly": 0, "jobs": 0, "running": 0, "dispatch": 0}
+    assert depths == {"assembly": 0, "jobs": 0, "running": 0, "dispatch": 0, "dead_letter": 0}
     assert families["radpipe_spool_free_bytes"].samples[0].value > 0

@@ -49,11 +49,15 @@ def test_echoscu_gets_success(start_node, dcmtk):
 def test_storescu_series_and_real_ct_give_one_valid_sr_per_series(start_node, dcmtk, demo_study):
     node = start_node()
     synthetic = demo_study["Demo chest CT, nodules"]
-    brain = [DEID_HUMANS / "ctbrain1.dcm", DEID_HUMANS / "ctbrain2.dcm"]
+    brain = [DEID_HUMANS / "ctbrain1.dcm"]
     mr = PYDICOM_FILES / "MR_small.dcm"
     for files, options in ((synthetic, ()), (brain, ("-xy",)), ([mr], ())):
         out = storescu(node.port, *files, options=options)
         assert out.returncode == 0, out.stderr
+    # ctbrain2.dcm reuses ctbrain1's SOP Instance UID with other pixels: refused, kept in quarantine.
+    out = storescu(node.port, DEID_HUMANS / "ctbrain2.dcm", options=("-xy", "-v"))
+    assert "Received Store Response (Error: DataSetDoesNotMatchSOPClass)" in out.stderr
+    assert node.quarantine.count("duplicate_conflict") == 1
 
     expected = _sources_by_series([*synthetic, *brain])
     reports = wait_for(lambda: len(_reports(node.results_dir)) == 2 and _reports(node.results_dir), what="2 SRs")

@@ -110,10 +110,12 @@ def measurement_report(
     findings: Sequence[Finding],
     algorithm: AlgorithmIdentity,
     sop_class: str = "comprehensive3d",
+    predecessors: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR | hd.sr.EnhancedSR:
     """Build the SR for one job. ``sources`` are the input headers (pixels not needed).
     ``sop_class`` "enhanced" writes the same content as Enhanced SR, for PACS that do not
-    accept Comprehensive 3D SR (the content has no 3D coordinates, so both are valid)."""
+    accept Comprehensive 3D SR (the content has no 3D coordinates, so both are valid).
+    ``predecessors``: earlier SRs this one supersedes (Predecessor Documents Sequence)."""
     if not sources:
         raise ValueError("sources: a result needs at least one source image")
     series_uid, sop_uid = result_uids(algorithm, sources, "sr")
@@ -143,6 +145,7 @@ def measurement_report(
         instance_number=1,
         manufacturer="radpipe",
         is_complete=True,
+        previous_versions=list(predecessors) or None,
         software_versions=f"radpipe {__version__}",
         series_description=f"radpipe {algorithm.pipeline} v{algorithm.pipeline_version} (algorithm result)"[:64],
     )

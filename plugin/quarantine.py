@@ -1,0 +1,48 @@
+"""Quarantine: what the node refuses or cannot process is kept, never dropped.
+
+Each item is ``<storage>/quarantine/<reason>/<time>-<id>.dcm`` (the bytes as received)
+with a ``.json`` beside it saying why. The reason names a failure category; the detail
+never includes patient attributes.
+"""
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from plugin.spool import write_durably
+
+log = logging.getLogger(__name__)
+
+
+class Quarantine:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _target(self, reason: str) -> Path:
+        return self.root / reason / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.dcm"
+
+    def _describe(self, target: Path, reason: str, detail: str, source: str) -> None:
+        note = {"reason": reason, "detail": detail, "source": source, "time": time.time()}
+        write_durably(target.with_suffix(".json"), json.dumps(note, indent=2).encode())
+        log.warning("quarantined (%s) from %s: %s -> %s", reason, source, detail, target.name)
+
+    def keep_bytes(self, data: bytes, reason: str, detail: str, source: str) -> Path:
+        target = self._target(reason)
+        write_durably(target, data)
+        self._describe(target, reason, detail, source)
+        return target
+
+    def keep_file(self, path: Path, reason: str, detail: str, source: str) -> Path:
+        """Copy a stored instance here (the spool copy stays: the journal refers to it)."""
+        target = self._target(reason)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        self._describe(target, reason, detail, source)
+        return target
+
+    def count(self, reason: str | None = None) -> int:
+        pattern = f"{reason}/*.dcm" if reason else "*/*.dcm"
+        return len(list(self.root.glob(pattern)))
