@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydicom.datadict import tag_for_keyword
 
+from plugin.accel.recipe import Recipe
 from plugin.match import Rule, parse_match
 from plugin.preprocess import PreprocessStep
 from plugin.yamlfile import YAMLError, YAMLFile, read_yaml
@@ -64,11 +65,14 @@ class InputSelection(_Strict):
 
 class ModelSpec(_Strict):
     """``artifact``: a folder (relative to the pipeline file) with ``manifest.json`` and
-    ``weights.safetensors``. ``device``: auto (CUDA when present), cpu or cuda."""
+    ``weights.safetensors``. ``device``: auto (CUDA when present), cpu or cuda.
+    ``optimize``: the recipe ``radpipe optimize`` runs (see plugin/accel/recipe.py); the
+    node itself ignores it."""
 
     artifact: Path
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=32, ge=1, le=4096)
+    optimize: Recipe | None = None
 
 
 CODING_SCHEMES = ("SCT", "DCM", "LN")

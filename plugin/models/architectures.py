@@ -60,3 +60,50 @@ class DemoCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+@register("resnet")
+def resnet(
+    in_channels: int = 1,
+    num_classes: int = 2,
+    layers: Sequence[int] = (1, 1, 1, 1),
+    widths: Sequence[int] = (16, 32, 64, 128),
+    block: str = "basic",
+) -> nn.Module:
+    """MONAI's 2D ResNet (``monai.networks.nets.ResNet``), the field's reference zoo;
+    a stride-2 stem keeps 128x128 inputs cheap."""
+    from monai.networks.nets import ResNet
+
+    return ResNet(
+        block=block,
+        layers=list(layers),
+        block_inplanes=list(widths),
+        spatial_dims=2,
+        n_input_channels=in_channels,
+        conv1_t_stride=2,
+        num_classes=num_classes,
+    )
+
+
+@register("densenet")
+def densenet(
+    in_channels: int = 1,
+    num_classes: int = 2,
+    init_features: int = 16,
+    growth_rate: int = 8,
+    block_config: Sequence[int] = (2, 2, 2),
+    bn_size: int = 2,
+) -> nn.Module:
+    """MONAI's 2D DenseNet (``monai.networks.nets.DenseNet``): concatenating blocks, the
+    hard case for structured pruning (a removed channel must go from every later input)."""
+    from monai.networks.nets import DenseNet
+
+    return DenseNet(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        init_features=init_features,
+        growth_rate=growth_rate,
+        block_config=tuple(block_config),
+        bn_size=bn_size,
+    )

@@ -21,6 +21,8 @@ from plugin.models.architectures import build
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 FORMAT_VERSION = 1
+# manifest keys of artifacts written by `radpipe optimize` (see plugin/models/serving.py)
+OPTIMIZED_KEYS = {"layers", "quantization", "gpu"}
 
 
 class ArtifactError(Exception):
@@ -109,8 +111,15 @@ def load_artifact(directory: Path, device: torch.device) -> Artifact:
     manifest = read_manifest(directory)
     try:
         module = build(manifest["architecture"])
-        module.load_state_dict(load_file(str(directory / WEIGHTS)))
+        if OPTIMIZED_KEYS & manifest.keys():
+            # written by `radpipe optimize`: pruned layer shapes, int8 or GPU variants
+            from plugin.models.serving import load_optimized
+
+            module, precision = load_optimized(module, load_file(str(directory / WEIGHTS)), manifest, device)
+            manifest = {**manifest, "precision": precision}  # what actually serves on this device
+        else:
+            module.load_state_dict(load_file(str(directory / WEIGHTS)))
+            module.eval().to(device)
     except (KeyError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"{directory}: weights do not fit the manifest's architecture: {e}") from e
-    module.eval().to(device)
     return Artifact(path=directory, manifest=manifest, module=module)

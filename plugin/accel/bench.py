@@ -1,0 +1,298 @@
+"""``radpipe bench``: every way to run the model, side by side, on one machine.
+
+Rows: fp32 eager (what the node runs without optimization), fp32 compiled (inductor),
+pruned fp32, int8 (static PTQ of the unpruned model), pruned+int8 (the optimized artifact,
+loaded as the node loads it), and what a user would otherwise pick: ONNX Runtime fp32
+and ONNX Runtime static int8 (QDQ, per-channel weights) of the original. For batch sizes
+1, 8 and 32: latency p50/p95, images/s (batch / median latency), size on disk, and AUC on
+the same held-out images. Prints a table, writes ``bench.json`` and draws ``bench.png``.
+"""
+
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from plugin.accel.data import DataSets, Split, phantom_split
+from plugin.accel.evaluate import evaluate
+from plugin.accel.export import export_onnx
+from plugin.accel.recipe import Recipe
+from plugin.models.architectures import build
+from plugin.models.artifact import WEIGHTS, ArtifactError, load_artifact, read_manifest
+from plugin.models.serving import OBSERVER_PREFIX, BucketedModule, apply_layer_shapes, inductor_settings
+from plugin.preprocess import PreprocessStep
+
+Runner = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Row:
+    variant: str
+    batch: int
+    p50_ms: float
+    p95_ms: float
+    images_per_s: float
+    size_mb: float
+    auc: float
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def measure(run: Runner, images: Tensor, batch: int, seconds: float) -> tuple[float, float, float]:
+    """(p50 ms, p95 ms, images/s) of ``run`` on one batch, after a warm-up."""
+    x = (
+        images[:batch]
+        if len(images) >= batch
+        else images.repeat((batch + len(images) - 1) // len(images), 1, 1, 1)[:batch]
+    )
+    with torch.inference_mode():
+        for _ in range(3):
+            run(x)
+        times: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 2000):
+            start = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - start)
+    p50, p95 = np.percentile(times, [50, 95])
+    return 1000 * float(p50), 1000 * float(p95), batch / float(p50)
+
+
+def _fp32_of(optimized: Path) -> nn.Module:
+    """The optimized artifact's (pruned) fp32 weights in a plain eager module."""
+    manifest = read_manifest(optimized)
+    module = apply_layer_shapes(build(manifest["architecture"]), manifest.get("layers", {}))
+    tensors = load_file(str(optimized / WEIGHTS))
+    module.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(OBSERVER_PREFIX)})
+    return module.eval()
+
+
+def _compiled(module: nn.Module, buckets: list[int]) -> nn.Module:
+    with inductor_settings(freezing=True):
+        program = torch.compile(module, dynamic=False)
+    served = BucketedModule(module, program, buckets, freezing=True)
+    served.warm_up(tuple(module_input(module)), torch.device("cpu"))
+    return served
+
+
+def module_input(module: nn.Module) -> tuple[int, int, int]:
+    first = next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+    return (first.in_channels, 128, 128)
+
+
+def _ort_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_runner(session: Any) -> Runner:
+    def run(x: Tensor) -> Tensor:
+        return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+
+    return run
+
+
+def _ort_int8(fp32_path: Path, calibration: Split, out: Path) -> Path:
+    """ONNX Runtime's static int8 recipe: QDQ, per-channel int8 weights, uint8 activations."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter([{"images": b.numpy()} for b in calibration.images.split(32)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    prepared = out.with_name("original-prep.onnx")
+    quant_pre_process(str(fp32_path), str(prepared))
+    quantize_static(
+        str(prepared),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return out
+
+
+def _resolve(target: Path, optimized: Path | None) -> tuple[Path, Path | None, Any]:
+    """(original artifact, optimized artifact or None, pipeline or None) for a target."""
+    from plugin.pipeline import load_pipeline
+
+    if target.is_dir():
+        manifest = read_manifest(target)
+        if "source" not in manifest:
+            raise ValueError(f"{target} is not an optimized artifact: give a pipeline YAML instead")
+        return (target.resolve().parent / manifest["source"]["path"]).resolve(), target, None
+    pipeline = load_pipeline(target)
+    manifest = read_manifest(pipeline.artifact_dir)
+    if "source" in manifest:
+        return (pipeline.artifact_dir.parent / manifest["source"]["path"]).resolve(), pipeline.artifact_dir, pipeline
+    return pipeline.artifact_dir, optimized, pipeline
+
+
+def _chart(rows: list[Row], batch: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for row in (r for r in rows if r.batch == batch):
+        axes.scatter(row.images_per_s, row.auc, s=40)
+        axes.annotate(row.variant, (row.images_per_s, row.auc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.set_xscale("log")
+    axes.set_xlabel(f"images/s at batch {batch} (log scale)")
+    axes.set_ylabel("held-out AUC")
+    axes.set_title(f"radpipe bench: speed vs accuracy ({platform.processor() or platform.machine()})")
+    axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def table(rows: list[Row]) -> str:
+    lines = [f"{'variant':<22} {'batch':>5} {'p50 ms':>9} {'p95 ms':>9} {'images/s':>10} {'size MB':>8} {'AUC':>7}"]
+    for r in rows:
+        lines.append(
+            f"{r.variant:<22} {r.batch:>5} {r.p50_ms:>9.2f} {r.p95_ms:>9.2f} {r.images_per_s:>10.1f} "
+            f"{r.size_mb:>8.3f} {r.auc:>7.4f}"
+        )
+    return "\n".join(lines)
+
+
+def bench(
+    original_dir: Path,
+    optimized_dir: Path,
+    steps: list[PreprocessStep],
+    findings: list[str],
+    data: DataSets,
+    batch_sizes: list[int],
+    seconds: float,
+    work: Path,
+) -> tuple[list[Row], dict[str, Any]]:
+    """Measure every variant; returns the rows and the summary ratios."""
+    from plugin.accel.optimize import optimize_artifact
+
+    cpu = torch.device("cpu")
+    original = load_artifact(original_dir, cpu)
+    classes = original.classes
+    optimized_manifest = read_manifest(optimized_dir)
+    buckets = sorted(set(batch_sizes))
+
+    variants: dict[str, tuple[Runner, int]] = {}
+    variants["fp32 eager"] = (original.module, _dir_size(original_dir))
+    variants["fp32 compiled"] = (_compiled(original.module, buckets), _dir_size(original_dir))
+    pruned = _fp32_of(optimized_dir)
+    save_file({k: v.contiguous() for k, v in pruned.state_dict().items()}, str(work / "pruned.safetensors"))
+    variants["pruned fp32"] = (pruned, _dir_size(work / "pruned.safetensors"))
+    recipe = Recipe(
+        quantize={"cpu": "int8_static", "buckets": buckets}, accept={"max_auc_drop": 1, "max_per_class_auc_drop": 1}
+    )
+    int8_dir = optimize_artifact(original, recipe, data, steps, findings, "softmax", work / "int8").target
+    assert int8_dir is not None  # nothing to refuse with these limits
+    variants["int8"] = (load_artifact(int8_dir, cpu).module, _dir_size(int8_dir))
+    served = load_artifact(optimized_dir, cpu)
+    variants[f"pruned+{served.precision}"] = (served.module, _dir_size(optimized_dir))
+    onnx_fp32 = export_onnx(original.module, data.heldout.images[:2], work / "original.onnx")
+    variants["ORT fp32"] = (_ort_runner(_ort_session(onnx_fp32)), _dir_size(onnx_fp32))
+    onnx_int8 = _ort_int8(onnx_fp32, data.calibration, work / "original-int8.onnx")
+    variants["ORT int8 static"] = (_ort_runner(_ort_session(onnx_int8)), _dir_size(onnx_int8))
+
+    rows: list[Row] = []
+    for name, (run, size) in variants.items():
+        scores = evaluate(run, data.heldout, classes, findings, batch=max(buckets), what=f"AUC of {name}")
+        for batch in batch_sizes:
+            p50, p95, speed = measure(run, data.heldout.images, batch, seconds)
+            rows.append(Row(name, batch, p50, p95, speed, size / 1e6, scores.overall))
+            print(f"{name:<22} batch {batch:>3}: {p50:8.2f} ms p50, {speed:8.1f} images/s", flush=True)
+
+    def speed(variant: str, batch: int) -> float:
+        return next(r.images_per_s for r in rows if r.variant == variant and r.batch == batch)
+
+    def auc_of(variant: str) -> float:
+        return next(r.auc for r in rows if r.variant == variant)
+
+    best = f"pruned+{served.precision}"
+    top = max(batch_sizes)
+    summary = {
+        "batch": top,
+        f"{best} / fp32 eager (images/s)": round(speed(best, top) / speed("fp32 eager", top), 2),
+        f"{best} / ORT int8 static (images/s)": round(speed(best, top) / speed("ORT int8 static", top), 2),
+        f"AUC drop of {best}": round(auc_of("fp32 eager") - auc_of(best), 4),
+        "optimized": optimized_manifest.get("name"),
+    }
+    return rows, summary
+
+
+def run(target: Path, optimized: Path | None, out: Path, heldout: int, batch_sizes: list[int], seconds: float) -> int:
+    """The ``radpipe bench`` command."""
+    from plugin.accel.optimize import optimize, report
+    from plugin.preprocess import PreprocessStep
+
+    try:
+        original_dir, optimized_dir, pipeline = _resolve(target, optimized)
+    except (ValueError, ArtifactError) as e:
+        print(e)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="radpipe-bench-") as scratch:
+        work = Path(scratch)
+        if pipeline is not None:
+            steps = list(pipeline.preprocess)
+            findings = [f.label for f in pipeline.postprocess.findings]
+            recipe = pipeline.model.optimize or Recipe()
+        else:
+            manifest = read_manifest(optimized_dir)
+            steps = [PreprocessStep.model_validate(s) for s in manifest["preprocessing"]["steps"]]
+            findings = list(manifest["evaluation"]["original"]["per_class_auc"])
+            recipe = Recipe.model_validate(manifest["recipe"])
+        classes = read_manifest(original_dir)["classes"]
+        train_seed, heldout_seed = np.random.SeedSequence(recipe.data.seed).spawn(2)
+        workers = os.cpu_count() or 1
+        calibration = phantom_split(steps, train_seed, recipe.calibration.samples, classes, workers)
+        held = phantom_split(steps, heldout_seed, heldout, classes, workers)
+        data = DataSets(train=calibration, heldout=held, calibration=calibration)
+        if optimized_dir is None:
+            if pipeline is None or pipeline.model.optimize is None:
+                raise ValueError("give --optimized DIR, or a pipeline with a model.optimize recipe")
+            print("running the pipeline's recipe first (radpipe optimize) ...", flush=True)
+            outcome = optimize(pipeline, pipeline.model.optimize, work / "optimized")
+            if outcome.target is None:
+                print(report(outcome))
+                raise ValueError("the pipeline's recipe fails its accuracy gate: " + "; ".join(outcome.failures))
+            optimized_dir = outcome.target
+        rows, summary = bench(original_dir, optimized_dir, steps, findings, data, batch_sizes, seconds, work)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__},
+        "heldout": held.description,
+        "rows": [asdict(r) for r in rows],
+        "summary": summary,
+    }
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    _chart(rows, max(batch_sizes), out / "bench.png")
+    print(table(rows))
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return 0

@@ -1,0 +1,273 @@
+"""Turning a hash-checked artifact into the module that serves it: pruned layer shapes,
+int8 lowering and the GPU floating-point variant.
+
+Why lower at load instead of shipping an exported program: a ``.pt2`` file only runs on
+the torch version that wrote it, and its loader reads tensors through ``torch.load``.
+An optimized artifact therefore stores what does not depend on the torch version, all
+in safetensors/JSON: the (pruned) fp32 weights, the per-layer channel counts, and the
+statistics of every quantization observer after calibration. Loading rebuilds the
+registered architecture, resizes its layers, exports it, re-runs torchao's
+``prepare_pt2e`` with the quantizer named in the manifest, restores the recorded observer
+statistics (instead of calibrating again) and converts; inductor then lowers the result
+once per batch bucket. Nothing is unpickled, and the lowered program is always the one
+this torch version would build.
+"""
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+OBSERVER_PREFIX = "observer."  # weights-file keys of quantization observer statistics
+_LAYER_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+
+
+def layer_shapes(module: nn.Module) -> dict[str, dict[str, int]]:
+    """Channel counts of every conv, batch-norm and linear layer: the manifest's record of
+    what pruning left, enough to rebuild the pruned model from the registered one."""
+    shapes: dict[str, dict[str, int]] = {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, nn.Conv2d):
+            shapes[name] = {"in": layer.in_channels, "out": layer.out_channels, "groups": layer.groups}
+        elif isinstance(layer, nn.BatchNorm2d):
+            shapes[name] = {"features": layer.num_features}
+        elif isinstance(layer, nn.Linear):
+            shapes[name] = {"in": layer.in_features, "out": layer.out_features}
+    return shapes
+
+
+def _resized(layer: nn.Module, shape: dict[str, int]) -> nn.Module:
+    if isinstance(layer, nn.Conv2d):
+        return nn.Conv2d(
+            shape["in"],
+            shape["out"],
+            layer.kernel_size,  # type: ignore[arg-type]
+            stride=layer.stride,  # type: ignore[arg-type]
+            padding=layer.padding,  # type: ignore[arg-type]
+            dilation=layer.dilation,  # type: ignore[arg-type]
+            groups=shape["groups"],
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+        )
+    if isinstance(layer, nn.BatchNorm2d):
+        return nn.BatchNorm2d(shape["features"], layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(shape["in"], shape["out"], bias=layer.bias is not None)
+    raise ValueError(f"cannot resize a {type(layer).__name__}")
+
+
+def apply_layer_shapes(module: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Module:
+    """Replace each recorded layer whose channel counts differ by a fresh one of the
+    recorded size. Only conv/BN/linear layers of a registered architecture are touched,
+    so this builds nothing the registry could not."""
+    layers = dict(module.named_modules())
+    for name, shape in shapes.items():
+        layer = layers.get(name)
+        if not isinstance(layer, _LAYER_TYPES):
+            raise ValueError(f"layer {name!r} of the manifest is not a conv/BN/linear layer of the architecture")
+        if layer_shapes(layer)[""] == shape:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(layers[parent_name], child, _resized(layer, shape))
+    return module
+
+
+# --- int8 (x86, torchao PT2E) -------------------------------------------------------------
+
+
+def x86_quantizer(scheme: str) -> Any:
+    """The torchao X86InductorQuantizer for a recipe scheme (``int8_static``, ``int8_qat``,
+    ``int8_dynamic``): static and QAT quantize every conv/linear input per tensor and
+    weights per channel; dynamic quantizes only Linear layers, activations at run time."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer()
+    if scheme == "int8_static":
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    elif scheme == "int8_qat":
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+    elif scheme == "int8_dynamic":
+        quantizer.set_module_type_qconfig(nn.Linear, xiq.get_default_x86_inductor_quantization_config(is_dynamic=True))
+    else:
+        raise ValueError(f"unknown int8 scheme {scheme!r}")
+    return quantizer
+
+
+def prepare_int8(module: nn.Module, scheme: str, example: Tensor) -> nn.Module:
+    """Export ``module`` and insert the quantizer's observers (fake-quant modules for QAT).
+
+    The same call runs when calibrating and when loading, so the observers get the same
+    names and the recorded statistics fit them.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
+
+    batch = torch.export.Dim("batch", min=1, max=4096)  # one program for every batch size
+    module.train(scheme == "int8_qat")
+    exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},)).module()
+    if scheme == "int8_qat":
+        return prepare_qat_pt2e(exported, x86_quantizer(scheme))
+    return prepare_pt2e(exported, x86_quantizer(scheme))
+
+
+def observer_state(prepared: nn.Module) -> dict[str, Tensor]:
+    """The observers' statistics after calibration, keyed for the weights file."""
+    return {
+        OBSERVER_PREFIX + name: tensor.detach().clone()
+        for name, tensor in prepared.state_dict().items()
+        if name.startswith("activation_post_process_")
+    }
+
+
+def convert_int8(prepared: nn.Module, scheme: str) -> nn.Module:
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    if scheme == "int8_qat":
+        move_exported_model_to_eval(prepared)
+    return convert_pt2e(prepared)
+
+
+def restore_int8(module: nn.Module, scheme: str, observers: dict[str, Tensor], example: Tensor) -> nn.Module:
+    """Rebuild the converted int8 program from fp32 weights and recorded observer statistics."""
+    prepared = prepare_int8(module, scheme, example)
+    state = prepared.state_dict()
+    missing = sorted(k for k in state if k.startswith("activation_post_process_") and k not in observers)
+    unknown = sorted(k for k in observers if k not in state)
+    if missing or unknown:
+        raise ValueError(
+            f"recorded observer statistics do not fit this torch/torchao version's quantized graph "
+            f"(missing {missing[:3]}, unknown {unknown[:3]}); run radpipe optimize again"
+        )
+    state.update(observers)
+    prepared.load_state_dict(state)
+    return convert_int8(prepared, scheme)
+
+
+# --- bucketed, compiled serving -----------------------------------------------------------
+
+
+@contextmanager
+def inductor_settings(freezing: bool) -> Iterator[None]:
+    """Freezing lets inductor fold int8 weights into oneDNN's packed layout; one compile
+    thread keeps the node from spawning a compile worker pool it would have to stop."""
+    import torch._inductor.config as inductor
+
+    with inductor.patch(freezing=freezing, compile_threads=1):
+        yield
+
+
+class BucketedModule(nn.Module):
+    """Serves a compiled program at a fixed set of batch sizes: a batch is split into
+    chunks of the largest bucket and each chunk is padded up to the smallest bucket that
+    holds it, so the program is only ever called with shapes it was compiled for.
+
+    ``source`` is the fp32 module it was built from; it stays a submodule so that the
+    device and parameter count of the served model can be read as for any module.
+    """
+
+    def __init__(
+        self,
+        source: nn.Module,
+        program: Callable[[Tensor], Tensor],
+        buckets: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        freezing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self._program = program
+        self.buckets = tuple(sorted(buckets))
+        self._dtype = dtype
+        self._channels_last = channels_last
+        self._freezing = freezing
+
+    def _run(self, chunk: Tensor) -> Tensor:
+        n = len(chunk)
+        bucket = next(b for b in self.buckets if b >= n)
+        if bucket > n:
+            chunk = torch.cat([chunk, chunk.new_zeros((bucket - n, *chunk.shape[1:]))])
+        chunk = chunk.to(self._dtype)
+        if self._channels_last:
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+        with inductor_settings(self._freezing):
+            return self._program(chunk)[:n].float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self._run(chunk) for chunk in x.split(self.buckets[-1])])
+
+    def warm_up(self, input_shape: Sequence[int], device: torch.device) -> None:
+        """Compile every bucket now, so the first job does not pay for it."""
+        with torch.inference_mode():
+            for bucket in self.buckets:
+                self._run(torch.zeros((bucket, *input_shape), device=device))
+
+
+def input_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:
+    spec = manifest["input"]
+    return int(spec["channels"]), int(spec["height"]), int(spec["width"])
+
+
+def serve_int8(module: nn.Module, tensors: dict[str, Tensor], manifest: dict[str, Any]) -> nn.Module:
+    """The int8 program of an optimized artifact, lowered by inductor for each bucket (CPU)."""
+    quantization = manifest["quantization"]
+    shape = input_shape(manifest)
+    buckets = quantization.get("buckets", [1, 8, 32])
+    observers = {k.removeprefix(OBSERVER_PREFIX): v for k, v in tensors.items() if k.startswith(OBSERVER_PREFIX)}
+    converted = restore_int8(module, quantization["scheme"], observers, torch.zeros((max(buckets), *shape)))
+    program = torch.compile(converted, dynamic=False)
+    served = BucketedModule(module.eval(), program, buckets, freezing=True)
+    served.warm_up(shape, torch.device("cpu"))
+    return served
+
+
+def serve_gpu(module: nn.Module, manifest: dict[str, Any], device: torch.device) -> nn.Module:
+    """The GPU variant: bf16/fp16 weights, channels_last, compiled and warmed up per bucket."""
+    gpu = manifest.get("gpu", {})
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[gpu.get("precision", "fp32")]
+    buckets = gpu.get("buckets", [1, 8, 32])
+    source = module.eval().to(device)
+    fast = _copy_as(source, dtype)
+    program = torch.compile(fast, dynamic=False)
+    served = BucketedModule(source, program, buckets, dtype=dtype, channels_last=True)
+    served.warm_up(input_shape(manifest), device)
+    return served
+
+
+def _copy_as(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module).to(dtype=dtype, memory_format=torch.channels_last)
+
+
+def load_optimized(
+    module: nn.Module, tensors: dict[str, Tensor], manifest: dict[str, Any], device: torch.device
+) -> tuple[nn.Module, str]:
+    """The module to serve on ``device``, and its precision, for an artifact written by
+    ``radpipe optimize``. ``module`` is the registered architecture as built from the
+    manifest's parameters; the recorded layer shapes are applied to it first.
+
+    On CUDA an artifact with a ``gpu`` section serves in that precision; on the CPU an
+    int8 one serves int8. int8 programs are x86-only, so an int8 artifact asked to run on
+    CUDA without a ``gpu`` section runs on the CPU (logged)."""
+    apply_layer_shapes(module, manifest.get("layers", {}))
+    weights = {k: v for k, v in tensors.items() if not k.startswith(OBSERVER_PREFIX)}
+    module.load_state_dict(weights)
+    module.eval()
+    quantization = manifest.get("quantization")
+    if device.type == "cuda":
+        if "gpu" in manifest:
+            return serve_gpu(module, manifest, device), manifest["gpu"].get("precision", "fp32")
+        if quantization is None:
+            return module.to(device), "fp32"
+        log.warning("int8 artifacts run on x86 CPUs only; serving %s on the CPU", manifest.get("name", "model"))
+    if quantization is not None:
+        return serve_int8(module, tensors, manifest), "int8"
+    if "gpu" in manifest:
+        log.info("no CUDA device: serving the %s GPU variant as fp32 on the CPU", manifest["gpu"].get("precision"))
+    return module.to(device), "fp32"
