@@ -70,8 +70,8 @@ def measure(run: Runner, images: Tensor, batch: int, seconds: float) -> tuple[fl
     return 1000 * float(p50), 1000 * float(p95), batch / float(p50)
 
 
-def _fp32_of(optimized: Path) -> nn.Module:
-    """The optimized artifact's (pruned) fp32 weights in a plain eager module."""
+def fp32_module(optimized: Path) -> nn.Module:
+    """An artifact's (possibly pruned) fp32 weights in a plain eager module: no int8, no compile."""
     manifest = read_manifest(optimized)
     module = apply_layer_shapes(build(manifest["architecture"]), manifest.get("layers", {}))
     tensors = load_file(str(optimized / WEIGHTS))
@@ -201,7 +201,7 @@ def bench(
     variants: dict[str, tuple[Runner, int]] = {}
     variants["fp32 eager"] = (original.module, _dir_size(original_dir))
     variants["fp32 compiled"] = (_compiled(original.module, buckets), _dir_size(original_dir))
-    pruned = _fp32_of(optimized_dir)
+    pruned = fp32_module(optimized_dir)
     save_file({k: v.contiguous() for k, v in pruned.state_dict().items()}, str(work / "pruned.safetensors"))
     variants["pruned fp32"] = (pruned, _dir_size(work / "pruned.safetensors"))
     recipe = Recipe(
