@@ -124,6 +124,8 @@ def _store(event: Event, spool: Spool, journal: Journal, limits: StoreLimits) ->
     bad = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     try:
         dataset = event.dataset
+        if "SOPClassUID" not in dataset and "SOPInstanceUID" not in dataset:
+            raise Refusal(StoreStatus.CANNOT_UNDERSTAND, "undecodable", "not a DICOM data set")
         study_uid = str(dataset.get("StudyInstanceUID", ""))
         series_uid = str(dataset.get("SeriesInstanceUID", ""))
         encapsulated = event.context.transfer_syntax.is_encapsulated
