@@ -6,11 +6,11 @@ import struct
 import subprocess
 
 import pydicom
-import pytest
-from pydicom.filewriter import dcmwrite
-from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 import pynetdicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
