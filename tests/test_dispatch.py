@@ -8,8 +8,8 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from tests.conftest import free_port, storescu, wait_for
 
 
-def start_pacs(received: list[pydicom.Dataset]):
-    """A minimal storage SCP standing in for the PACS."""
+def start_pacs(received: list[pydicom.Dataset], port: int | None = None):
+    """A minimal storage SCP standing in for the PACS; returns (server, port)."""
 
     def on_store(event):
         received.append(event.dataset)
@@ -17,7 +17,7 @@ def start_pacs(received: list[pydicom.Dataset]):
 
     ae = AE(ae_title="PACS")
     ae.supported_contexts = AllStoragePresentationContexts
-    port = free_port()
+    port = port or free_port()
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     return server, port
 
