@@ -45,7 +45,7 @@ def send_c_store(path: Path, destination: Destination, calling_ae: str, timeout:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(dataset.SOPClassUID, [dataset.file_meta.TransferSyntaxUID])
-    tls_args = (client_ssl_context(destination.tls), "") if destination.tls is not None else None
+    tls_args = (client_ssl_context(destination.tls), None) if destination.tls is not None else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         raise DeliveryError(

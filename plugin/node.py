@@ -108,15 +108,19 @@ def handle_open(event: Event) -> None:
 
 def handle_rejected(event: Event, settings: NodeSection, metrics: Metrics) -> None:
     """Count refused associations by why (the peer is told by the A-ASSOCIATE-RJ)."""
-    requestor, acceptor = event.assoc.requestor, event.assoc.acceptor
-    if settings.allowed_calling_aets and requestor.ae_title not in settings.allowed_calling_aets:
-        reason = "calling_ae_not_allowed"
-    elif requestor.address_info and acceptor.ae_title != settings.ae_title:
+    request = event.assoc.requestor.primitive
+    if request is not None and request.called_ae_title != settings.ae_title:
         reason = "called_ae_mismatch"
+    elif (
+        settings.allowed_calling_aets
+        and request is not None
+        and (request.calling_ae_title not in settings.allowed_calling_aets)
+    ):
+        reason = "calling_ae_not_allowed"
     else:
         reason = "other"
     metrics.associations_rejected.labels(reason).inc()
-    log.warning("association from %s (calling AE %s) rejected: %s", requestor.address, requestor.ae_title, reason)
+    log.warning("association from %s rejected: %s", event.assoc.requestor.address, reason)
 
 
 def _store(event: Event, spool: Spool, journal: Journal, limits: StoreLimits) -> InstanceRecord:
