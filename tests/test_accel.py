@@ -184,10 +184,12 @@ def test_recipe_keys_are_validated_with_their_location(tmp_path):
     [("resnet", "taylor", "int8_static"), ("densenet", "slimming", "int8_static"), ("demo-cnn", "l2", "int8_qat")],
 )
 def test_architectures_prune_finetune_quantize_and_load(tmp_path, data, arch, importance, cpu):
-    """ResNet (residual sums) and DenseNet (concatenations) through the whole recipe;
-    QAT on the demo CNN. Each ends as an artifact the node loads."""
+    """ResNet (residual sums, Taylor importance) and DenseNet (concatenations, network
+    slimming) through the whole recipe; quantization-aware training on the demo CNN. Each
+    ends as an artifact the node loads."""
     torch.manual_seed(0)
-    params = {"in_channels": 1, "num_classes": 2}
+    small = {"resnet": {"layers": [1, 1], "widths": [16, 32]}, "densenet": {"block_config": [1, 1]}}
+    params = {"in_channels": 1, "num_classes": 2, **small.get(arch, {})}
     module = build({"id": arch, "params": params})
     source = save_artifact(
         tmp_path / arch,

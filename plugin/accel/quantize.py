@@ -38,6 +38,9 @@ def quantize(
     names = list(model.state_dict())
     prepared = prepare_int8(model, scheme, calibration.images[:2])
     if scheme == "int8_qat":
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+        allow_exported_model_train_eval(prepared)  # fine-tuning switches it between train and eval
         finetune(prepared, train, recipe.qat_epochs, tuning.batch_size, tuning.lr / 10, seed, what="QAT fine-tuning")
         state = prepared.state_dict()
         missing = [n for n in names if n not in state]
