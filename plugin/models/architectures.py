@@ -62,27 +62,63 @@ class DemoCNN(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-@register("resnet")
-def resnet(
-    in_channels: int = 1,
-    num_classes: int = 2,
-    layers: Sequence[int] = (1, 1, 1, 1),
-    widths: Sequence[int] = (16, 32, 64, 128),
-    block: str = "basic",
-) -> nn.Module:
-    """MONAI's 2D ResNet (``monai.networks.nets.ResNet``), the field's reference zoo;
-    a stride-2 stem keeps 128x128 inputs cheap."""
-    from monai.networks.nets import ResNet
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers and a shortcut (a 1x1 conv-BN where the shape changes).
+    Each ReLU is its own module: the int8 quantizer matches conv-BN-add-ReLU patterns by
+    module, and one ReLU shared by two call sites (as in MONAI's ResNetBlock) defeats it."""
 
-    return ResNet(
-        block=block,
-        layers=list(layers),
-        block_inplanes=list(widths),
-        spatial_dims=2,
-        n_input_channels=in_channels,
-        conv1_t_stride=2,
-        num_classes=num_classes,
-    )
+    def __init__(self, inputs: int, width: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, width, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or inputs != width:
+            self.shortcut = nn.Sequential(nn.Conv2d(inputs, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.shortcut(x))
+
+
+@register("resnet")
+class ResNet(nn.Module):
+    """A 2D ResNet (He et al. 2016) with basic blocks, sized by ``layers`` (blocks per
+    stage) and ``widths`` (channels per stage). A compact equivalent of MONAI's
+    ``ResNet(block="basic", spatial_dims=2)``, written here because MONAI's blocks share
+    one activation module between two call sites, which torchao's x86 int8 quantizer
+    rejects. Residual sums tie channels together across blocks: the case structured
+    pruning must handle through its dependency graph."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        layers: Sequence[int] = (1, 1, 1, 1),
+        widths: Sequence[int] = (16, 32, 64, 128),
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        blocks: list[nn.Module] = []
+        previous = widths[0]
+        for stage, (count, width) in enumerate(zip(layers, widths, strict=True)):
+            for index in range(count):
+                blocks.append(_BasicBlock(previous, width, 2 if stage > 0 and index == 0 else 1))
+                previous = width
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(previous, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.pool(self.blocks(self.stem(x))).flatten(1))
 
 
 @register("densenet")
