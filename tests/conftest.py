@@ -158,3 +158,24 @@ def with_new_uids(paths: list[Path], out_dir: Path) -> list[Path]:
         copies.append(out_dir / f"{ds.SOPInstanceUID}.dcm")
         ds.save_as(copies[-1])
     return copies
+
+
+def echo_ok(port: int) -> bool:
+    return subprocess.run(["echoscu", "-aec", "RADPIPE", "127.0.0.1", str(port)], capture_output=True).returncode == 0
+
+
+def serve(config_path: Path, port: int, log_path: Path) -> subprocess.Popen:
+    """``python -m plugin serve`` as its own process, once it answers C-ECHO."""
+    import sys
+
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "plugin", "serve", "--config", str(config_path)], stdout=log, stderr=log
+        )
+    deadline = time.monotonic() + 60
+    while not echo_ok(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"node did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+    return process
