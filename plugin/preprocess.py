@@ -87,12 +87,11 @@ class Rescale(_Step):
         return images * self.slope + self.intercept
 
 
-class CropOrPad(_Step):
-    """Centre-crop or pad (with ``value``) to ``[height, width]`` without resampling."""
+class _Size(_Step):
+    """A target ``[height, width]``, given as a pair or as a mapping."""
 
     height: int = Field(gt=0, le=8192)
     width: int = Field(gt=0, le=8192)
-    value: float = 0.0
 
     @model_validator(mode="before")
     @classmethod
@@ -100,6 +99,12 @@ class CropOrPad(_Step):
         if isinstance(value, (list, tuple)) and len(value) == 2:
             return {"height": value[0], "width": value[1]}
         return value
+
+
+class CropOrPad(_Size):
+    """Centre-crop or pad (with ``value``) to ``[height, width]`` without resampling."""
+
+    value: float = 0.0
 
     def __call__(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
@@ -109,18 +114,8 @@ class CropOrPad(_Step):
         return F.pad(images, pad, value=self.value)
 
 
-class Resize(_Step):
+class Resize(_Size):
     """Bilinear resize (antialiased when shrinking) to ``[height, width]``."""
-
-    height: int = Field(gt=0, le=4096)
-    width: int = Field(gt=0, le=4096)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_pair(cls, value: Any) -> Any:
-        if isinstance(value, (list, tuple)) and len(value) == 2:
-            return {"height": value[0], "width": value[1]}
-        return value
 
     def __call__(self, images: Tensor) -> Tensor:
         if images.shape[-2:] == (self.height, self.width):

@@ -16,72 +16,23 @@ from plugin.dispatch import send_c_store
 from tests.conftest import DEID_HUMANS, free_port, results, storescu, wait_for
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
+def _openssl(command: str) -> None:
+    subprocess.run(["openssl", *command.split()], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """A CA, a server and a client certificate it signed, and a rogue self-signed client."""
     d = tmp_path_factory.mktemp("pki")
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test CA",
-        "-keyout",
-        str(d / "ca.key"),
-        "-out",
-        str(d / "ca.crt"),
-    )
+    for name in ("ca", "rogue"):
+        _openssl(
+            f"req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN={name} -keyout {d}/{name}.key -out {d}/{name}.crt"
+        )
     for name in ("server", "client"):
+        _openssl(f"req -newkey rsa:2048 -nodes -subj /CN={name} -keyout {d}/{name}.key -out {d}/{name}.csr")
         _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            f"/CN={name}",
-            "-keyout",
-            str(d / f"{name}.key"),
-            "-out",
-            str(d / f"{name}.csr"),
+            f"x509 -req -in {d}/{name}.csr -CA {d}/ca.crt -CAkey {d}/ca.key -CAcreateserial -days 2 -out {d}/{name}.crt"
         )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            str(d / f"{name}.csr"),
-            "-CA",
-            str(d / "ca.crt"),
-            "-CAkey",
-            str(d / "ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            str(d / f"{name}.crt"),
-        )
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=rogue",
-        "-keyout",
-        str(d / "rogue.key"),
-        "-out",
-        str(d / "rogue.crt"),
-    )
     return d
 
 
