@@ -249,6 +249,12 @@ def run(target: Path, optimized: Path | None, out: Path, heldout: int, batch_siz
     from plugin.preprocess import PreprocessStep
 
     try:
+        import matplotlib  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        print(f"radpipe bench needs the bench extras ({e.name} is missing): pip install 'radpipe[bench]'")
+        return 2
+    try:
         original_dir, optimized_dir, pipeline = _resolve(target, optimized)
     except (ValueError, ArtifactError) as e:
         print(e)
@@ -282,7 +288,11 @@ def run(target: Path, optimized: Path | None, out: Path, heldout: int, batch_siz
         rows, summary = bench(original_dir, optimized_dir, steps, findings, data, batch_sizes, seconds, work)
     out.mkdir(parents=True, exist_ok=True)
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],  # other work skews every figure
+        },
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__},
         "heldout": held.description,
@@ -294,5 +304,6 @@ def run(target: Path, optimized: Path | None, out: Path, heldout: int, batch_siz
     print(table(rows))
     for key, value in summary.items():
         print(f"{key}: {value}")
+    print(f"load average during the run: {result['machine']['load_average_1_5_15']} on {os.cpu_count()} cores")
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return 0
