@@ -13,6 +13,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from plugin.assembler import Assembler
 from plugin.config import NodeConfig
 from plugin.dispatch import Dispatcher
+from plugin.durability import GroupSync
 from plugin.journal import Journal
 from plugin.metrics import Metrics, serve_metrics
 from plugin.models.artifact import ArtifactError
@@ -46,6 +47,7 @@ class Node:
         self.journal = Journal(storage / "journal.sqlite")
         self.spool = Spool(storage / "spool")
         self.quarantine = Quarantine(storage / "quarantine")
+        self.group_sync = GroupSync(storage)
         self.metrics.observe_state(self.journal.queue_depths, self.spool.free_bytes)
         self.router = Router(read_pipelines(config))
         self.pool = ModelPool(self.metrics)
@@ -93,7 +95,9 @@ class Node:
             max_instance_bytes=self.config.storage.max_instance_mb * 2**20,
             max_queued_jobs=self.config.node.max_queued_jobs,
         )
-        self.servers = start_servers(self.config.node, self.spool, self.journal, self.quarantine, self.metrics, limits)
+        self.servers = start_servers(
+            self.config.node, self.spool, self.journal, self.group_sync, self.quarantine, self.metrics, limits
+        )
 
     @property
     def port(self) -> int:
@@ -120,3 +124,4 @@ class Node:
             log.warning("shutdown deadline reached with %s still busy; their work resumes on restart", stuck)
             return  # the journal stays open for them; the process is exiting anyway
         self.journal.close()
+        self.group_sync.close()

@@ -160,7 +160,10 @@ class Journal:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before we answer
+        # WAL + NORMAL: a commit is atomic and survives a process crash; what must also
+        # survive power loss before the node answers (a received instance) is flushed by
+        # the node's group sync. Anything else lost that way is redone idempotently.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -180,15 +183,16 @@ class Journal:
 
     # -- instances ---------------------------------------------------------------------
 
-    def record_instance(self, record: InstanceRecord) -> bool:
+    def record_instance(self, record: InstanceRecord, replace: bool = False) -> bool:
         """Journal a stored instance. Returns False when the identical instance (same
         SOP Instance UID and content hash) is already journaled, so a re-send is a no-op;
-        different content under a known UID makes the instance pending again."""
+        with ``replace`` (its file was lost) or different content, the instance is
+        journaled anew and pending again."""
         with self._transaction() as db:
             row = db.execute(
                 "SELECT sha256 FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,)
             ).fetchone()
-            if row is not None and row[0] == record.sha256:
+            if row is not None and row[0] == record.sha256 and not replace:
                 return False
             db.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,))
             db.execute(

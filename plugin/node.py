@@ -13,6 +13,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 
 from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -21,6 +22,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from plugin.config import NodeSection, TLSConfig
+from plugin.durability import GroupSync
 from plugin.journal import InstanceRecord, Journal
 from plugin.logs import association_context
 from plugin.metrics import Metrics
@@ -123,7 +125,7 @@ def handle_rejected(event: Event, settings: NodeSection, metrics: Metrics) -> No
     log.warning("association from %s rejected: %s", event.assoc.requestor.address, reason)
 
 
-def _store(event: Event, spool: Spool, journal: Journal, limits: StoreLimits) -> InstanceRecord:
+def _store(event: Event, spool: Spool, journal: Journal, group_sync: GroupSync, limits: StoreLimits) -> None:
     """Check, store and journal one instance; raise :class:`Refusal` on any problem."""
     bad = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     try:
@@ -162,26 +164,40 @@ def _store(event: Event, spool: Spool, journal: Journal, limits: StoreLimits) ->
         calling_ae=event.assoc.requestor.ae_title,
         received_at=time.time(),
     )
-    if known is not None:
-        return known  # the identical instance again: already durable, nothing to do
+    # The identical instance again is a no-op, unless a crash before the flush lost its file.
+    lost = known is not None and not _intact(Path(known.path), known.size)
+    if known is not None and not lost:
+        return
     try:
         path = spool.store(study_uid, series_uid, sop_uid, data)
-        record = InstanceRecord(**{**record.__dict__, "path": str(path)})
-        journal.record_instance(record)
+        journal.record_instance(InstanceRecord(**{**record.__dict__, "path": str(path)}), replace=lost)
+        group_sync.sync()  # file, directory entry and journal row: on disk before success
     except OSError as e:
         raise Refusal(StoreStatus.OUT_OF_RESOURCES, "storage_error", f"cannot store: {e}") from e
-    return record
+
+
+def _intact(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
 
 
 @association_context
 def handle_store(
-    event: Event, spool: Spool, journal: Journal, quarantine: Quarantine, metrics: Metrics, limits: StoreLimits
+    event: Event,
+    spool: Spool,
+    journal: Journal,
+    group_sync: GroupSync,
+    quarantine: Quarantine,
+    metrics: Metrics,
+    limits: StoreLimits,
 ) -> int:
     """Store one instance durably, journal it, and only then answer success."""
     calling_ae = event.assoc.requestor.ae_title
     start = time.perf_counter()
     try:
-        _store(event, spool, journal, limits)
+        _store(event, spool, journal, group_sync, limits)
     except Refusal as refusal:
         metrics.instances_rejected.labels(refusal.reason).inc()
         log.error("C-STORE from %s refused (%s): %s", calling_ae, refusal.reason, refusal.detail)
@@ -220,7 +236,13 @@ def build_ae(settings: NodeSection) -> AE:
 
 
 def start_servers(
-    settings: NodeSection, spool: Spool, journal: Journal, quarantine: Quarantine, metrics: Metrics, limits: StoreLimits
+    settings: NodeSection,
+    spool: Spool,
+    journal: Journal,
+    group_sync: GroupSync,
+    quarantine: Quarantine,
+    metrics: Metrics,
+    limits: StoreLimits,
 ) -> list[ThreadedAssociationServer]:
     """Start listening in the background: on ``port`` (TLS when a certificate is
     configured) and, if set, a plain listener on ``plain_port``. Returns the servers."""
@@ -229,7 +251,7 @@ def start_servers(
         (evt.EVT_CONN_OPEN, handle_open),
         (evt.EVT_REJECTED, handle_rejected, [settings, metrics]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, journal, quarantine, metrics, limits]),
+        (evt.EVT_C_STORE, handle_store, [spool, journal, group_sync, quarantine, metrics, limits]),
     ]
     listeners = [(settings.port, server_ssl_context(settings.tls) if settings.tls.cert else None)]
     if settings.tls.cert and settings.plain_port is not None:

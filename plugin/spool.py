@@ -2,8 +2,10 @@
 half-written file under its final name.
 
 Layout: ``<storage>/spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
-A write goes to a temporary name beside the target, is fsync'd, renamed into place, and
-the directory entry is fsync'd too; only then may the journal record it (invariant 1).
+A write goes to a temporary name beside the target and is renamed into place. The node
+then journals it and flushes both with one group sync (``durability.GroupSync``) before
+it answers success (invariant 1). Results and quarantined files, which nobody waits
+for, are written with :func:`write_durably` (fsync of file and directory) instead.
 """
 
 import os
@@ -28,21 +30,29 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` so that after a crash ``target`` is either absent or
-    complete: temporary file, fsync, rename, fsync of every directory that changed."""
+def write_atomically(target: Path, data: bytes, fsync: bool) -> None:
+    """Write ``data`` to ``target`` so that ``target`` is never seen half-written: temporary
+    file, rename. With ``fsync``, also flush the file and every directory that changed,
+    so that after a crash ``target`` is either absent or complete."""
     folder = target.parent
     if not folder.is_dir():
         folder.mkdir(parents=True, exist_ok=True)
-        _fsync_directory(folder.parent)  # the new directory's own entry must survive too
-        _fsync_directory(folder.parent.parent)
+        if fsync:
+            _fsync_directory(folder.parent)  # the new directory's own entry must survive too
+            _fsync_directory(folder.parent.parent)
     temporary = folder / f".{target.name}.{uuid.uuid4().hex}.part"
     with temporary.open("wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(temporary, target)
-    _fsync_directory(folder)
+    if fsync:
+        _fsync_directory(folder)
+
+
+def write_durably(target: Path, data: bytes) -> None:
+    write_atomically(target, data, fsync=True)
 
 
 class Spool:
@@ -54,12 +64,12 @@ class Spool:
         return shutil.disk_usage(self.root).free
 
     def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
-        """Durably write one instance (DICOM file bytes); return its path."""
+        """Write one instance (DICOM file bytes) atomically, not yet flushed; return its path."""
         for uid in (study_uid, series_uid, sop_uid):
             if not is_valid_uid(uid):
                 raise ValueError(f"invalid UID {uid!r}")
         target = self.root / study_uid / series_uid / f"{sop_uid}.dcm"
-        write_durably(target, data)
+        write_atomically(target, data, fsync=False)
         return target
 
     def remove_study(self, study_uid: str) -> None:
