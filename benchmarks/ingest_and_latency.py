@@ -1,38 +1,26 @@
-"""Receive rate and result latency of a real `radpipe serve`, driven by dcmtk's storescu.
+"""Receive rate and result latency of a real `radpipe serve` with the demo pipeline.
 
-Sends one synthetic CT series (default 200 slices of 512x512, about 100 MB) with storescu
-(TCP_NODELAY=1) over loopback and reports:
-- instances/s received (storescu's wall time; every instance fsync'd and journaled before success);
-- time from the last instance's success to the SR in the results folder, and that minus the
-  pipeline's quiet period (what the node itself adds).
+Sends one synthetic CT series (default 200 slices of 512x512, about 100 MB) with dcmtk
+storescu (TCP_NODELAY=1) over loopback and reports:
+- instances/s received (storescu's wall time; every instance durable before success);
+- time from the last instance's success to the SR in the results folder, and that minus
+  the pipeline's quiet period (what the node itself adds).
 
-Run: .venv/bin/python benchmarks/ingest_and_latency.py [--slices 200] [--json out.json]
+Run: .venv/bin/python -m benchmarks.ingest_and_latency [--slices 200] [--json out.json]
 """
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
-from plugin.demo.phantom import make_volume
-from plugin.demo.series import write_ct_series
+from benchmarks.common import ENV, REPO, ct_series, free_port, storescu, wait_for_echo
 from plugin.pipeline import load_pipeline
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> int:
@@ -42,15 +30,7 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="radpipe-bench-"))
-    volume, _ = make_volume(np.random.default_rng(1), args.slices, n_nodules=1)
-    files = write_ct_series(
-        work / "series",
-        volume,
-        study_uid="1.2.826.0.1.3680043.8.498.1",
-        series_number=1,
-        series_description="benchmark chest CT",
-        seed=1,
-    )
+    files = ct_series(work / "series", args.slices)
     size_mb = sum(f.stat().st_size for f in files) / 1e6
     port = free_port()
     config = {
@@ -61,18 +41,15 @@ def main() -> int:
     }
     (work / "radpipe.yaml").write_text(yaml.safe_dump(config))
     quiet = load_pipeline(REPO / "pipelines" / "lung-nodule-demo.yaml").completion.quiet_seconds
-    env = {**os.environ, "TCP_NODELAY": "1"}
     node = subprocess.Popen(
         [sys.executable, "-m", "plugin", "serve", "--config", str(work / "radpipe.yaml")],
-        env=env,
+        env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        while subprocess.run(["echoscu", "-aec", "RADPIPE", "127.0.0.1", str(port)], env=env).returncode != 0:
-            time.sleep(0.2)
-        start = time.perf_counter()
-        subprocess.run(["storescu", "-aec", "RADPIPE", "127.0.0.1", str(port), *map(str, files)], env=env, check=True)
+        wait_for_echo(port)
+        receive_seconds = storescu(port, files)
         sent = time.perf_counter()
         results = work / "data" / "results"
         while not list(results.glob("*/*.dcm")):
@@ -84,9 +61,9 @@ def main() -> int:
     figures = {
         "instances": len(files),
         "megabytes": round(size_mb, 1),
-        "receive_seconds": round(sent - start, 3),
-        "instances_per_second": round(len(files) / (sent - start), 1),
-        "megabytes_per_second": round(size_mb / (sent - start), 1),
+        "receive_seconds": round(receive_seconds, 3),
+        "instances_per_second": round(len(files) / receive_seconds, 1),
+        "megabytes_per_second": round(size_mb / receive_seconds, 1),
         "last_instance_to_sr_seconds": round(written - sent, 3),
         "quiet_seconds": quiet,
         "beyond_quiet_seconds": round(written - sent - quiet, 3),

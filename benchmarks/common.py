@@ -1,0 +1,52 @@
+"""Shared by the benchmarks: a synthetic CT series on disk, free ports, waiting for a node."""
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from plugin.demo.phantom import make_volume
+from plugin.demo.series import write_ct_series
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk waits ~40 ms per message for a delayed ACK without it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ct_series(out_dir: Path, slices: int, seed: int = 1) -> list[Path]:
+    """``slices`` synthetic 512x512 CT slices (about 0.5 MB each) with one nodule."""
+    volume, _ = make_volume(np.random.default_rng(seed), slices, n_nodules=1)
+    return write_ct_series(
+        out_dir,
+        volume,
+        study_uid=f"1.2.826.0.1.3680043.8.498.{seed}",
+        series_number=seed,
+        series_description="benchmark chest CT",
+        seed=seed,
+    )
+
+
+def wait_for_echo(port: int, called_ae: str = "RADPIPE", timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (
+        subprocess.run(["echoscu", "-aec", called_ae, "127.0.0.1", str(port)], env=ENV, capture_output=True).returncode
+        != 0
+    ):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing answers C-ECHO on port {port}")
+        time.sleep(0.1)
+
+
+def storescu(port: int, files: list[Path], called_ae: str = "RADPIPE") -> float:
+    """Send ``files`` over one association; return the wall time in seconds."""
+    start = time.perf_counter()
+    subprocess.run(["storescu", "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)], env=ENV, check=True)
+    return time.perf_counter() - start

@@ -1,0 +1,122 @@
+"""Ingest rate: the same CT series sent by dcmtk storescu to three receivers, in one run.
+
+- dcmtk storescp (C++; writes each file, no fsync: it has no option for one);
+- a minimal pynetdicom SCP (writes the received bytes, no fsync);
+- radpipe (each instance durable: file + journal row flushed before success).
+
+Run: .venv/bin/python benchmarks/ingest.py [--slices 200] [--json out.json]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from benchmarks.common import ENV, ct_series, free_port, storescu, wait_for_echo
+
+MINIMAL_SCP = """
+import sys
+from pathlib import Path
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+out = Path(sys.argv[2])
+def store(event):
+    (out / (event.request.AffectedSOPInstanceUID + ".dcm")).write_bytes(event.encoded_dataset())
+    return 0
+ae = AE("RADPIPE")
+ae.maximum_pdu_size = 0
+ae.add_supported_context(Verification)
+for cx in AllStoragePresentationContexts:
+    ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, store)])
+"""
+
+
+def receivers(work: Path) -> dict[str, list[str]]:
+    config = work / "radpipe.yaml"
+    return {
+        "dcmtk storescp": [
+            "storescp",
+            "-aet",
+            "RADPIPE",
+            "-pdu",
+            "131072",
+            "+B",
+            "-od",
+            str(work / "storescp"),
+            "{port}",
+        ],
+        "pynetdicom minimal SCP": [sys.executable, "-c", MINIMAL_SCP, "{port}", str(work / "pynetdicom")],
+        "radpipe": [sys.executable, "-m", "plugin", "serve", "--config", str(config)],
+    }
+
+
+def measure(command: list[str], port: int, files: list[Path]) -> float:
+    process = subprocess.Popen(
+        [part.replace("{port}", str(port)) for part in command],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_echo(port)
+        return storescu(port, files)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="radpipe-ingest-"))
+    files = ct_series(work / "series", args.slices)
+    megabytes = sum(f.stat().st_size for f in files) / 1e6
+    rows = []
+    for name, command in receivers(work).items():
+        port = free_port()
+        for folder in ("storescp", "pynetdicom"):
+            (work / folder).mkdir(exist_ok=True)
+        # radpipe with no pipelines: this measures receiving only.
+        (work / "radpipe.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "node": {"port": port},
+                    "metrics": {"port": 0},
+                    "storage": {"dir": str(work / f"radpipe-{port}")},
+                    "pipelines": {"dir": str(work / "no-pipelines")},
+                }
+            )
+        )
+        seconds = measure(command, port, files)
+        rows.append(
+            {
+                "receiver": name,
+                "seconds": round(seconds, 3),
+                "instances_per_second": round(len(files) / seconds, 1),
+                "megabytes_per_second": round(megabytes / seconds, 1),
+            }
+        )
+    reference = rows[0]["instances_per_second"]
+    for row in rows:
+        row["ratio_to_dcmtk"] = round(row["instances_per_second"] / reference, 2)
+    print(f"{len(files)} instances, {megabytes:.0f} MB, one association, loopback")
+    print(f"{'receiver':<24} {'s':>7} {'inst/s':>8} {'MB/s':>7} {'x dcmtk':>8}")
+    for row in rows:
+        print(
+            f"{row['receiver']:<24} {row['seconds']:>7} {row['instances_per_second']:>8} "
+            f"{row['megabytes_per_second']:>7} {row['ratio_to_dcmtk']:>8}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"instances": len(files), "megabytes": megabytes, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
