@@ -29,7 +29,7 @@ from plugin.accel.export import export_onnx
 from plugin.accel.recipe import Recipe
 from plugin.models.architectures import build
 from plugin.models.artifact import WEIGHTS, ArtifactError, load_artifact, read_manifest
-from plugin.models.serving import OBSERVER_PREFIX, BucketedModule, apply_layer_shapes, inductor_settings
+from plugin.models.serving import OBSERVER_PREFIX, BucketedModule, apply_layer_shapes, compile_program
 from plugin.preprocess import PreprocessStep
 
 Runner = Callable[[Tensor], Tensor]
@@ -80,9 +80,7 @@ def fp32_module(optimized: Path) -> nn.Module:
 
 
 def _compiled(module: nn.Module, buckets: list[int]) -> nn.Module:
-    with inductor_settings(freezing=True):
-        program = torch.compile(module, dynamic=False)
-    served = BucketedModule(module, program, buckets, freezing=True)
+    served = BucketedModule(module, compile_program(module), buckets)
     served.warm_up(tuple(module_input(module)), torch.device("cpu"))
     return served
 

@@ -14,8 +14,7 @@ this torch version would build.
 """
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -151,14 +150,21 @@ def restore_int8(module: nn.Module, scheme: str, observers: dict[str, Tensor], e
 # --- bucketed, compiled serving -----------------------------------------------------------
 
 
-@contextmanager
-def inductor_settings(freezing: bool) -> Iterator[None]:
-    """Freezing lets inductor fold int8 weights into oneDNN's packed layout; one compile
-    thread keeps the node from spawning a compile worker pool it would have to stop."""
+def compile_program(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``torch.compile`` for inference, with inductor's freezing on, so that int8 weights
+    are folded into oneDNN's packed layout, and one compile thread, so that the node does
+    not start a compile worker pool it would have to stop.
+
+    Both settings are process-wide on purpose: patching them around each call costs tens
+    of milliseconds, and a program called under other settings than it was compiled with
+    is compiled again. Every program radpipe compiles is an inference program, for which
+    freezing is right.
+    """
     import torch._inductor.config as inductor
 
-    with inductor.patch(freezing=freezing, compile_threads=1):
-        yield
+    inductor.freezing = True
+    inductor.compile_threads = 1
+    return torch.compile(module, dynamic=False)
 
 
 class BucketedModule(nn.Module):
@@ -177,7 +183,6 @@ class BucketedModule(nn.Module):
         buckets: Sequence[int],
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
-        freezing: bool = False,
     ) -> None:
         super().__init__()
         self.source = source
@@ -185,7 +190,6 @@ class BucketedModule(nn.Module):
         self.buckets = tuple(sorted(buckets))
         self._dtype = dtype
         self._channels_last = channels_last
-        self._freezing = freezing
 
     def _run(self, chunk: Tensor) -> Tensor:
         n = len(chunk)
@@ -195,8 +199,7 @@ class BucketedModule(nn.Module):
         chunk = chunk.to(self._dtype)
         if self._channels_last:
             chunk = chunk.contiguous(memory_format=torch.channels_last)
-        with inductor_settings(self._freezing):
-            return self._program(chunk)[:n].float()
+        return self._program(chunk)[:n].float()
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([self._run(chunk) for chunk in x.split(self.buckets[-1])])
@@ -220,8 +223,7 @@ def serve_int8(module: nn.Module, tensors: dict[str, Tensor], manifest: dict[str
     buckets = quantization.get("buckets", [1, 8, 32])
     observers = {k.removeprefix(OBSERVER_PREFIX): v for k, v in tensors.items() if k.startswith(OBSERVER_PREFIX)}
     converted = restore_int8(module, quantization["scheme"], observers, torch.zeros((max(buckets), *shape)))
-    program = torch.compile(converted, dynamic=False)
-    served = BucketedModule(module.eval(), program, buckets, freezing=True)
+    served = BucketedModule(module.eval(), compile_program(converted), buckets)
     served.warm_up(shape, torch.device("cpu"))
     return served
 
@@ -233,8 +235,7 @@ def serve_gpu(module: nn.Module, manifest: dict[str, Any], device: torch.device)
     buckets = gpu.get("buckets", [1, 8, 32])
     source = module.eval().to(device)
     fast = _copy_as(source, dtype)
-    program = torch.compile(fast, dynamic=False)
-    served = BucketedModule(source, program, buckets, dtype=dtype, channels_last=True)
+    served = BucketedModule(source, compile_program(fast), buckets, dtype=dtype, channels_last=True)
     served.warm_up(input_shape(manifest), device)
     return served
 
