@@ -172,13 +172,14 @@ def retry(args: argparse.Namespace) -> int:
     arg("--called-ae", default="RADPIPE"),
     arg("--results", type=Path, default=Path("radpipe-data/results"), help="the node's results folder"),
     arg("--timeout", type=float, default=60.0, help="seconds to wait for the results"),
+    arg("--seed", type=int, help="make the same study again (default: a new one each run)"),
 )
 def demo(args: argparse.Namespace) -> int:
     """Send a synthetic chest-CT study to a running node and print its findings."""
     from plugin.demo.client import run_demo
 
     with tempfile.TemporaryDirectory() as work:
-        return run_demo(args.host, args.port, args.called_ae, args.results, Path(work), args.timeout)
+        return run_demo(args.host, args.port, args.called_ae, args.results, Path(work), args.timeout, args.seed)
 
 
 @command(

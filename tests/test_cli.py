@@ -44,7 +44,18 @@ def test_serve_answers_echo_and_demo_reports_findings(entry, tmp_path, dcmtk):
     process = _serve(entry, tmp_path, port)
     try:
         demo = subprocess.run(
-            [*entry, "demo", "--port", str(port), "--results", str(tmp_path / "data" / "results"), "--timeout", "60"],
+            [
+                *entry,
+                "demo",
+                "--port",
+                str(port),
+                "--results",
+                str(tmp_path / "data" / "results"),
+                "--timeout",
+                "60",
+                "--seed",
+                "7",
+            ],
             capture_output=True,
             text=True,
             timeout=120,

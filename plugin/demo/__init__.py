@@ -1,0 +1,1 @@
+"""Synthetic chest CT and the demo model trained on it (no medical data set is available)."""
