@@ -132,7 +132,7 @@ def optimize_artifact(
             model, recipe.quantize.cpu, data.calibration, data.train, recipe.quantize, recipe.finetune, recipe.data.seed
         )
         tensors = {**quantized.weights, **quantized.observers}
-        manifest["precision"] = "int8"
+        manifest["precision"] = "int8-dynamic" if recipe.quantize.cpu == "int8_dynamic" else "int8"
         manifest["quantization"] = {
             "scheme": recipe.quantize.cpu,
             "quantizer": "torchao X86InductorQuantizer (PT2E)",

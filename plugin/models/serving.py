@@ -268,7 +268,9 @@ def load_optimized(
             return module.to(device), "fp32"
         log.warning("int8 artifacts run on x86 CPUs only; serving %s on the CPU", manifest.get("name", "model"))
     if quantization is not None:
-        return serve_int8(module, tensors, manifest), "int8"
+        # dynamic quantization leaves the conv trunk in fp32: say so wherever precision shows
+        precision = "int8-dynamic" if quantization["scheme"] == "int8_dynamic" else "int8"
+        return serve_int8(module, tensors, manifest), precision
     if "gpu" in manifest:
         log.info("no CUDA device: serving the %s GPU variant as fp32 on the CPU", manifest["gpu"].get("precision"))
     return module.to(device), "fp32"
