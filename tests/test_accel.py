@@ -214,3 +214,33 @@ def test_architectures_prune_finetune_quantize_and_load(tmp_path, data, arch, im
     # the gate scored the candidate as the node loads it (int8 lowered and compiled):
     # the same weights file, byte for byte, as the one written
     assert manifest["evaluation"]["variants"][f"served pruned+{cpu} (int8, cpu)"]["passed"]
+
+
+def test_user_data_set_is_a_dicom_folder_with_a_labels_csv(tmp_path, demo_study):
+    """Files are read with the loader's modality LUT and the pipeline's preprocessing;
+    labels are class names of the model, checked with their CSV line."""
+    from plugin.accel.data import load_data
+    from plugin.accel.recipe import Calibration, Data
+
+    folder = tmp_path / "dataset"
+    rows = ["file,label"]
+    for description, label in (("Demo chest CT, nodules", "nodule"), ("Demo chest CT, no nodules", "normal")):
+        for path in demo_study[description][:4]:
+            target = folder / label / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+            rows.append(f"{label}/{path.name},{label}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    source = Data(source="dataset", labels=Path("dataset/labels.csv"))
+    # two series only: the hash would hold out one or none of them, so give the split
+    split = [f"{row},{'heldout' if i % 4 == 0 else 'train'}" for i, row in enumerate(rows[1:])]
+    (folder / "labels.csv").write_text("\n".join([rows[0] + ",split", *split]) + "\n")
+    sets = load_data(PREPROCESS, source, Calibration(samples=4), CLASSES, tmp_path)
+    assert sets.train.images.shape == (6, 1, 128, 128) and len(sets.heldout) == 2
+    assert sorted(sets.heldout.labels.tolist()) == [0, 1]
+    assert float(sets.train.images.min()) >= 0.0 and float(sets.train.images.max()) <= 1.0  # lung window
+    assert len(sets.calibration) == 4
+
+    (folder / "labels.csv").write_text("file,label\nnodule/x.dcm,tumour\n")
+    with pytest.raises(ValueError, match=r"labels\.csv:2: label 'tumour' is not a class"):
+        load_data(PREPROCESS, source, Calibration(samples=4), CLASSES, tmp_path)
