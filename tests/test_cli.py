@@ -106,5 +106,5 @@ def test_validate_accepts_the_shipped_pipelines_and_reports_errors(tmp_path):
     assert out.returncode == 1
     assert out.stdout.splitlines() == [
         f"{bad}:13:5: preprocess.0.window.width: Input should be greater than 0",
-        f"{bad}:31:1: Modality: Extra inputs are not permitted",
+        f"{bad}:32:1: Modality: Extra inputs are not permitted",
     ]
