@@ -202,12 +202,13 @@ def optimize(args: argparse.Namespace) -> int:
     arg("--heldout", type=int, default=1000, help="held-out phantom images for the AUC column"),
     arg("--batch-sizes", type=int, nargs="+", default=[1, 8, 32]),
     arg("--seconds", type=float, default=3.0, help="measuring time per variant and batch size"),
+    arg("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: torch's default)"),
 )
 def bench(args: argparse.Namespace) -> int:
     """fp32, compiled, pruned, int8 and ONNX Runtime side by side: latency, images/s, size, AUC."""
     from plugin.accel.bench import run
 
-    return run(args.target, args.optimized, args.out, args.heldout, args.batch_sizes, args.seconds)
+    return run(args.target, args.optimized, args.out, args.heldout, args.batch_sizes, args.seconds, args.threads)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -94,6 +94,7 @@ def _ort_session(path: Path) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same threads as torch gets
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -241,8 +242,20 @@ def bench(
     return rows, summary
 
 
-def run(target: Path, optimized: Path | None, out: Path, heldout: int, batch_sizes: list[int], seconds: float) -> int:
-    """The ``radpipe bench`` command."""
+def run(
+    target: Path,
+    optimized: Path | None,
+    out: Path,
+    heldout: int,
+    batch_sizes: list[int],
+    seconds: float,
+    threads: int | None = None,
+) -> int:
+    """The ``radpipe bench`` command. ``threads``: intra-op threads for torch (set before
+    anything is compiled: inductor bakes the count into its kernels) and ONNX Runtime alike;
+    on a shared machine one thread per run is the figure that other load disturbs least."""
+    if threads:
+        torch.set_num_threads(threads)
     from plugin.accel.optimize import optimize, report
     from plugin.preprocess import PreprocessStep
 

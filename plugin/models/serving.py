@@ -196,13 +196,18 @@ class BucketedModule(nn.Module):
         bucket = next(b for b in self.buckets if b >= n)
         if bucket > n:
             chunk = torch.cat([chunk, chunk.new_zeros((bucket - n, *chunk.shape[1:]))])
+        elif not chunk.is_inference():
+            # the programs were compiled for inference tensors (what preprocessing makes);
+            # any other tensor fails their guards and is compiled again, into a slow path
+            chunk = chunk.clone()
         chunk = chunk.to(self._dtype)
         if self._channels_last:
             chunk = chunk.contiguous(memory_format=torch.channels_last)
         return self._program(chunk)[:n].float()
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([self._run(chunk) for chunk in x.split(self.buckets[-1])])
+        with torch.inference_mode():
+            return torch.cat([self._run(chunk) for chunk in x.split(self.buckets[-1])])
 
     def warm_up(self, input_shape: Sequence[int], device: torch.device) -> None:
         """Compile every bucket now, so the first job does not pay for it."""
