@@ -155,9 +155,10 @@ def _chart(rows: list[Row], batch: int, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    for row in (r for r in rows if r.batch == batch):
+    for i, row in enumerate(r for r in rows if r.batch == batch):
         axes.scatter(row.images_per_s, row.auc, s=40)
-        axes.annotate(row.variant, (row.images_per_s, row.auc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        offset = (5, 4 - 11 * (i % 3))  # neighbours at equal AUC get labels on different lines
+        axes.annotate(row.variant, (row.images_per_s, row.auc), textcoords="offset points", xytext=offset, fontsize=8)
     axes.set_xscale("log")
     axes.set_xlabel(f"images/s at batch {batch} (log scale)")
     axes.set_ylabel("held-out AUC")
