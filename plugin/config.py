@@ -31,10 +31,6 @@ class TLSConfig(_Section):
     ca: Path | None = None
     require_client_cert: bool = False
 
-    @property
-    def enabled(self) -> bool:
-        return self.cert is not None or self.ca is not None
-
 
 class NodeSection(_Section):
     """The DICOM listener.
@@ -43,7 +39,7 @@ class NodeSection(_Section):
     host/port: where to listen (default 127.0.0.1:11112; use 0.0.0.0 to accept remote peers).
     allowed_calling_aets: if non-empty, only these calling AE titles may associate.
     max_associations: concurrent associations served (default 16).
-    tls: with a certificate, the listener on ``port`` speaks DICOM TLS only;
+    tls: with a certificate, the listener on ``port`` speaks DICOM TLS only.
     plain_port: an extra plain (non-TLS) listener beside a TLS one; null (default) = TLS only.
     max_queued_jobs: with more jobs waiting, C-STORE answers 0xA700 (out of resources).
     shutdown_seconds: on SIGTERM, how long in-flight work may take before the node exits.
