@@ -18,7 +18,7 @@ from plugin.journal import Journal
 from plugin.metrics import Metrics, serve_metrics
 from plugin.models.artifact import ArtifactError
 from plugin.models.pool import ModelPool
-from plugin.node import StoreLimits, start_servers
+from plugin.node import Storage, StoreLimits, start_servers
 from plugin.pipeline import Pipeline, load_pipelines
 from plugin.quarantine import Quarantine
 from plugin.reload import PipelineReloader
@@ -95,9 +95,8 @@ class Node:
             max_instance_bytes=self.config.storage.max_instance_mb * 2**20,
             max_queued_jobs=self.config.node.max_queued_jobs,
         )
-        self.servers = start_servers(
-            self.config.node, self.spool, self.journal, self.group_sync, self.quarantine, self.metrics, limits
-        )
+        storage = Storage(self.spool, self.journal, self.group_sync, self.quarantine, self.metrics, limits)
+        self.servers = start_servers(self.config.node, storage)
 
     @property
     def port(self) -> int:

@@ -54,6 +54,18 @@ class StoreLimits:
     max_queued_jobs: int
 
 
+@dataclass(frozen=True)
+class Storage:
+    """What the C-STORE handler writes to and reports into (bound through ``evt_handlers``)."""
+
+    spool: Spool
+    journal: Journal
+    group_sync: GroupSync
+    quarantine: Quarantine
+    metrics: Metrics
+    limits: StoreLimits
+
+
 class Refusal(Exception):
     def __init__(self, status: StoreStatus, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -125,8 +137,9 @@ def handle_rejected(event: Event, settings: NodeSection, metrics: Metrics) -> No
     log.warning("association from %s rejected: %s", event.assoc.requestor.address, reason)
 
 
-def _store(event: Event, spool: Spool, journal: Journal, group_sync: GroupSync, limits: StoreLimits) -> None:
+def _store(event: Event, storage: Storage) -> None:
     """Check, store and journal one instance; raise :class:`Refusal` on any problem."""
+    spool, journal, limits = storage.spool, storage.journal, storage.limits
     bad = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     try:
         dataset = event.dataset
@@ -171,7 +184,7 @@ def _store(event: Event, spool: Spool, journal: Journal, group_sync: GroupSync, 
     try:
         path = spool.store(study_uid, series_uid, sop_uid, data)
         journal.record_instance(InstanceRecord(**{**record.__dict__, "path": str(path)}), replace=lost)
-        group_sync.sync()  # file, directory entry and journal row: on disk before success
+        storage.group_sync.sync()  # file, directory entry and journal row: on disk before success
     except OSError as e:
         raise Refusal(StoreStatus.OUT_OF_RESOURCES, "storage_error", f"cannot store: {e}") from e
 
@@ -184,27 +197,20 @@ def _intact(path: Path, size: int) -> bool:
 
 
 @association_context
-def handle_store(
-    event: Event,
-    spool: Spool,
-    journal: Journal,
-    group_sync: GroupSync,
-    quarantine: Quarantine,
-    metrics: Metrics,
-    limits: StoreLimits,
-) -> int:
+def handle_store(event: Event, storage: Storage) -> int:
     """Store one instance durably, journal it, and only then answer success."""
     calling_ae = event.assoc.requestor.ae_title
+    metrics = storage.metrics
     start = time.perf_counter()
     try:
-        _store(event, spool, journal, group_sync, limits)
+        _store(event, storage)
     except Refusal as refusal:
         metrics.instances_rejected.labels(refusal.reason).inc()
         log.error("C-STORE from %s refused (%s): %s", calling_ae, refusal.reason, refusal.detail)
         if refusal.status != StoreStatus.OUT_OF_RESOURCES:  # the sender keeps those and retries
             try:
                 data = event.request.DataSet.getvalue() if event.request.DataSet else b""
-                quarantine.keep_bytes(data, refusal.reason, refusal.detail, calling_ae)
+                storage.quarantine.keep_bytes(data, refusal.reason, refusal.detail, calling_ae)
             except OSError as e:
                 log.error("cannot quarantine the refused instance: %s", e)
         return int(refusal.status)
@@ -235,23 +241,15 @@ def build_ae(settings: NodeSection) -> AE:
     return ae
 
 
-def start_servers(
-    settings: NodeSection,
-    spool: Spool,
-    journal: Journal,
-    group_sync: GroupSync,
-    quarantine: Quarantine,
-    metrics: Metrics,
-    limits: StoreLimits,
-) -> list[ThreadedAssociationServer]:
+def start_servers(settings: NodeSection, storage: Storage) -> list[ThreadedAssociationServer]:
     """Start listening in the background: on ``port`` (TLS when a certificate is
     configured) and, if set, a plain listener on ``plain_port``. Returns the servers."""
     ae = build_ae(settings)
     handlers = [
         (evt.EVT_CONN_OPEN, handle_open),
-        (evt.EVT_REJECTED, handle_rejected, [settings, metrics]),
+        (evt.EVT_REJECTED, handle_rejected, [settings, storage.metrics]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, journal, group_sync, quarantine, metrics, limits]),
+        (evt.EVT_C_STORE, handle_store, [storage]),
     ]
     listeners = [(settings.port, server_ssl_context(settings.tls) if settings.tls.cert else None)]
     if settings.tls.cert and settings.plain_port is not None:
