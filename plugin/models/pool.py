@@ -25,6 +25,7 @@ class ModelPool:
         self._metrics = metrics
         self._lock = threading.Lock()
         self._current: dict[tuple[Path, str], Artifact] = {}  # (folder, device) -> loaded artifact
+        self._checked: dict[tuple[Path, str], tuple] = {}  # (folder, device) -> files as last verified
         self._info_labels: dict[str, tuple[str, ...]] = {}  # pipeline -> its model_info labels
 
     def get(self, pipeline: Pipeline) -> Artifact:
@@ -34,6 +35,10 @@ class ModelPool:
         key = (directory, str(device))
         with self._lock:
             current = self._current.get(key)
+            files = _fingerprint(directory)
+            if current is not None and self._checked.get(key) == files:
+                self._set_info(pipeline, current, device)
+                return current  # unchanged since its hashes were checked: no re-hash per job
             try:
                 weights_hash = read_manifest(directory)["files"]["weights.safetensors"]
                 if current is None or current.sha256 != weights_hash:
@@ -46,6 +51,7 @@ class ModelPool:
                         current.precision,
                         device,
                     )
+                self._checked[key] = files
             except ArtifactError as e:
                 if current is None:
                     raise
@@ -80,3 +86,13 @@ class ModelPool:
         device = next(artifact.module.parameters()).device
         with torch.inference_mode():
             return artifact.module(batch.to(device, non_blocking=True)).float().cpu()
+
+
+def _fingerprint(directory: Path) -> tuple:
+    """Identity of every file in an artifact folder (inode, mtime, size): a replaced or
+    rewritten file changes it, so the hashes are checked again only then."""
+    try:
+        stats = [(p.name, p.stat()) for p in directory.iterdir()]
+    except OSError:
+        return ()
+    return tuple(sorted((name, s.st_ino, s.st_mtime_ns, s.st_size) for name, s in stats))
