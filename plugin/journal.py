@@ -34,6 +34,10 @@ CREATE TABLE IF NOT EXISTS instances (
     batch_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_instance_uid, batch_id);
+-- The assembler polls pending instances several times a second: this keeps that poll
+-- proportional to what is pending, not to everything ever stored.
+CREATE INDEX IF NOT EXISTS instances_pending ON instances (study_instance_uid, series_instance_uid)
+    WHERE batch_id IS NULL;
 CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY,
     study_instance_uid TEXT NOT NULL,
