@@ -8,8 +8,8 @@ from threading import Thread
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry
-from pynetdicom.transport import ThreadedAssociationServer
 
+from plugin.acceptor import AssociationServer
 from plugin.assembler import Assembler
 from plugin.config import NodeConfig
 from plugin.dispatch import Dispatcher
@@ -51,22 +51,26 @@ class Node:
         self.metrics.observe_state(self.journal.queue_depths, self.spool.free_bytes)
         self.router = Router(read_pipelines(config))
         self.pool = ModelPool(self.metrics)
+        assembler = Assembler(self.journal, self.router, self.metrics)
+        runner = Runner(
+            self.journal,
+            self.router,
+            self.pool,
+            config.results_dir,
+            list(config.destinations),
+            self.quarantine,
+            self.metrics,
+        )
+        dispatcher = Dispatcher(self.journal, config.destinations, config.node.ae_title, config.dispatch, self.metrics)
+        assembler.next_stage, runner.next_stage = runner, dispatcher
         self.workers: list[Worker] = [
-            Assembler(self.journal, self.router, self.metrics),
-            Runner(
-                self.journal,
-                self.router,
-                self.pool,
-                config.results_dir,
-                list(config.destinations),
-                self.quarantine,
-                self.metrics,
-            ),
-            Dispatcher(self.journal, config.destinations, config.node.ae_title, config.dispatch, self.metrics),
+            assembler,
+            runner,
+            dispatcher,
             PipelineReloader(config.pipelines.dir, self.router, set(config.destinations), self.pool, self.metrics),
             Retention(self.journal, self.spool, config.results_dir, config.storage.retention_days),
         ]
-        self.servers: list[ThreadedAssociationServer] = []
+        self.servers: list[AssociationServer] = []
         self.metrics_server: tuple[WSGIServer, Thread] | None = None
 
     @property
@@ -109,7 +113,7 @@ class Node:
         deadline stays 'running' in the journal and is queued again on the next start."""
         deadline = time.monotonic() + self.config.node.shutdown_seconds
         for server in self.servers:
-            server.shutdown()
+            server.stop()
         if self.metrics_server is not None:
             self.metrics_server[0].shutdown()
             self.metrics_server[0].server_close()

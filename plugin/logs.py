@@ -6,21 +6,18 @@ handler copies that id into every record, so modules keep logging with plain
 Every event is one line, in text or JSON, so tracebacks do not break line-based shippers.
 """
 
-import functools
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any, TypeVar
 
 NO_CONTEXT = "-"
 # The id of what the current thread is working on: assoc-<n>, job-<id>, job-<id>/<destination>.
 current_context: ContextVar[str] = ContextVar("radpipe_log_context", default=NO_CONTEXT)
 
 FORMATS = ("text", "json")
-T = TypeVar("T")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s %(context)s] %(message)s"
 
 
@@ -32,18 +29,6 @@ def log_context(value: str) -> Iterator[None]:
         yield
     finally:
         current_context.reset(token)
-
-
-def association_context(handler: Callable[..., T]) -> Callable[..., T]:
-    """Run a pynetdicom event handler with ``assoc-<thread id>`` as its log context: the
-    association's thread id, so its lines can be told from a concurrent association's."""
-
-    @functools.wraps(handler)
-    def run(event: Any, *args: Any) -> T:
-        with log_context(f"assoc-{event.assoc.native_id}"):
-            return handler(event, *args)
-
-    return run
 
 
 class ContextFilter(logging.Filter):

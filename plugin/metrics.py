@@ -28,7 +28,7 @@ REJECT_REASONS = (
     "queue_full",
     "storage_error",
 )
-ASSOCIATION_REJECT_REASONS = ("calling_ae_not_allowed", "called_ae_mismatch", "other")
+ASSOCIATION_REJECT_REASONS = ("calling_ae_not_allowed", "called_ae_mismatch", "too_many_associations")
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -116,13 +116,16 @@ class StageTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.add(name, time.perf_counter() - start)
 
     def observe(self, metrics: Metrics, pipeline: str) -> None:
         for name, seconds in self.seconds.items():

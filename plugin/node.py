@@ -1,30 +1,30 @@
-"""The DICOM node (SCP): C-ECHO, and C-STORE of every storage SOP class in every
-transfer syntax, compressed ones included.
+"""The DICOM node (SCP): C-STORE of every storage SOP class in every transfer syntax,
+compressed ones included (C-ECHO and the upper layer are ``acceptor``'s).
 
 The C-STORE handler only checks, stores and journals (invariants 1 and 4); everything
 else happens in background workers that read the journal. Whatever it refuses, it
 quarantines with the reason, and it answers a named DIMSE status.
 """
 
+import functools
 import hashlib
+import io
 import logging
-import socket
 import ssl
+import struct
 import time
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
+import pydicom
 from pydicom import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 
+from plugin.acceptor import AssociationServer, Services, StoreRequest
 from plugin.config import NodeSection, TLSConfig
 from plugin.durability import GroupSync
 from plugin.journal import InstanceRecord, Journal
-from plugin.logs import association_context
 from plugin.metrics import Metrics
 from plugin.quarantine import Quarantine
 from plugin.spool import Spool, is_valid_uid
@@ -107,53 +107,54 @@ def check_pixel_module(ds: Dataset, encapsulated: bool, max_bytes: int) -> None:
             raise Refusal(bad, "pixel_data_mismatch", f"Pixel Data has {length} bytes, the header implies {expected}")
 
 
-@association_context
-def handle_echo(event: Event) -> int:
-    return 0x0000
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element (PS3.5 7.1.2)."""
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
 
 
-def handle_open(event: Event) -> None:
-    """Disable Nagle on every accepted connection: small PDUs (responses) go out at once
-    instead of waiting ~40 ms for a delayed ACK."""
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad * (len(raw) % 2)
 
 
-def handle_rejected(event: Event, settings: NodeSection, metrics: Metrics) -> None:
-    """Count refused associations by why (the peer is told by the A-ASSOCIATE-RJ)."""
-    request = event.assoc.requestor.primitive
-    if request is not None and request.called_ae_title != settings.ae_title:
-        reason = "called_ae_mismatch"
-    elif (
-        settings.allowed_calling_aets
-        and request is not None
-        and (request.calling_ae_title not in settings.allowed_calling_aets)
-    ):
-        reason = "calling_ae_not_allowed"
-    else:
-        reason = "other"
-    metrics.associations_rejected.labels(reason).inc()
-    log.warning("association from %s rejected: %s", event.assoc.requestor.address, reason)
+def file_header(request: StoreRequest) -> bytes:
+    """Preamble, "DICM" and the File Meta Information (PS3.10 7.1) that make the received
+    data set a DICOM file. Encoded here directly: pydicom's FileMetaDataset path costs
+    about 0.5 ms per instance, a tenth of the whole receive."""
+    group = b"".join(
+        (
+            _element(0x0002_0001, b"OB", b"\x00\x01"),
+            _element(0x0002_0002, b"UI", _padded(request.sop_class_uid, b"\0")),
+            _element(0x0002_0003, b"UI", _padded(request.sop_instance_uid, b"\0")),
+            _element(0x0002_0010, b"UI", _padded(request.transfer_syntax, b"\0")),
+            _element(0x0002_0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
+            _element(0x0002_0013, b"SH", _padded("RADPIPE", b" ")),
+            _element(0x0002_0016, b"AE", _padded(request.calling_ae, b" ")),
+        )
+    )
+    return b"\0" * 128 + b"DICM" + _element(0x0002_0000, b"UL", struct.pack("<I", len(group))) + group
 
 
-def _store(event: Event, storage: Storage) -> None:
+def _store(request: StoreRequest, storage: Storage) -> None:
     """Check, store and journal one instance; raise :class:`Refusal` on any problem."""
     spool, journal, limits = storage.spool, storage.journal, storage.limits
     bad = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     try:
-        dataset = event.dataset
+        data = file_header(request) + request.dataset
+        dataset = pydicom.dcmread(io.BytesIO(data))
         if "SOPClassUID" not in dataset and "SOPInstanceUID" not in dataset:
             raise Refusal(StoreStatus.CANNOT_UNDERSTAND, "undecodable", "not a DICOM data set")
         study_uid = str(dataset.get("StudyInstanceUID", ""))
         series_uid = str(dataset.get("SeriesInstanceUID", ""))
-        encapsulated = event.context.transfer_syntax.is_encapsulated
+        encapsulated = request.transfer_syntax.is_encapsulated
         check_pixel_module(dataset, encapsulated, limits.max_instance_bytes)
     except Refusal:
         raise
     except Exception as e:
         raise Refusal(StoreStatus.CANNOT_UNDERSTAND, "undecodable", f"cannot decode the data set: {e}") from e
-    sop_uid = str(event.request.AffectedSOPInstanceUID)
+    sop_uid = request.sop_instance_uid
     bad_uids = [n for n, u in (("Study", study_uid), ("Series", series_uid), ("SOP", sop_uid)) if not is_valid_uid(u)]
     if bad_uids:
         raise Refusal(bad, "invalid_uid", f"missing or invalid {'/'.join(bad_uids)} Instance UID")
@@ -161,20 +162,19 @@ def _store(event: Event, storage: Storage) -> None:
         raise Refusal(StoreStatus.OUT_OF_RESOURCES, "out_of_resources", "spool below its free-space floor")
     if journal.queued_jobs() >= limits.max_queued_jobs:
         raise Refusal(StoreStatus.OUT_OF_RESOURCES, "queue_full", "job queue at its cap")
-    data = event.encoded_dataset()
     digest = hashlib.sha256(data).hexdigest()
     known = journal.instance(sop_uid)
     if known is not None and known.sha256 != digest:
         raise Refusal(bad, "duplicate_conflict", "SOP Instance UID already received with different content")
     record = InstanceRecord(
         sop_instance_uid=sop_uid,
-        sop_class_uid=str(event.request.AffectedSOPClassUID),
+        sop_class_uid=request.sop_class_uid,
         study_instance_uid=study_uid,
         series_instance_uid=series_uid,
         path="",
         sha256=digest,
         size=len(data),
-        calling_ae=event.assoc.requestor.ae_title,
+        calling_ae=request.calling_ae,
         received_at=time.time(),
     )
     # The identical instance again is a no-op, unless a crash before the flush lost its file.
@@ -196,21 +196,19 @@ def _intact(path: Path, size: int) -> bool:
         return False
 
 
-@association_context
-def handle_store(event: Event, storage: Storage) -> int:
+def handle_store(request: StoreRequest, storage: Storage) -> int:
     """Store one instance durably, journal it, and only then answer success."""
-    calling_ae = event.assoc.requestor.ae_title
+    calling_ae = request.calling_ae
     metrics = storage.metrics
     start = time.perf_counter()
     try:
-        _store(event, storage)
+        _store(request, storage)
     except Refusal as refusal:
         metrics.instances_rejected.labels(refusal.reason).inc()
         log.error("C-STORE from %s refused (%s): %s", calling_ae, refusal.reason, refusal.detail)
         if refusal.status != StoreStatus.OUT_OF_RESOURCES:  # the sender keeps those and retries
             try:
-                data = event.request.DataSet.getvalue() if event.request.DataSet else b""
-                storage.quarantine.keep_bytes(data, refusal.reason, refusal.detail, calling_ae)
+                storage.quarantine.keep_bytes(request.dataset, refusal.reason, refusal.detail, calling_ae)
             except OSError as e:
                 log.error("cannot quarantine the refused instance: %s", e)
         return int(refusal.status)
@@ -228,35 +226,20 @@ def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     return context
 
 
-def build_ae(settings: NodeSection) -> AE:
-    ae = AE(ae_title=settings.ae_title)
-    ae.maximum_associations = settings.max_associations
-    ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
-    ae.require_called_aet = True
-    if settings.allowed_calling_aets:
-        ae.require_calling_aet = settings.allowed_calling_aets
-    ae.add_supported_context(Verification)
-    for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-    return ae
-
-
-def start_servers(settings: NodeSection, storage: Storage) -> list[ThreadedAssociationServer]:
+def start_servers(settings: NodeSection, storage: Storage) -> list[AssociationServer]:
     """Start listening in the background: on ``port`` (TLS when a certificate is
     configured) and, if set, a plain listener on ``plain_port``. Returns the servers."""
-    ae = build_ae(settings)
-    handlers = [
-        (evt.EVT_CONN_OPEN, handle_open),
-        (evt.EVT_REJECTED, handle_rejected, [settings, storage.metrics]),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [storage]),
-    ]
+    services = Services(
+        store=functools.partial(handle_store, storage=storage),
+        rejected=lambda reason: storage.metrics.associations_rejected.labels(reason).inc(),
+    )
     listeners = [(settings.port, server_ssl_context(settings.tls) if settings.tls.cert else None)]
     if settings.tls.cert and settings.plain_port is not None:
         listeners.append((settings.plain_port, None))
     servers = []
     for port, ssl_context in listeners:
-        server = ae.start_server((settings.host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
+        server = AssociationServer((settings.host, port), settings, services, ssl_context)
+        server.start()
         log.info(
             "DICOM node %s listening on %s:%d%s",
             settings.ae_title,

@@ -51,10 +51,19 @@ def no_leaked_threads() -> Iterator[None]:
     pytest.fail(f"threads left running: {[t.name for t in leaked]}")
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, never the same one twice in a session (the kernel may
+    hand out a just-closed port again, e.g. for a node and its metrics)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def write_pipeline(directory: Path, source: Path = DEMO_PIPELINE, **changes: object) -> Path:
@@ -92,8 +101,8 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         if not (tmp_path / "pipelines").exists():
             write_pipeline(tmp_path / "pipelines")
         node = Node(NodeConfig.model_validate(node_config(tmp_path, **sections)), CollectorRegistry())
+        nodes.append(node)  # stopped at teardown even if it fails half-way through starting
         node.start()
-        nodes.append(node)
         return node
 
     yield start
