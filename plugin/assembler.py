@@ -80,7 +80,9 @@ class Assembler(Worker):
         return header
 
     def step(self) -> bool:
+        """Close every series or study that is complete; True if any was (jobs are queued)."""
         now = time.time()
+        closed = False
         studies: dict[str, list[PendingSeries]] = {}
         for series in self._journal.pending_series():
             studies.setdefault(series.study_instance_uid, []).append(series)
@@ -97,13 +99,15 @@ class Assembler(Worker):
                 count = sum(s.count for s in pending)
                 if is_complete(rules, first, last, count, plans[0][1], now):
                     self._close(study_uid, plans, list(study_level.values()), now)
+                    closed = True
                 continue
             for plan in plans:
                 series, header, matches = plan
                 rules = [p.completion for p in matches]
                 if is_complete(rules, series.first_received, series.last_received, series.count, header, now):
                     self._close(study_uid, [plan], [], now)
-        return False
+                    closed = True
+        return closed
 
     def _close(
         self,

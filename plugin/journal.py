@@ -287,13 +287,14 @@ class Journal:
 
     # -- jobs --------------------------------------------------------------------------
 
-    def claim_job(self) -> JobRecord | None:
-        """Mark the most urgent queued job as running and return it."""
+    def claim_job(self, pipeline_sha256: str | None = None) -> JobRecord | None:
+        """Mark the most urgent queued job as running and return it; with
+        ``pipeline_sha256``, only if that job was routed to this pipeline version."""
         with self._transaction() as db:
             row = db.execute(
-                "SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority DESC, id LIMIT 1"
+                "SELECT id, pipeline_sha256 FROM jobs WHERE status = 'queued' ORDER BY priority DESC, id LIMIT 1"
             ).fetchone()
-            if row is None:
+            if row is None or pipeline_sha256 not in (None, row[1]):
                 return None
             db.execute("UPDATE jobs SET status = 'running', started_at = ? WHERE id = ?", (time.time(), row[0]))
             return JobRecord(*db.execute("SELECT * FROM jobs WHERE id = ?", (row[0],)).fetchone())

@@ -66,12 +66,14 @@ class InputSelection(_Strict):
 class ModelSpec(_Strict):
     """``artifact``: a folder (relative to the pipeline file) with ``manifest.json`` and
     ``weights.safetensors``. ``device``: auto (CUDA when present), cpu or cuda.
-    ``optimize``: the recipe ``radpipe optimize`` runs (see plugin/accel/recipe.py); the
-    node itself ignores it."""
+    ``batch_window_ms``: how long a series whose last batch is short waits for the next
+    queued series of this pipeline to fill it. ``optimize``: the recipe ``radpipe
+    optimize`` runs (see plugin/accel/recipe.py); the node itself ignores it."""
 
     artifact: Path
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=32, ge=1, le=4096)
+    batch_window_ms: float = Field(default=20, ge=0, le=10000)
     optimize: Recipe | None = None
 
 

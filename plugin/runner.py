@@ -3,11 +3,17 @@
 load headers -> (per instance) decode pixels -> preprocess -> warm model in batches of
 ``model.batch_size`` -> postprocess -> SR -> durable write into the results folder ->
 journal (job done + one pending delivery per destination) in one transaction.
+
+Batches cross job boundaries: when a series' last batch is short, the next queued job of
+the same pipeline version (waiting up to ``model.batch_window_ms`` for one) fills it, so
+a stream of small series keeps the model at its batch size.
 Runs in its own thread, never in an association's (invariant 4).
 """
 
 import io
 import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -16,10 +22,11 @@ from pydicom import Dataset
 from pydicom.filewriter import dcmwrite
 
 from plugin.journal import InstanceRecord, JobRecord, Journal
-from plugin.loader import PixelDataError, is_image, iter_pixels, read_sources
+from plugin.loader import PixelDataError, Source, is_image, iter_pixels, read_sources
 from plugin.logs import log_context
 from plugin.match import holds
 from plugin.metrics import Metrics, StageTimer
+from plugin.models.artifact import Artifact
 from plugin.models.pool import ModelPool
 from plugin.outputs.kos import key_images, key_object_selection
 from plugin.outputs.sr import AlgorithmIdentity, measurement_report
@@ -36,6 +43,75 @@ log = logging.getLogger(__name__)
 
 class JobError(Exception):
     """A job cannot run (its pipeline is gone, its inputs are unreadable, ...)."""
+
+
+@dataclass(eq=False)
+class Work:
+    """A claimed job on its way through the model."""
+
+    job: JobRecord
+    pipeline: Pipeline
+    artifact: Artifact
+    sources: list[Source]
+    timer: StageTimer = field(default_factory=StageTimer)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    waiting: int = 0  # images handed to the batcher and not inferred yet
+    error: Exception | None = None
+
+
+class Batcher:
+    """Preprocessed images of one or more jobs that share a model, inferred
+    ``batch_size`` at a time; each job gets its own rows of the logits back, in order."""
+
+    def __init__(self, pool: ModelPool, artifact: Artifact, batch_size: int, metrics: Metrics) -> None:
+        self.artifact = artifact
+        self._pool, self._batch_size, self._metrics = pool, batch_size, metrics
+        self._queue: list[tuple[Work, torch.Tensor]] = []
+
+    @property
+    def size(self) -> int:
+        return sum(len(images) for _, images in self._queue)
+
+    def add(self, work: Work, images: torch.Tensor) -> None:
+        self._queue.append((work, images))
+        work.waiting += len(images)
+        while self.size >= self._batch_size:
+            self._infer(self._batch_size)
+
+    def flush(self) -> None:
+        if self._queue:
+            self._infer(self.size)
+
+    def drop(self, work: Work) -> None:
+        """Forget a failed job's images that have not been inferred."""
+        self._queue = [(w, images) for w, images in self._queue if w is not work]
+        work.waiting = 0
+
+    def _infer(self, count: int) -> None:
+        taken: list[tuple[Work, torch.Tensor]] = []
+        while count:
+            work, images = self._queue.pop(0)
+            if len(images) > count:
+                self._queue.insert(0, (work, images[count:]))
+                images = images[:count]
+            taken.append((work, images))
+            count -= len(images)
+        owners = {work for work, _ in taken}
+        start = time.perf_counter()
+        try:
+            logits = self._pool.infer(self.artifact, torch.cat([images for _, images in taken]))
+        except Exception as e:  # a model that raises fails every job in the batch, not the node
+            for work in owners:
+                work.error = e
+                self.drop(work)
+            return
+        seconds = time.perf_counter() - start
+        self._metrics.inference_batch_size.observe(len(logits))
+        for work in owners:
+            work.timer.add("infer", seconds)
+        for (work, images), part in zip(taken, logits.split([len(i) for _, i in taken]), strict=True):
+            work.logits.append(part)
+            work.waiting -= len(images)
 
 
 class Runner(Worker):
@@ -62,14 +138,49 @@ class Runner(Worker):
         job = self._journal.claim_job()
         if job is None:
             return False
-        with log_context(f"job-{job.id}"):
-            try:
-                self._run(job)
-            except Exception as e:
-                log.error("job %d (%s) failed: %s", job.id, job.pipeline, e, exc_info=not isinstance(e, JobError))
-                self._journal.fail_job(job.id, f"{type(e).__name__}: {e}")
-                self._metrics.jobs.labels(job.pipeline, "failed").inc()
+        work = self._start(job)
+        batcher: Batcher | None = None
+        fed: list[Work] = []  # every image handed to the batcher; waiting for the last logits
+        while work is not None:
+            if batcher is None or work.artifact is not batcher.artifact:
+                if batcher is not None:
+                    batcher.flush()
+                    fed = self._finish_inferred(fed)
+                batcher = Batcher(self._pool, work.artifact, work.pipeline.model.batch_size, self._metrics)
+            if self._feed(work, batcher):
+                fed.append(work)
+            fed = self._finish_inferred(fed)
+            work = self._next_sharing(work.job, batcher)
+        if batcher is not None:
+            batcher.flush()
+            self._finish_inferred(fed)
         return True
+
+    def _fail(self, job: JobRecord, error: Exception) -> None:
+        log.error("job %d (%s) failed: %s", job.id, job.pipeline, error, exc_info=not isinstance(error, JobError))
+        self._journal.fail_job(job.id, f"{type(error).__name__}: {error}")
+        self._metrics.jobs.labels(job.pipeline, "failed").inc()
+
+    def _next_sharing(self, previous: JobRecord, batcher: Batcher) -> Work | None:
+        """The next queued job of the same pipeline version, to fill the batcher's short
+        batch; waits up to the pipeline's batch window for one. None if there is nothing
+        to fill or none came."""
+        if not batcher.size:
+            return None
+        pipeline = self._router.version(previous.pipeline_sha256)
+        window = pipeline.model.batch_window_ms / 1000 if pipeline is not None else 0.0
+        deadline = time.monotonic() + window
+        while not self.stopping.is_set():
+            job = self._journal.claim_job(pipeline_sha256=previous.pipeline_sha256)
+            if job is not None:
+                work = self._start(job)
+                if work is not None:
+                    return work
+                continue
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.005)
+        return None
 
     def _pipeline(self, job: JobRecord) -> Pipeline:
         """The exact version the job was routed with; after a restart, the current one."""
@@ -102,6 +213,63 @@ class Runner(Worker):
         candidates.sort(key=lambda series: min(r.received_at for r in series))
         return candidates[0] if pipeline.input.choose == "first" else candidates[-1]
 
+    def _start(self, job: JobRecord) -> Work | None:
+        """The job's pipeline, model and input headers; None (job failed) if any is missing."""
+        with log_context(f"job-{job.id}"):
+            try:
+                pipeline = self._pipeline(job)
+                timer = StageTimer()
+                artifact = self._pool.get(pipeline)
+                records = self._journal.batch_instances(job.batch_id)
+                if not records:
+                    raise JobError(f"batch {job.batch_id} has no instances")
+                with timer.stage("load"):
+                    selected = self._select(pipeline, records)
+                    sources = [s for s in read_sources(selected, pipeline.input.sort) if is_image(s)]
+                if not sources:
+                    raise JobError("no images among the inputs (non-image SOP classes only)")
+                return Work(job, pipeline, artifact, sources, timer)
+            except Exception as e:
+                self._fail(job, e)
+                return None
+
+    def _feed(self, work: Work, batcher: Batcher) -> bool:
+        """Decode and preprocess the job's images one instance at a time into the batcher;
+        False (job failed, its images dropped) on a decode error."""
+        job, timer = work.job, work.timer
+        with log_context(f"job-{job.id}"):
+            pixels = iter_pixels(work.sources)
+            try:
+                while work.error is None:
+                    with timer.stage("load"):
+                        try:
+                            item = next(pixels, None)
+                        except PixelDataError as e:
+                            self._quarantine.keep_file(Path(e.source.path), "decode_failed", str(e), f"job {job.id}")
+                            raise JobError(f"{e}; instance quarantined") from e
+                    if item is None:
+                        return True
+                    with timer.stage("preprocess"):
+                        images = preprocess(work.pipeline.preprocess, item[1])
+                    batcher.add(work, images)
+                return True  # the model failed on a batch; reported when the job finishes
+            except Exception as e:
+                batcher.drop(work)
+                self._fail(job, e)
+                return False
+
+    def _finish_inferred(self, fed: list[Work]) -> list[Work]:
+        """Write the results of every job whose images are all inferred; return the rest."""
+        for work in [w for w in fed if not w.waiting]:
+            with log_context(f"job-{work.job.id}"):
+                try:
+                    if work.error is not None:
+                        raise work.error
+                    self._finish(work)
+                except Exception as e:
+                    self._fail(work.job, e)
+        return [w for w in fed if w.waiting]
+
     def _write(self, dataset: Dataset) -> str:
         buffer = io.BytesIO()
         dcmwrite(buffer, dataset, enforce_file_format=True)
@@ -109,48 +277,10 @@ class Runner(Worker):
         write_durably(target, buffer.getvalue())
         return str(target)
 
-    def _run(self, job: JobRecord) -> None:
-        pipeline = self._pipeline(job)
+    def _finish(self, work: Work) -> None:
+        job, pipeline, artifact, timer = work.job, work.pipeline, work.artifact, work.timer
         name = pipeline.name
-        timer = StageTimer()
-        artifact = self._pool.get(pipeline)
-        records = self._journal.batch_instances(job.batch_id)
-        if not records:
-            raise JobError(f"batch {job.batch_id} has no instances")
-        with timer.stage("load"):
-            sources = [s for s in read_sources(self._select(pipeline, records), pipeline.input.sort) if is_image(s)]
-        if not sources:
-            raise JobError("no images among the inputs (non-image SOP classes only)")
-
-        logits: list[torch.Tensor] = []
-        pending: list[torch.Tensor] = []
-        batch_size = pipeline.model.batch_size
-
-        def infer(images: torch.Tensor) -> None:
-            with timer.stage("infer"):
-                logits.append(self._pool.infer(artifact, images))
-            self._metrics.inference_batch_size.observe(len(images))
-
-        pixels = iter_pixels(sources)
-        while True:
-            with timer.stage("load"):
-                try:
-                    item = next(pixels, None)
-                except PixelDataError as e:
-                    self._quarantine.keep_file(Path(e.source.path), "decode_failed", str(e), f"job {job.id}")
-                    raise JobError(f"{e}; instance quarantined") from e
-            if item is None:
-                break
-            with timer.stage("preprocess"):
-                pending.append(preprocess(pipeline.preprocess, item[1]))
-            while sum(len(p) for p in pending) >= batch_size:
-                stacked = torch.cat(pending)
-                infer(stacked[:batch_size])
-                pending = [stacked[batch_size:]]
-        if pending and sum(len(p) for p in pending):
-            infer(torch.cat(pending))
-
-        result = findings(pipeline.postprocess, artifact.classes, torch.cat(logits))
+        result = findings(pipeline.postprocess, artifact.classes, torch.cat(work.logits))
         algorithm = AlgorithmIdentity(
             pipeline=name,
             pipeline_version=pipeline.version,
@@ -159,7 +289,7 @@ class Runner(Worker):
             precision=artifact.precision,
             device=str(next(artifact.module.parameters()).device.type),
         )
-        headers = [s.header for s in sources]
+        headers = [s.header for s in work.sources]
         written: list[tuple[str, str, str]] = []
         with timer.stage("write"):
             for output in pipeline.outputs:
@@ -176,6 +306,8 @@ class Runner(Worker):
                         kos = key_object_selection(headers, images, algorithm)
                         written.append(("kos", self._write(kos), str(kos.SOPInstanceUID)))
         self._journal.complete_job(job.id, written, pipeline.destinations_in(self._destinations))
+        if self.next_stage is not None:
+            self.next_stage.wake()  # the dispatcher sends it now, not at its next poll
         timer.observe(self._metrics, name)
         self._metrics.jobs.labels(name, "done").inc()
         summary = ", ".join(f"{f.spec.label}={f.probability:.3f}{' (present)' if f.present else ''}" for f in result)
@@ -184,7 +316,7 @@ class Runner(Worker):
             job.id,
             name,
             pipeline.version,
-            len(sources),
+            len(work.sources),
             summary,
             ", ".join(kind for kind, _, _ in written),
         )

@@ -1,0 +1,64 @@
+"""Batches across series: short series share model calls, and each still gets exactly its
+own scores, references and failure."""
+
+import pydicom
+import yaml
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless
+
+from plugin.outputs.sr import read_measurement_report
+from tests.conftest import results, storescu, wait_for, with_new_uids, write_pipeline
+
+
+def _break_pixel_data(path) -> None:
+    """Keep the header, replace the pixels by a JPEG 2000 codestream no decoder accepts."""
+    ds = pydicom.dcmread(path)
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(2000)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_series_share_batches_and_keep_their_own_results(start_node, tmp_path, demo_study, dcmtk):
+    pipeline = write_pipeline(tmp_path / "pipelines")
+    data = yaml.safe_load(pipeline.read_text())
+    data["model"]["batch_window_ms"] = 3000  # the series close within this of each other
+    pipeline.write_text(yaml.safe_dump(data, sort_keys=False))
+    node = start_node()
+    nodules = demo_study["Demo chest CT, nodules"]
+    valid = [with_new_uids(nodules, tmp_path / str(i)) for i in range(3)]
+    broken = with_new_uids(nodules, tmp_path / "broken")
+    for path in broken:
+        _break_pixel_data(path)
+
+    # -xv: propose JPEG 2000 beside the uncompressed syntaxes, so the broken files go as they are.
+    files = [*valid[0], *broken, *valid[1], *valid[2]]
+    assert storescu(node.port, *files, options=("-xv",)).returncode == 0
+
+    def finished():
+        jobs = node.journal.jobs()
+        return len(jobs) == 4 and all(j.status in ("done", "failed") for j in jobs) and jobs
+
+    jobs = wait_for(finished, what="four jobs")
+    assert sorted(j.status for j in jobs) == ["done", "done", "done", "failed"]
+    [failed] = [j for j in jobs if j.status == "failed"]
+    assert "cannot decode pixel data" in failed.error
+
+    # 3 x 24 images at batch size 32: calls of 32, 32 and 8 when batches cross series;
+    # 24, 24 and 24 if they stopped at each series' end.
+    sample = node.metrics.registry.get_sample_value
+    assert sample("radpipe_inference_batch_size_count") == 3
+    assert sample("radpipe_inference_batch_size_sum") == 72
+    assert sample("radpipe_inference_batch_size_bucket", {"le": "8.0"}) == 1
+
+    reports = {}
+    for path in results(node.results_dir):
+        [finding] = read_measurement_report(pydicom.dcmread(path))
+        reports[frozenset(finding.source_sop_instance_uids)] = finding
+    expected = [frozenset(str(pydicom.dcmread(p).SOPInstanceUID) for p in series) for series in valid]
+    assert set(reports) == set(expected)
+    # Identical pixels, different places in the batches: the same score.
+    probabilities = [reports[uids].probability for uids in expected]
+    assert max(probabilities) - min(probabilities) < 1e-5
+    assert all(reports[uids].present for uids in expected)
