@@ -20,6 +20,7 @@ from plugin.models.artifact import ArtifactError
 from plugin.models.pool import ModelPool
 from plugin.node import Storage, StoreLimits, start_servers
 from plugin.pipeline import Pipeline, load_pipelines
+from plugin.prepare import Preparer
 from plugin.quarantine import Quarantine
 from plugin.reload import PipelineReloader
 from plugin.retention import Retention
@@ -60,6 +61,7 @@ class Node:
             list(config.destinations),
             self.quarantine,
             self.metrics,
+            Preparer(config.runner.workers),
         )
         dispatcher = Dispatcher(self.journal, config.destinations, config.node.ae_title, config.dispatch, self.metrics)
         assembler.next_stage, runner.next_stage = runner, dispatcher

@@ -10,7 +10,7 @@ the same keys with their defaults.
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -83,6 +83,20 @@ class PipelinesSection(_Section):
     dir: Path = Path("pipelines")
 
 
+class RunnerSection(_Section):
+    """decode_workers: processes that decode and preprocess images while the model runs;
+    ``auto`` (default) is one per CPU core beyond two, so none on a 2-core machine, where
+    the model's threads already use both cores. 0 decodes in the runner's own thread."""
+
+    decode_workers: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = "auto"
+
+    @property
+    def workers(self) -> int:
+        if self.decode_workers == "auto":
+            return max(0, (os.cpu_count() or 1) - 2)
+        return self.decode_workers
+
+
 class DispatchSection(_Section):
     """How results are sent. A failed C-STORE is retried after ``backoff_seconds`` x
     2^(try-1), at most ``max_backoff_seconds`` apart, until ``give_up_after_seconds``
@@ -110,6 +124,7 @@ class NodeConfig(_Section):
     storage: StorageSection = StorageSection()
     metrics: MetricsSection = MetricsSection()
     pipelines: PipelinesSection = PipelinesSection()
+    runner: RunnerSection = RunnerSection()
     dispatch: DispatchSection = DispatchSection()
     destinations: dict[str, Destination] = {}
 

@@ -1,12 +1,11 @@
 """Loading a job's instances: headers in anatomical order, then pixels one instance at a
 time (compressed transfer syntaxes are decoded by pydicom's pylibjpeg/GDCM plugins)."""
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-import torch
 from pydicom import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
@@ -75,13 +74,3 @@ class PixelDataError(Exception):
 
 def is_image(source: Source) -> bool:
     return "Rows" in source.header
-
-
-def iter_pixels(sources: Sequence[Source]) -> Iterator[tuple[Source, torch.Tensor]]:
-    """Each source with its frames as a ``[F, 1, H, W]`` tensor, one instance in memory at a time."""
-    for source in sources:
-        try:
-            frames = modality_frames(pydicom.dcmread(source.path))
-        except Exception as e:  # decoders raise many types; all mean the same to the job
-            raise PixelDataError(source, e) from e
-        yield source, torch.from_numpy(frames)[:, None]

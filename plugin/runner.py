@@ -22,7 +22,7 @@ from pydicom import Dataset
 from pydicom.filewriter import dcmwrite
 
 from plugin.journal import InstanceRecord, JobRecord, Journal
-from plugin.loader import PixelDataError, Source, is_image, iter_pixels, read_sources
+from plugin.loader import PixelDataError, Source, is_image, read_sources
 from plugin.logs import log_context
 from plugin.match import holds
 from plugin.metrics import Metrics, StageTimer
@@ -32,7 +32,7 @@ from plugin.outputs.kos import key_images, key_object_selection
 from plugin.outputs.sr import AlgorithmIdentity, measurement_report
 from plugin.pipeline import Pipeline
 from plugin.postprocess import findings
-from plugin.preprocess import preprocess
+from plugin.prepare import Preparer
 from plugin.quarantine import Quarantine
 from plugin.router import Router
 from plugin.spool import write_durably
@@ -124,8 +124,10 @@ class Runner(Worker):
         destinations: list[str],
         quarantine: Quarantine,
         metrics: Metrics,
+        preparer: Preparer,
     ) -> None:
         super().__init__("runner")
+        self._preparer = preparer
         self._journal = journal
         self._router = router
         self._pool = pool
@@ -155,6 +157,10 @@ class Runner(Worker):
             batcher.flush()
             self._finish_inferred(fed)
         return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
+        self._preparer.close()
 
     def _fail(self, job: JobRecord, error: Exception) -> None:
         log.error("job %d (%s) failed: %s", job.id, job.pipeline, error, exc_info=not isinstance(error, JobError))
@@ -234,29 +240,31 @@ class Runner(Worker):
                 return None
 
     def _feed(self, work: Work, batcher: Batcher) -> bool:
-        """Decode and preprocess the job's images one instance at a time into the batcher;
-        False (job failed, its images dropped) on a decode error."""
+        """Decode and preprocess the job's images (ahead, on the preparer's workers) into
+        the batcher; False (job failed, its images dropped) on a decode error."""
         job, timer = work.job, work.timer
         with log_context(f"job-{job.id}"):
-            pixels = iter_pixels(work.sources)
+            images = self._preparer.images(work.sources, work.pipeline.preprocess)
             try:
                 while work.error is None:
-                    with timer.stage("load"):
-                        try:
-                            item = next(pixels, None)
-                        except PixelDataError as e:
-                            self._quarantine.keep_file(Path(e.source.path), "decode_failed", str(e), f"job {job.id}")
-                            raise JobError(f"{e}; instance quarantined") from e
+                    try:
+                        item = next(images, None)
+                    except PixelDataError as e:
+                        self._quarantine.keep_file(Path(e.source.path), "decode_failed", str(e), f"job {job.id}")
+                        raise JobError(f"{e}; instance quarantined") from e
                     if item is None:
                         return True
-                    with timer.stage("preprocess"):
-                        images = preprocess(work.pipeline.preprocess, item[1])
-                    batcher.add(work, images)
+                    prepared = item[1]
+                    timer.add("load", prepared.decode_seconds)
+                    timer.add("preprocess", prepared.preprocess_seconds)
+                    batcher.add(work, torch.from_numpy(prepared.images))
                 return True  # the model failed on a batch; reported when the job finishes
             except Exception as e:
                 batcher.drop(work)
                 self._fail(job, e)
                 return False
+            finally:
+                images.close()
 
     def _finish_inferred(self, fed: list[Work]) -> list[Work]:
         """Write the results of every job whose images are all inferred; return the rest."""

@@ -1,7 +1,9 @@
 """Batches across series: short series share model calls, and each still gets exactly its
-own scores, references and failure."""
+own scores, references and failure, whether images are decoded in the runner's thread or
+on worker processes."""
 
 import pydicom
+import pytest
 import yaml
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
@@ -20,12 +22,13 @@ def _break_pixel_data(path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def test_series_share_batches_and_keep_their_own_results(start_node, tmp_path, demo_study, dcmtk):
+@pytest.mark.parametrize("decode_workers", [0, 2], ids=["in-thread", "worker-processes"])
+def test_series_share_batches_and_keep_their_own_results(start_node, tmp_path, demo_study, dcmtk, decode_workers):
     pipeline = write_pipeline(tmp_path / "pipelines")
     data = yaml.safe_load(pipeline.read_text())
     data["model"]["batch_window_ms"] = 3000  # the series close within this of each other
     pipeline.write_text(yaml.safe_dump(data, sort_keys=False))
-    node = start_node()
+    node = start_node(runner={"decode_workers": decode_workers})
     nodules = demo_study["Demo chest CT, nodules"]
     valid = [with_new_uids(nodules, tmp_path / str(i)) for i in range(3)]
     broken = with_new_uids(nodules, tmp_path / "broken")
