@@ -1,0 +1,163 @@
+"""End to end: CT series through a real `radpipe serve` running the demo pipeline, with
+the SRs delivered to a PACS (dcmtk storescp), compared with the raw model in the same run.
+
+1. raw model: the demo artifact on the same preprocessed slices, in batches of the
+   pipeline's batch size, with nothing else running: images/s;
+2. throughput: 20 series of 100 slices sent by ``--senders`` concurrent storescu
+   (TCP_NODELAY=1); instances/s from the first byte sent to the last SR delivered, and
+   the same without the last series' quiet period (which no node can skip);
+3. latency: 24-slice series sent one at a time; from the last instance's success to the
+   SR delivered, minus the quiet period: p50 and p95.
+
+Run: .venv/bin/python -m benchmarks.end_to_end [--series 20] [--slices 100] [--decode-workers auto]
+     [--json out.json]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import torch
+import yaml
+from prometheus_client import CollectorRegistry
+
+from benchmarks.common import ENV, REPO, ct_series, free_port, storescu, wait_for_echo
+from plugin.loader import modality_frames
+from plugin.metrics import Metrics
+from plugin.models.pool import ModelPool
+from plugin.pipeline import Pipeline, load_pipeline
+from plugin.preprocess import preprocess
+
+PIPELINE = REPO / "pipelines" / "lung-nodule-demo.yaml"
+
+
+def raw_model_rate(pipeline: Pipeline, files: list[Path], images: int) -> float:
+    """Images/s of the pipeline's model alone on ``files`` preprocessed (repeated to ``images``)."""
+    pool = ModelPool(Metrics(CollectorRegistry()))
+    artifact = pool.get(pipeline)
+    slices = torch.cat([preprocess(pipeline.preprocess, torch.from_numpy(modality_frames(pydicom.dcmread(f)))[:, None])
+                        for f in files])  # fmt: skip
+    repeats = -(-images // len(slices))
+    batches = slices.repeat(repeats, 1, 1, 1)[:images].split(pipeline.model.batch_size)
+    pool.infer(artifact, batches[0])  # warm-up
+    start = time.perf_counter()
+    for batch in batches:
+        pool.infer(artifact, batch)
+    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def wait_for_results(folder: Path, count: int, timeout: float = 600) -> float:
+    """Wait until ``folder`` holds ``count`` files; return the time it did."""
+    deadline = time.monotonic() + timeout
+    while len(list(folder.iterdir())) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(list(folder.iterdir()))} of {count} results after {timeout} s")
+        time.sleep(0.005)
+    return time.perf_counter()
+
+
+def send_concurrently(port: int, series: list[list[Path]], senders: int) -> None:
+    """Each sender sends its share of the series over one association."""
+    shares = [[f for s in series[i::senders] for f in s] for i in range(senders)]
+    threads = [threading.Thread(target=storescu, args=(port, share)) for share in shares if share]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--series", type=int, default=20)
+    parser.add_argument("--slices", type=int, default=100)
+    parser.add_argument("--senders", type=int, default=2)
+    parser.add_argument("--latency-series", type=int, default=10)
+    parser.add_argument("--decode-workers", default="auto", type=lambda v: v if v == "auto" else int(v),
+                        help="the node's runner.decode_workers")  # fmt: skip
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="radpipe-e2e-"))
+    pipeline = load_pipeline(PIPELINE)
+    quiet = pipeline.completion.quiet_seconds
+    series = [ct_series(work / f"series-{i}", args.slices, seed=i + 1) for i in range(args.series)]
+    small = [ct_series(work / f"small-{i}", 24, seed=1000 + i) for i in range(args.latency_series)]
+    instances = sum(map(len, series))
+    raw = raw_model_rate(pipeline, series[0], 2000)
+
+    pacs_port, node_port = free_port(), free_port()
+    pacs_dir = work / "pacs"
+    pacs_dir.mkdir()
+    config = {
+        "node": {"port": node_port},
+        "metrics": {"port": 0},
+        "storage": {"dir": str(work / "data")},
+        "pipelines": {"dir": str(PIPELINE.parent)},
+        "runner": {"decode_workers": args.decode_workers},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
+    }
+    (work / "radpipe.yaml").write_text(yaml.safe_dump(config))
+    pacs = subprocess.Popen(
+        ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)], env=ENV, stderr=subprocess.DEVNULL
+    )
+    node = subprocess.Popen(
+        [sys.executable, "-m", "plugin", "serve", "--config", str(work / "radpipe.yaml")],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_echo(node_port)
+        wait_for_echo(pacs_port, "PACS")
+        os.sync()  # the generated series must not be flushed on the node's account
+        start = time.perf_counter()
+        send_concurrently(node_port, series, args.senders)
+        sent = time.perf_counter()
+        delivered = wait_for_results(pacs_dir, len(series))
+        total = delivered - start
+        latencies = []
+        for index, files in enumerate(small):
+            acknowledged = time.perf_counter() + storescu(node_port, files)
+            latencies.append(wait_for_results(pacs_dir, len(series) + index + 1) - acknowledged - quiet)
+    finally:
+        node.terminate()
+        node.wait(60)
+        pacs.terminate()
+        pacs.wait(10)
+
+    figures = {
+        "series": args.series,
+        "slices_per_series": args.slices,
+        "senders": args.senders,
+        "decode_workers": args.decode_workers,
+        "raw_model_images_per_second": round(raw, 1),
+        "receive_seconds": round(sent - start, 2),
+        "first_byte_to_last_sr_seconds": round(total, 2),
+        "end_to_end_instances_per_second": round(instances / total, 1),
+        "ratio_to_raw_model": round(instances / total / raw, 2),
+        "without_last_quiet_period_instances_per_second": round(instances / (total - quiet), 1),
+        "ratio_to_raw_model_without_last_quiet_period": round(instances / (total - quiet) / raw, 2),
+        "latency_series_slices": 24,
+        "quiet_seconds": quiet,
+        "beyond_quiet_p50_seconds": round(statistics.median(latencies), 3),
+        "beyond_quiet_p95_seconds": round(statistics.quantiles(latencies, n=20)[-1], 3),
+        "beyond_quiet_max_seconds": round(max(latencies), 3),
+    }
+    width = max(map(len, figures))
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
