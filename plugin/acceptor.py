@@ -71,10 +71,12 @@ class StoreRequest:
 @dataclass(frozen=True)
 class Services:
     """What the acceptor calls: ``store`` answers a C-STORE with a status; ``rejected``
-    hears why an association was refused (``called_ae_mismatch``, ...)."""
+    hears why an association was refused (``called_ae_mismatch``, ...). A data set larger
+    than ``max_data_set_bytes`` aborts its association before it can exhaust memory."""
 
     store: Callable[[StoreRequest], int]
     rejected: Callable[[str], None]
+    max_data_set_bytes: int
 
 
 class ProtocolError(Exception):
@@ -169,6 +171,7 @@ class Association:
     def run(self, services: Services) -> None:
         command: list[memoryview] = []
         dataset: list[memoryview] = []
+        received = 0  # bytes of the data set so far
         request: dict[int, bytes] | None = None
         while True:
             kind, body = read_pdu(self.sock)
@@ -207,10 +210,14 @@ class Association:
                     if request is None:
                         raise ProtocolError("a data set fragment without a command")
                     dataset.append(fragment)
+                    received += len(fragment)
+                    if received > services.max_data_set_bytes:
+                        raise ProtocolError(f"a data set of more than {services.max_data_set_bytes} bytes")
                     if not is_last:
                         continue
                     data = b"".join(dataset)
                     dataset.clear()
+                    received = 0
                 self._answer(context_id, request, data, services)
                 request = None
 

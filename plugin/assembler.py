@@ -57,7 +57,7 @@ def is_complete(
 
 
 class Assembler(Worker):
-    interval = 0.1
+    interval = 0.05  # how late a series may be closed after its quiet period (result latency)
 
     def __init__(self, journal: Journal, router: Router, metrics: Metrics) -> None:
         super().__init__("assembler")

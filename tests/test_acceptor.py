@@ -156,6 +156,22 @@ def test_peer_gone_mid_data_set_stores_nothing(start_node, dcmtk, demo_study):
     assert not list((node.config.storage.dir / "spool").rglob("*.dcm"))
 
 
+def test_endless_data_set_is_aborted(start_node, dcmtk):
+    node = start_node(storage={"max_instance_mb": 1})
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    with _associate(node.port, abstract=CTImageStorage) as sock:
+        sock.sendall(_p_data(1, 0x03, _command(0x0001, CTImageStorage, with_data_set=True, sop_instance=uid)))
+        try:
+            for _ in range(200):  # 200 x 16 KB, never the last fragment: 3 MB > 1 MB
+                sock.sendall(_p_data(1, 0x00, bytes(16384)))
+        except OSError:
+            pass  # the node aborted and closed while we were still sending
+        else:
+            assert _ends_with_abort_or_close(sock)  # a node still waiting for more times out here
+    assert _echo_works(node.port)
+    assert node.journal.instance(uid) is None
+
+
 def test_associations_beyond_the_limit_are_rejected(start_node, dcmtk):
     node = start_node(node={"max_associations": 2})
     held = [_associate(node.port), _associate(node.port)]
