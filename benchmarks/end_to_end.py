@@ -148,7 +148,7 @@ def main() -> int:
         "latency_series_slices": 24,
         "quiet_seconds": quiet,
         "beyond_quiet_p50_seconds": round(statistics.median(latencies), 3),
-        "beyond_quiet_p95_seconds": round(statistics.quantiles(latencies, n=20)[-1], 3),
+        "beyond_quiet_p95_seconds": round(statistics.quantiles(latencies, n=20, method="inclusive")[-1], 3),
         "beyond_quiet_max_seconds": round(max(latencies), 3),
     }
     width = max(map(len, figures))

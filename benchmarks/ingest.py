@@ -7,12 +7,13 @@
   one (temporary file, rename, syncfs) with no network and no DICOM at all. No receiver
   that flushes before it answers success can beat it on this disk.
 
-Run: .venv/bin/python benchmarks/ingest.py [--slices 200] [--json out.json]
+Run: .venv/bin/python -m benchmarks.ingest [--slices 200] [--rounds 5] [--json out.json]
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,49 +99,47 @@ def durable_write_floor(files: list[Path], folder: Path) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5, help="runs per receiver; the table shows the median")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="radpipe-ingest-"))
     files = ct_series(work / "series", args.slices)
     megabytes = sum(f.stat().st_size for f in files) / 1e6
-    rows = []
-    for name, command in receivers(work).items():
-        port = free_port()
-        for folder in ("storescp", "pynetdicom"):
-            (work / folder).mkdir(exist_ok=True)
-        # radpipe with no pipelines: this measures receiving only.
-        (work / "radpipe.yaml").write_text(
-            yaml.safe_dump(
-                {
-                    "node": {"port": port},
-                    "metrics": {"port": 0},
-                    "storage": {"dir": str(work / f"radpipe-{port}")},
-                    "pipelines": {"dir": str(work / "no-pipelines")},
-                }
+    timings: dict[str, list[float]] = {}
+    for round_number in range(args.rounds):  # interleaved, so a noisy moment hits every receiver
+        for name, command in receivers(work).items():
+            port = free_port()
+            for folder in ("storescp", "pynetdicom"):
+                (work / folder).mkdir(exist_ok=True)
+            # radpipe with no pipelines: this measures receiving only.
+            (work / "radpipe.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "node": {"port": port},
+                        "metrics": {"port": 0},
+                        "storage": {"dir": str(work / f"radpipe-{port}")},
+                        "pipelines": {"dir": str(work / "no-pipelines")},
+                    }
+                )
             )
-        )
-        seconds = measure(command, port, files)
+            timings.setdefault(name, []).append(measure(command, port, files))
+        timings.setdefault("durable-write floor", []).append(durable_write_floor(files, work / f"floor-{round_number}"))
+    rows = []
+    for name, values in timings.items():
+        seconds = statistics.median(values)
         rows.append(
             {
                 "receiver": name,
                 "seconds": round(seconds, 3),
                 "instances_per_second": round(len(files) / seconds, 1),
                 "megabytes_per_second": round(megabytes / seconds, 1),
+                "all_seconds": [round(v, 3) for v in values],
             }
         )
-    seconds = durable_write_floor(files, work / "floor")
-    rows.append(
-        {
-            "receiver": "durable-write floor",
-            "seconds": round(seconds, 3),
-            "instances_per_second": round(len(files) / seconds, 1),
-            "megabytes_per_second": round(megabytes / seconds, 1),
-        }
-    )
     reference = rows[0]["instances_per_second"]
     for row in rows:
         row["ratio_to_dcmtk"] = round(row["instances_per_second"] / reference, 2)
-    print(f"{len(files)} instances, {megabytes:.0f} MB, one association, loopback")
+    print(f"{len(files)} instances, {megabytes:.0f} MB, one association, loopback, median of {args.rounds} rounds")
     print(f"{'receiver':<24} {'s':>7} {'inst/s':>8} {'MB/s':>7} {'x dcmtk':>8}")
     for row in rows:
         print(
