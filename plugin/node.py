@@ -162,7 +162,8 @@ def _store(request: StoreRequest, storage: Storage) -> None:
         raise Refusal(StoreStatus.OUT_OF_RESOURCES, "out_of_resources", "spool below its free-space floor")
     if journal.queued_jobs() >= limits.max_queued_jobs:
         raise Refusal(StoreStatus.OUT_OF_RESOURCES, "queue_full", "job queue at its cap")
-    digest = hashlib.sha256(data).hexdigest()
+    # Of the data set alone: a re-send from another AE title (in the file meta) is the same instance.
+    digest = hashlib.sha256(request.dataset).hexdigest()
     known = journal.instance(sop_uid)
     if known is not None and known.sha256 != digest:
         raise Refusal(bad, "duplicate_conflict", "SOP Instance UID already received with different content")
