@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.uid import UID
-from pynetdicom import ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID, AllStoragePresentationContexts
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -51,6 +51,12 @@ STATUS, AFFECTED_SOP_INSTANCE_UID = 0x0000_0900, 0x0000_1000
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
 NO_DATA_SET = 0x0101
 UNRECOGNIZED_OPERATION = 0x0211
+
+# This node's implementation (PS3.7 D.3.3.2), in the A-ASSOCIATE-AC and in every file
+# meta it writes: a UUID-derived UID (2.25, PS3.5 B.2), uuid5(NAMESPACE_URL, "radpipe
+# implementation class"), since radpipe has no registered root of its own.
+IMPLEMENTATION_CLASS_UID = "2.25.178570306506704017692494229498818768660"
+IMPLEMENTATION_VERSION_NAME = "RADPIPE"
 
 SUPPORTED_CONTEXTS: list[PresentationContext] = [build_context(Verification)] + [
     build_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES) for context in AllStoragePresentationContexts
@@ -311,9 +317,9 @@ class AssociationHandler(socketserver.BaseRequestHandler):
         maximum = MaximumLengthNotification()
         maximum.maximum_length_received = MAXIMUM_PDU_LENGTH
         implementation = ImplementationClassUIDNotification()
-        implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+        implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         version = ImplementationVersionNameNotification()
-        version.implementation_version_name = "RADPIPE"
+        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         accept = A_ASSOCIATE()
         accept.application_context_name = request.application_context_name
         accept.calling_ae_title = calling

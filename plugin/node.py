@@ -19,9 +19,14 @@ from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 
-from plugin.acceptor import AssociationServer, Services, StoreRequest
+from plugin.acceptor import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    AssociationServer,
+    Services,
+    StoreRequest,
+)
 from plugin.config import NodeSection, TLSConfig
 from plugin.durability import GroupSync
 from plugin.journal import InstanceRecord, Journal
@@ -56,7 +61,7 @@ class StoreLimits:
 
 @dataclass(frozen=True)
 class Storage:
-    """What the C-STORE handler writes to and reports into (bound through ``evt_handlers``)."""
+    """What the C-STORE handler writes to and reports into (bound into the acceptor's ``Services``)."""
 
     spool: Spool
     journal: Journal
@@ -129,8 +134,8 @@ def file_header(request: StoreRequest) -> bytes:
             _element(0x0002_0002, b"UI", _padded(request.sop_class_uid, b"\0")),
             _element(0x0002_0003, b"UI", _padded(request.sop_instance_uid, b"\0")),
             _element(0x0002_0010, b"UI", _padded(request.transfer_syntax, b"\0")),
-            _element(0x0002_0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
-            _element(0x0002_0013, b"SH", _padded("RADPIPE", b" ")),
+            _element(0x0002_0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\0")),
+            _element(0x0002_0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
             _element(0x0002_0016, b"AE", _padded(request.calling_ae, b" ")),
         )
     )

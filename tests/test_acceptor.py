@@ -13,8 +13,8 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from plugin.acceptor import encode_command, parse_command
-from tests.conftest import wait_for
+from plugin.acceptor import IMPLEMENTATION_CLASS_UID, encode_command, parse_command
+from tests.conftest import storescu, wait_for
 
 A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_ABORT = 0x02, 0x03, 0x04, 0x07
 
@@ -186,3 +186,18 @@ def test_associations_beyond_the_limit_are_rejected(start_node, dcmtk):
     sample = node.metrics.registry.get_sample_value
     assert sample("radpipe_associations_rejected_total", {"reason": "too_many_associations"}) == 1
     wait_for(lambda: _echo_works(node.port), what="echo once the held associations are closed")
+
+
+def test_stored_file_carries_the_file_meta_of_its_association(start_node, dcmtk, demo_study):
+    node = start_node()
+    path = demo_study["Demo chest CT, nodules"][0]
+    sent = pydicom.dcmread(path)
+    assert storescu(node.port, path, options=("-aet", "MODALITY1")).returncode == 0
+    stored = pydicom.dcmread(node.journal.instance(str(sent.SOPInstanceUID)).path)
+    meta = stored.file_meta
+    assert meta.MediaStorageSOPClassUID == sent.SOPClassUID
+    assert meta.MediaStorageSOPInstanceUID == sent.SOPInstanceUID
+    assert meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.SourceApplicationEntityTitle == "MODALITY1"
+    assert stored == sent  # the data set itself, element for element
