@@ -268,7 +268,7 @@ class AssociationHandler(socketserver.BaseRequestHandler):
             except ProtocolError as e:
                 log.warning("aborting the association from %s: %s", self.client_address[0], e)
                 self._send_quietly(sock, abort_pdu(0x02))  # unexpected PDU / parameter
-            except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as e:
+            except OSError as e:  # a failed TLS handshake, a reset, a timeout, a close
                 log.info("connection from %s ended: %s", self.client_address[0], e)
             finally:
                 self.server.untrack(connection)
