@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,38 +53,52 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+class WorkerDied(Exception):
+    """A worker process died while preparing a job's images (a decoder crashed, or the
+    process was killed). The job fails and can be retried; the pool is started again."""
+
+
 class Preparer:
-    """Prepares images with ``workers`` processes (0: in the calling thread)."""
+    """Prepares images with ``workers`` processes (0: in the calling thread). A decoder
+    that crashes takes down one worker process, not the node."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._executor: ProcessPoolExecutor | None = None
+        self._executor = self._start() if workers else None
         if workers:
-            # forkserver: forking a process that runs threads (this node) is unsafe.
-            context = multiprocessing.get_context("forkserver")
-            self._executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_one_torch_thread)
             log.info("decoding and preprocessing on %d worker process(es)", workers)
+
+    def _start(self) -> ProcessPoolExecutor:
+        # forkserver: forking a process that runs threads (this node) is unsafe.
+        context = multiprocessing.get_context("forkserver")
+        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_one_torch_thread)
 
     def images(self, sources: Sequence[Source], steps: list[PreprocessStep]) -> Iterator[tuple[Source, Prepared]]:
         """Each source with its prepared images, in order; raises :class:`PixelDataError`
-        for the first that cannot be decoded."""
+        for the first that cannot be decoded, :class:`WorkerDied` if a worker died."""
         if self._executor is None:
             for source in sources:
                 yield source, self._checked(source, prepare(source.path, steps))
             return
+        executor = self._executor
         pending: deque[tuple[Source, Future[Prepared]]] = deque()
         remaining = iter(sources)
         try:
             for source in remaining:
-                pending.append((source, self._executor.submit(prepare, source.path, steps)))
+                pending.append((source, executor.submit(prepare, source.path, steps)))
                 if len(pending) >= 2 * self.workers:
                     break
             while pending:
                 source, future = pending.popleft()
                 following = next(remaining, None)
                 if following is not None:
-                    pending.append((following, self._executor.submit(prepare, following.path, steps)))
+                    pending.append((following, executor.submit(prepare, following.path, steps)))
                 yield source, self._checked(source, future.result())
+        except BrokenProcessPool as e:
+            log.error("a decode worker process died; starting the pool again")
+            executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = self._start()
+            raise WorkerDied(f"a decode worker process died: {e}") from e
         finally:
             for _, future in pending:
                 future.cancel()
