@@ -1,12 +1,16 @@
-"""Shared by the benchmarks: a synthetic CT series on disk, free ports, waiting for a node."""
+"""Shared by the benchmarks: a synthetic CT series on disk, free ports, starting and
+waiting for a node, and printing the figures."""
 
+import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from plugin.demo.phantom import make_volume
 from plugin.demo.series import write_ct_series
@@ -50,3 +54,23 @@ def storescu(port: int, files: list[Path], called_ae: str = "RADPIPE") -> float:
     start = time.perf_counter()
     subprocess.run(["storescu", "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)], env=ENV, check=True)
     return time.perf_counter() - start
+
+
+def serve(work: Path, config: dict) -> subprocess.Popen:
+    """``radpipe serve`` with ``config`` (written to ``work/radpipe.yaml``), output discarded."""
+    (work / "radpipe.yaml").write_text(yaml.safe_dump(config))
+    return subprocess.Popen(
+        [sys.executable, "-m", "plugin", "serve", "--config", str(work / "radpipe.yaml")],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def report(figures: dict, json_path: Path | None) -> None:
+    """Print ``figures`` one per line and, if asked, write them to ``json_path``."""
+    width = max(map(len, figures))
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value}")
+    if json_path:
+        json_path.write_text(json.dumps(figures, indent=2) + "\n")

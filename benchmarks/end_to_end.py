@@ -14,7 +14,6 @@ Run: .venv/bin/python -m benchmarks.end_to_end [--series 20] [--slices 100] [--d
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -26,10 +25,9 @@ from pathlib import Path
 
 import pydicom
 import torch
-import yaml
 from prometheus_client import CollectorRegistry
 
-from benchmarks.common import ENV, REPO, ct_series, free_port, storescu, wait_for_echo
+from benchmarks.common import ENV, REPO, ct_series, free_port, report, serve, storescu, wait_for_echo
 from plugin.loader import modality_frames
 from plugin.metrics import Metrics
 from plugin.models.pool import ModelPool
@@ -104,16 +102,10 @@ def main() -> int:
         "runner": {"decode_workers": args.decode_workers},
         "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
     }
-    (work / "radpipe.yaml").write_text(yaml.safe_dump(config))
     pacs = subprocess.Popen(
         ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)], env=ENV, stderr=subprocess.DEVNULL
     )
-    node = subprocess.Popen(
-        [sys.executable, "-m", "plugin", "serve", "--config", str(work / "radpipe.yaml")],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    node = serve(work, config)
     try:
         wait_for_echo(node_port)
         wait_for_echo(pacs_port, "PACS")
@@ -151,11 +143,7 @@ def main() -> int:
         "beyond_quiet_p95_seconds": round(statistics.quantiles(latencies, n=20, method="inclusive")[-1], 3),
         "beyond_quiet_max_seconds": round(max(latencies), 3),
     }
-    width = max(map(len, figures))
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    report(figures, args.json)
     return 0
 
 

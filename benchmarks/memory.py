@@ -10,18 +10,15 @@ Run: .venv/bin/python -m benchmarks.memory [--series 8] [--slices 500] [--json o
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from benchmarks.common import ENV, REPO, free_port, storescu, wait_for_echo
+from benchmarks.common import REPO, free_port, report, serve, storescu, wait_for_echo
 from plugin.demo.phantom import make_volume
 from plugin.demo.series import write_ct_series
 
@@ -66,13 +63,7 @@ def main() -> int:
         "storage": {"dir": str(work / "data")},
         "pipelines": {"dir": str(REPO / "pipelines")},
     }
-    (work / "radpipe.yaml").write_text(yaml.safe_dump(config))
-    node = subprocess.Popen(
-        [sys.executable, "-m", "plugin", "serve", "--config", str(work / "radpipe.yaml")],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    node = serve(work, config)
     try:
         wait_for_echo(port)
         started = memory_kib(node.pid)
@@ -93,11 +84,7 @@ def main() -> int:
         "peak_rss_mib": round(finished["VmHWM"] / 1024),
         "peak_above_started_mib": round((finished["VmHWM"] - started["VmRSS"]) / 1024),
     }
-    width = max(map(len, figures))
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    report(figures, args.json)
     return 0
 
 
