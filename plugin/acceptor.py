@@ -139,11 +139,6 @@ def _us(value: int) -> bytes:
     return struct.pack("<H", value)
 
 
-def _ui(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\0" * (len(raw) % 2)
-
-
 def encode_command(elements: dict[int, bytes]) -> bytes:
     """Encode a command set, with its Command Group Length first."""
     body = b"".join(struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(v)) + v for tag, v in sorted(elements.items()))
