@@ -106,9 +106,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_artifact(directory: Path, device: torch.device) -> Artifact:
-    """Load a hash-checked artifact onto ``device`` in eval mode."""
-    manifest = read_manifest(directory)
+def load_artifact(directory: Path, device: torch.device, manifest: dict[str, Any] | None = None) -> Artifact:
+    """Load a hash-checked artifact onto ``device`` in eval mode. ``manifest``: what
+    :func:`read_manifest` just returned for ``directory``, so its files are not hashed twice."""
+    if manifest is None:
+        manifest = read_manifest(directory)
     try:
         module = build(manifest["architecture"])
         if OPTIMIZED_KEYS & manifest.keys():

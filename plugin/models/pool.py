@@ -40,9 +40,9 @@ class ModelPool:
                 self._set_info(pipeline, current, device)
                 return current  # unchanged since its hashes were checked: no re-hash per job
             try:
-                weights_hash = read_manifest(directory)["files"]["weights.safetensors"]
-                if current is None or current.sha256 != weights_hash:
-                    current = load_artifact(directory, device)
+                manifest = read_manifest(directory)
+                if current is None or current.sha256 != manifest["files"]["weights.safetensors"]:
+                    current = load_artifact(directory, device, manifest)
                     self._current[key] = current
                     log.info(
                         "loaded model %s (sha256 %s, %s) on %s",
