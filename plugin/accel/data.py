@@ -60,10 +60,16 @@ def _phantom_chunk(
 
 
 def phantom_split(
-    steps: list[PreprocessStep], seed: np.random.SeedSequence, n: int, classes: list[str], workers: int
+    steps: list[PreprocessStep],
+    seed: np.random.SeedSequence,
+    n: int,
+    classes: list[str],
+    workers: int,
+    chunk: int = _CHUNK,
 ) -> Split:
-    """``n`` phantom slices, half positive; the same for any number of ``workers``."""
-    sizes = [min(_CHUNK, n - start) for start in range(0, n, _CHUNK)]
+    """``n`` phantom slices, half positive; the same for any number of ``workers``. Each
+    ``chunk`` of slices has its own child seed, so the chunk size is part of what a seed means."""
+    sizes = [min(chunk, n - start) for start in range(0, n, chunk)]
     seeds = seed.spawn(len(sizes))
     if workers <= 1 or len(sizes) == 1:
         parts = [_phantom_chunk(steps, s, k, classes) for s, k in zip(seeds, sizes, strict=True)]
