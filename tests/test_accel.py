@@ -68,12 +68,20 @@ def _conv_widths(module: nn.Module) -> list[int]:
     return [m.out_channels for m in module.modules() if isinstance(m, nn.Conv2d)]
 
 
-def _send_and_read_sr(start_node, tmp_path, artifact: Path, demo_study) -> tuple[object, pydicom.Dataset]:
+def _assert_serves(start_node, tmp_path, artifact: Path, demo_study, loaded, manifest: dict) -> None:
+    """The artifact runs in a node, and the SR and the model metric record its hash and precision."""
     write_pipeline(tmp_path / "pipelines", model={"artifact": str(artifact), "device": "cpu", "batch_size": 8})
     node = start_node()
     assert storescu(node.port, *demo_study["Demo chest CT, nodules"][:6]).returncode == 0
     [path] = wait_for(lambda: results(node.results_dir), timeout=120, what="the SR")
-    return node, pydicom.dcmread(path)
+    [finding] = read_measurement_report(pydicom.dcmread(path))
+    precision = manifest["precision"]
+    assert f"model_sha256={loaded.sha256}" in finding.algorithm_parameters
+    assert f"precision={precision}" in finding.algorithm_parameters
+    labels = {"pipeline": "lung-nodule-demo", "model": manifest["name"], "precision": precision, "device": "cpu"}
+    assert node.metrics.registry.get_sample_value(
+        "radpipe_model_info", {**labels, "sparsity": str(manifest["sparsity"])}
+    )
 
 
 def test_pruning_removes_channels_and_the_pruned_model_serves(start_node, tmp_path, data, demo_study, dcmtk):
@@ -95,14 +103,7 @@ def test_pruning_removes_channels_and_the_pruned_model_serves(start_node, tmp_pa
     assert _conv_widths(loaded.module) == [8, 16, 32, 64]
     assert sum(p.numel() for p in loaded.module.parameters()) == after["params"]
 
-    node, sr = _send_and_read_sr(start_node, tmp_path, target, demo_study)
-    [finding] = read_measurement_report(sr)
-    assert f"model_sha256={loaded.sha256}" in finding.algorithm_parameters
-    assert "precision=fp32" in finding.algorithm_parameters
-    labels = {"pipeline": "lung-nodule-demo", "model": manifest["name"], "precision": "fp32", "device": "cpu"}
-    assert node.metrics.registry.get_sample_value(
-        "radpipe_model_info", {**labels, "sparsity": str(manifest["sparsity"])}
-    )
+    _assert_serves(start_node, tmp_path, target, demo_study, loaded, manifest)
 
 
 def test_int8_artifact_runs_in_the_node_and_the_sr_records_hash_and_precision(
@@ -121,14 +122,7 @@ def test_int8_artifact_runs_in_the_node_and_the_sr_records_hash_and_precision(
     assert int8.shape == (11, 2)
     assert (int8.softmax(1) - fp32.softmax(1)).abs().max() < 0.1
 
-    node, sr = _send_and_read_sr(start_node, tmp_path, int8_artifact, demo_study)
-    [finding] = read_measurement_report(sr)
-    assert f"model_sha256={loaded.sha256}" in finding.algorithm_parameters
-    assert "precision=int8" in finding.algorithm_parameters
-    labels = {"pipeline": "lung-nodule-demo", "model": manifest["name"], "precision": "int8", "device": "cpu"}
-    assert node.metrics.registry.get_sample_value(
-        "radpipe_model_info", {**labels, "sparsity": str(manifest["sparsity"])}
-    )
+    _assert_serves(start_node, tmp_path, int8_artifact, demo_study, loaded, manifest)
 
 
 def test_tampered_optimized_artifact_is_refused(tmp_path, int8_artifact):
