@@ -172,24 +172,25 @@ def _store(request: StoreRequest, storage: Storage) -> None:
     known = journal.instance(sop_uid)
     if known is not None and known.sha256 != digest:
         raise Refusal(bad, "duplicate_conflict", "SOP Instance UID already received with different content")
-    record = InstanceRecord(
-        sop_instance_uid=sop_uid,
-        sop_class_uid=request.sop_class_uid,
-        study_instance_uid=study_uid,
-        series_instance_uid=series_uid,
-        path="",
-        sha256=digest,
-        size=len(data),
-        calling_ae=request.calling_ae,
-        received_at=time.time(),
-    )
+    received_at = time.time()
     # The identical instance again is a no-op, unless a crash before the flush lost its file.
     lost = known is not None and not _intact(Path(known.path), known.size)
     if known is not None and not lost:
         return
     try:
         path = spool.store(study_uid, series_uid, sop_uid, data)
-        journal.record_instance(InstanceRecord(**{**record.__dict__, "path": str(path)}), replace=lost)
+        record = InstanceRecord(
+            sop_instance_uid=sop_uid,
+            sop_class_uid=request.sop_class_uid,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            path=str(path),
+            sha256=digest,
+            size=len(data),
+            calling_ae=request.calling_ae,
+            received_at=received_at,
+        )
+        journal.record_instance(record, replace=lost)
         storage.group_sync.sync()  # file, directory entry and journal row: on disk before success
     except OSError as e:
         raise Refusal(StoreStatus.OUT_OF_RESOURCES, "storage_error", f"cannot store: {e}") from e
