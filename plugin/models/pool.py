@@ -23,17 +23,24 @@ log = logging.getLogger(__name__)
 class ModelPool:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        # A key's entries in _current and _checked change only under its lock in _loading;
+        # _lock, held briefly, guards _loading and _info_labels.
         self._lock = threading.Lock()
+        self._loading: dict[tuple[Path, str], threading.Lock] = {}  # (folder, device) -> held while checked/loaded
         self._current: dict[tuple[Path, str], Artifact] = {}  # (folder, device) -> loaded artifact
         self._checked: dict[tuple[Path, str], tuple] = {}  # (folder, device) -> files as last verified
         self._info_labels: dict[str, tuple[str, ...]] = {}  # pipeline -> its model_info labels
 
     def get(self, pipeline: Pipeline) -> Artifact:
-        """The pipeline's model, loaded on first use or when its artifact changed."""
+        """The pipeline's model, loaded on first use or when its artifact changed.
+        Hashing and compiling take seconds (an int8 artifact after a reload), so each
+        artifact has its own lock: only the pipelines of that artifact wait for it."""
         directory = pipeline.artifact_dir
         device = select_device(pipeline.model.device)
         key = (directory, str(device))
         with self._lock:
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
             current = self._current.get(key)
             files = _fingerprint(directory)
             if current is not None and self._checked.get(key) == files:
@@ -72,13 +79,14 @@ class ModelPool:
             device.type,
             str(artifact.manifest.get("sparsity", 0.0)),
         )
-        previous = self._info_labels.get(pipeline.name)
-        if previous == labels:
-            return
-        if previous is not None:
-            self._metrics.model_info.remove(*previous)
-        self._metrics.model_info.labels(*labels).set(1)
-        self._info_labels[pipeline.name] = labels
+        with self._lock:  # a pipeline whose artifact changed in a reload may come here from two keys' locks
+            previous = self._info_labels.get(pipeline.name)
+            if previous == labels:
+                return
+            if previous is not None:
+                self._metrics.model_info.remove(*previous)
+            self._metrics.model_info.labels(*labels).set(1)
+            self._info_labels[pipeline.name] = labels
 
     @staticmethod
     def infer(artifact: Artifact, batch: torch.Tensor) -> torch.Tensor:
