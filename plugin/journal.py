@@ -27,7 +27,6 @@ CREATE TABLE IF NOT EXISTS instances (
     study_instance_uid TEXT NOT NULL,
     series_instance_uid TEXT NOT NULL,
     path TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
     size INTEGER NOT NULL,
     calling_ae TEXT NOT NULL,
     received_at REAL NOT NULL,
@@ -87,7 +86,6 @@ class InstanceRecord:
     study_instance_uid: str
     series_instance_uid: str
     path: str
-    sha256: str
     size: int
     calling_ae: str
     received_at: float
@@ -169,6 +167,13 @@ class Journal:
         # the node's group sync. Anything else lost that way is redone idempotently.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a journal written by an earlier radpipe to this schema, keeping every row."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(instances)")}
+        if "sha256" in columns:  # radpipe <= 0.1 hashed every instance; sameness is now decided by content
+            self._db.execute("ALTER TABLE instances DROP COLUMN sha256")
 
     def close(self) -> None:
         with self._lock:
@@ -187,33 +192,26 @@ class Journal:
 
     # -- instances ---------------------------------------------------------------------
 
-    def record_instance(self, record: InstanceRecord, replace: bool = False) -> bool:
-        """Journal a stored instance. Returns False when the identical instance (same
-        SOP Instance UID and content hash) is already journaled, so a re-send is a no-op;
-        with ``replace`` (its file was lost) or different content, the instance is
-        journaled anew and pending again."""
+    def record_instance(self, record: InstanceRecord, replace: bool = False) -> None:
+        """Journal a stored instance, pending. With ``replace`` (the instance's file was
+        lost before it was flushed), its earlier row is replaced and it is pending again.
+        Whether a known SOP Instance UID is the same instance is the node's call."""
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT sha256 FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,)
-            ).fetchone()
-            if row is not None and row[0] == record.sha256 and not replace:
-                return False
-            db.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,))
+            if replace:
+                db.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,))
             db.execute(
-                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
                 (
                     record.sop_instance_uid,
                     record.sop_class_uid,
                     record.study_instance_uid,
                     record.series_instance_uid,
                     record.path,
-                    record.sha256,
                     record.size,
                     record.calling_ae,
                     record.received_at,
                 ),
             )
-            return True
 
     def instance(self, sop_instance_uid: str) -> InstanceRecord | None:
         with self._lock:

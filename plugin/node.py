@@ -7,13 +7,15 @@ quarantines with the reason, and it answers a named DIMSE status.
 """
 
 import functools
-import hashlib
 import io
 import logging
 import ssl
 import struct
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from plugin.durability import GroupSync
 from plugin.journal import InstanceRecord, Journal
 from plugin.metrics import Metrics
 from plugin.quarantine import Quarantine
+from plugin.resend import same_instance
 from plugin.spool import Spool, is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,32 @@ class StoreLimits:
     max_queued_jobs: int
 
 
+class InstanceLocks:
+    """One lock per SOP Instance UID being received. A sender that tries again while its
+    first try is still being stored (two associations, one instance) waits for that try
+    and then finds the instance known, instead of racing it onto the same spool file."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[threading.Lock, int]] = {}  # UID -> (its lock, threads using it)
+
+    @contextmanager
+    def hold(self, uid: str) -> Iterator[None]:
+        with self._lock:
+            lock, users = self._held.get(uid, (threading.Lock(), 0))
+            self._held[uid] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                users = self._held[uid][1] - 1
+                if users:
+                    self._held[uid] = (lock, users)
+                else:
+                    del self._held[uid]
+
+
 @dataclass(frozen=True)
 class Storage:
     """What the C-STORE handler writes to and reports into (bound into the acceptor's ``Services``)."""
@@ -69,6 +98,7 @@ class Storage:
     quarantine: Quarantine
     metrics: Metrics
     limits: StoreLimits
+    receiving: InstanceLocks = field(default_factory=InstanceLocks)
 
 
 class Refusal(Exception):
@@ -167,33 +197,46 @@ def _store(request: StoreRequest, storage: Storage) -> None:
         raise Refusal(StoreStatus.OUT_OF_RESOURCES, "out_of_resources", "spool below its free-space floor")
     if journal.queued_jobs() >= limits.max_queued_jobs:
         raise Refusal(StoreStatus.OUT_OF_RESOURCES, "queue_full", "job queue at its cap")
-    # Of the data set alone: a re-send from another AE title (in the file meta) is the same instance.
-    digest = hashlib.sha256(request.dataset).hexdigest()
-    known = journal.instance(sop_uid)
-    if known is not None and known.sha256 != digest:
-        raise Refusal(bad, "duplicate_conflict", "SOP Instance UID already received with different content")
     received_at = time.time()
-    # The identical instance again is a no-op, unless a crash before the flush lost its file.
-    lost = known is not None and not _intact(Path(known.path), known.size)
-    if known is not None and not lost:
-        return
+    with storage.receiving.hold(sop_uid):
+        known = journal.instance(sop_uid)
+        # The same instance again is a no-op, unless a crash before the flush lost its file.
+        lost = known is not None and not _intact(Path(known.path), known.size)
+        if known is not None and not lost:
+            _check_resend(known, data)
+            return
+        try:
+            path = spool.store(study_uid, series_uid, sop_uid, data)
+            record = InstanceRecord(
+                sop_instance_uid=sop_uid,
+                sop_class_uid=request.sop_class_uid,
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid,
+                path=str(path),
+                size=len(data),
+                calling_ae=request.calling_ae,
+                received_at=received_at,
+            )
+            journal.record_instance(record, replace=lost)
+            storage.group_sync.sync()  # file, directory entry and journal row: on disk before success
+        except OSError as e:
+            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "storage_error", f"cannot store: {e}") from e
+
+
+def _check_resend(known: InstanceRecord, data: bytes) -> None:
+    """A SOP Instance UID already stored: return (answer success, store nothing, start no
+    re-run) when ``data`` holds the same instance in any transfer syntax; refuse it when
+    its content differs or cannot be compared."""
+    uid = known.sop_instance_uid
+    bad = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     try:
-        path = spool.store(study_uid, series_uid, sop_uid, data)
-        record = InstanceRecord(
-            sop_instance_uid=sop_uid,
-            sop_class_uid=request.sop_class_uid,
-            study_instance_uid=study_uid,
-            series_instance_uid=series_uid,
-            path=str(path),
-            sha256=digest,
-            size=len(data),
-            calling_ae=request.calling_ae,
-            received_at=received_at,
-        )
-        journal.record_instance(record, replace=lost)
-        storage.group_sync.sync()  # file, directory entry and journal row: on disk before success
-    except OSError as e:
-        raise Refusal(StoreStatus.OUT_OF_RESOURCES, "storage_error", f"cannot store: {e}") from e
+        same = same_instance(Path(known.path), data)
+    except Exception as e:
+        raise Refusal(
+            bad, "duplicate_conflict", f"{uid} already received; cannot compare the re-sent content: {e}"
+        ) from e
+    if not same:
+        raise Refusal(bad, "duplicate_conflict", f"{uid} already received with different content")
 
 
 def _intact(path: Path, size: int) -> bool:
@@ -215,7 +258,9 @@ def handle_store(request: StoreRequest, storage: Storage) -> int:
         log.error("C-STORE from %s refused (%s): %s", calling_ae, refusal.reason, refusal.detail)
         if refusal.status != StoreStatus.OUT_OF_RESOURCES:  # the sender keeps those and retries
             try:
-                storage.quarantine.keep_bytes(request.dataset, refusal.reason, refusal.detail, calling_ae)
+                storage.quarantine.keep_bytes(
+                    request.dataset, refusal.reason, refusal.detail, calling_ae, request.sop_instance_uid
+                )
             except OSError as e:
                 log.error("cannot quarantine the refused instance: %s", e)
         return int(refusal.status)

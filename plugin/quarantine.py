@@ -1,8 +1,9 @@
 """Quarantine: what the node refuses or cannot process is kept, never dropped.
 
 Each item is ``<storage>/quarantine/<reason>/<time>-<id>.dcm`` (the bytes as received)
-with a ``.json`` beside it saying why. The reason names a failure category; the detail
-never includes patient attributes.
+with a ``.json`` beside it saying why: the reason (a failure category), the detail, the
+SOP Instance UID and where it came from (calling AE, or the job). Nothing in the record
+is a patient attribute.
 """
 
 import json
@@ -24,23 +25,29 @@ class Quarantine:
     def _target(self, reason: str) -> Path:
         return self.root / reason / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.dcm"
 
-    def _describe(self, target: Path, reason: str, detail: str, source: str) -> None:
-        note = {"reason": reason, "detail": detail, "source": source, "time": time.time()}
+    def _describe(self, target: Path, reason: str, detail: str, source: str, sop_instance_uid: str) -> None:
+        note = {
+            "reason": reason,
+            "detail": detail,
+            "sop_instance_uid": sop_instance_uid,
+            "source": source,
+            "time": time.time(),
+        }
         write_durably(target.with_suffix(".json"), json.dumps(note, indent=2).encode())
         log.warning("quarantined (%s) from %s: %s -> %s", reason, source, detail, target.name)
 
-    def keep_bytes(self, data: bytes, reason: str, detail: str, source: str) -> Path:
+    def keep_bytes(self, data: bytes, reason: str, detail: str, source: str, sop_instance_uid: str) -> Path:
         target = self._target(reason)
         write_durably(target, data)
-        self._describe(target, reason, detail, source)
+        self._describe(target, reason, detail, source, sop_instance_uid)
         return target
 
-    def keep_file(self, path: Path, reason: str, detail: str, source: str) -> Path:
+    def keep_file(self, path: Path, reason: str, detail: str, source: str, sop_instance_uid: str) -> Path:
         """Copy a stored instance here (the spool copy stays: the journal refers to it)."""
         target = self._target(reason)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
-        self._describe(target, reason, detail, source)
+        self._describe(target, reason, detail, source, sop_instance_uid)
         return target
 
     def count(self, reason: str | None = None) -> int:

@@ -250,7 +250,8 @@ class Runner(Worker):
                     try:
                         item = next(images, None)
                     except PixelDataError as e:
-                        self._quarantine.keep_file(Path(e.source.path), "decode_failed", str(e), f"job {job.id}")
+                        uid = str(e.source.header.SOPInstanceUID)
+                        self._quarantine.keep_file(Path(e.source.path), "decode_failed", str(e), f"job {job.id}", uid)
                         raise JobError(f"{e}; instance quarantined") from e
                     if item is None:
                         return True

@@ -1,23 +1,44 @@
 """Journal rows read back exactly as written, and state survives reopening the database."""
 
-from plugin.journal import InstanceRecord, JobSpec, Journal, ResultRecord
+import sqlite3
+
+import pytest
+
+from plugin.journal import SCHEMA, InstanceRecord, JobSpec, Journal, ResultRecord
 
 
-def _instance(sop: str, series: str = "1.2.3", digest: str = "a" * 64) -> InstanceRecord:
-    return InstanceRecord(
-        sop, "1.2.840.10008.5.1.4.1.1.2", "1.2", series, f"/spool/{sop}.dcm", digest, 10, "CT1", 100.0
-    )
+def _instance(sop: str, series: str = "1.2.3", size: int = 10) -> InstanceRecord:
+    return InstanceRecord(sop, "1.2.840.10008.5.1.4.1.1.2", "1.2", series, f"/spool/{sop}.dcm", size, "CT1", 100.0)
 
 
-def test_instance_round_trip_and_idempotent_resend(tmp_path):
+def test_instance_round_trip_and_replacement_of_a_lost_file(tmp_path):
     journal = Journal(tmp_path / "j.sqlite")
     record = _instance("1.2.3.1")
-    assert journal.record_instance(record) is True
+    journal.record_instance(record)
     assert journal.instance("1.2.3.1") == record
-    assert journal.record_instance(record) is False  # identical re-send: nothing changes
-    changed = _instance("1.2.3.1", digest="b" * 64)
-    assert journal.record_instance(changed) is True
-    assert journal.instance("1.2.3.1") == changed
+    with pytest.raises(sqlite3.IntegrityError):  # a known UID is the node's call (plugin/resend.py), never a 2nd row
+        journal.record_instance(_instance("1.2.3.1", size=11))
+    replaced = _instance("1.2.3.1", size=12)  # its file was lost before the flush: received again
+    journal.record_instance(replaced, replace=True)
+    assert journal.instance("1.2.3.1") == replaced
+    journal.close()
+
+
+def test_journal_of_an_earlier_version_opens_with_its_rows(tmp_path):
+    """radpipe 0.1 journals kept a sha256 per instance; the column goes, the rows stay."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA.replace("path TEXT NOT NULL,", "path TEXT NOT NULL, sha256 TEXT NOT NULL,", 1))
+    db.execute("INSERT INTO instances VALUES ('1.2.3.1', '1.2.840.10008.5.1.4.1.1.2', '1.2', '1.2.3', '/s', 'ab', 10,"
+               " 'CT1', 100.0, NULL)")  # fmt: skip
+    db.commit()
+    db.close()
+    journal = Journal(path)
+    assert journal.instance("1.2.3.1") == InstanceRecord(
+        "1.2.3.1", "1.2.840.10008.5.1.4.1.1.2", "1.2", "1.2.3", "/s", 10, "CT1", 100.0
+    )
+    journal.record_instance(_instance("1.2.3.2"))
+    assert journal.queue_depths()["assembly"] == 2
     journal.close()
 
 
