@@ -15,7 +15,7 @@ Lifecycle:
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +76,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     delivered_at REAL,
     PRIMARY KEY (result_id, destination)
 );
+-- Each destination's sender polls for its due deliveries several times a second: this
+-- keeps that poll proportional to what is pending, not to everything ever delivered.
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, next_attempt_at)
+    WHERE status = 'pending';
 """
 
 
@@ -347,13 +351,29 @@ class Journal:
         " JOIN jobs j ON j.id = r.job_id JOIN batches b ON b.id = j.batch_id"
     )
 
-    def due_deliveries(self, now: float) -> list[Delivery]:
-        """Pending deliveries whose next attempt is due, most urgent pipeline first."""
+    def due_deliveries(self, now: float, destination: str | None = None, limit: int | None = None) -> list[Delivery]:
+        """Pending deliveries whose next attempt is due (to ``destination``, or to any),
+        most urgent pipeline first; at most ``limit`` of them."""
+        sql = f"{self._DELIVERY} WHERE d.status = 'pending' AND d.next_attempt_at <= ?"
+        params: list[float | str | int] = [now]
+        if destination is not None:
+            sql += " AND d.destination = ?"
+            params.append(destination)
+        sql += " ORDER BY j.priority DESC, d.result_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, params).fetchall()
+        return [Delivery(*row) for row in rows]
+
+    def deliveries_elsewhere(self, destinations: Collection[str]) -> list[Delivery]:
+        """Pending deliveries to any destination but ``destinations``: those to a
+        destination the config no longer has."""
+        where = f" AND d.destination NOT IN ({', '.join('?' * len(destinations))})" if destinations else ""
         with self._lock:
             rows = self._db.execute(
-                f"{self._DELIVERY} WHERE d.status = 'pending' AND d.next_attempt_at <= ?"
-                " ORDER BY j.priority DESC, d.result_id",
-                (now,),
+                f"{self._DELIVERY} WHERE d.status = 'pending'{where} ORDER BY d.result_id", list(destinations)
             ).fetchall()
         return [Delivery(*row) for row in rows]
 
