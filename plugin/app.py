@@ -7,6 +7,7 @@ from pathlib import Path
 from threading import Thread
 from wsgiref.simple_server import WSGIServer
 
+import pydicom
 from prometheus_client import CollectorRegistry
 
 from plugin.acceptor import AssociationServer
@@ -42,6 +43,9 @@ def read_pipelines(config: NodeConfig) -> list[Pipeline]:
 
 class Node:
     def __init__(self, config: NodeConfig, registry: CollectorRegistry | None = None) -> None:
+        # The node judges received values itself (UIDs, the pixel module) and answers a
+        # named status; pydicom's check of each value it reads would only warn, quoting it.
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         self.config = config
         self.metrics = Metrics(registry)
         storage = config.storage.dir

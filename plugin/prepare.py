@@ -8,9 +8,11 @@ large series never piles up in memory. With no workers the same function runs in
 runner's thread: the results are identical either way.
 """
 
+import dataclasses
 import logging
 import multiprocessing
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -35,10 +37,11 @@ class Prepared:
     error: str | None
     decode_seconds: float
     preprocess_seconds: float
+    warnings: tuple[str, ...] = ()  # Python warnings raised in a worker process, for the node to log
 
 
 def prepare(path: str, steps: list[PreprocessStep]) -> Prepared:
-    """Decode one instance and preprocess its frames (what a worker runs)."""
+    """Decode one instance and preprocess its frames."""
     start = time.perf_counter()
     try:
         frames = modality_frames(pydicom.dcmread(path))
@@ -47,6 +50,15 @@ def prepare(path: str, steps: list[PreprocessStep]) -> Prepared:
     decoded = time.perf_counter()
     images = preprocess(steps, torch.from_numpy(frames)[:, None]).numpy()
     return Prepared(images, None, decoded - start, time.perf_counter() - decoded)
+
+
+def _prepare_in_worker(path: str, steps: list[PreprocessStep]) -> Prepared:
+    """:func:`prepare` in a worker process. Its stderr is not the node's log, so its
+    Python warnings (a decoder's complaint may quote a patient's value) come back with the
+    result and the node logs them, scrubbed, like its own."""
+    with warnings.catch_warnings(record=True) as caught:
+        prepared = prepare(path, steps)
+    return dataclasses.replace(prepared, warnings=tuple(str(w.message) for w in caught))
 
 
 def _one_torch_thread() -> None:
@@ -85,15 +97,18 @@ class Preparer:
         remaining = iter(sources)
         try:
             for source in remaining:
-                pending.append((source, executor.submit(prepare, source.path, steps)))
+                pending.append((source, executor.submit(_prepare_in_worker, source.path, steps)))
                 if len(pending) >= 2 * self.workers:
                     break
             while pending:
                 source, future = pending.popleft()
                 following = next(remaining, None)
                 if following is not None:
-                    pending.append((following, executor.submit(prepare, following.path, steps)))
-                yield source, self._checked(source, future.result())
+                    pending.append((following, executor.submit(_prepare_in_worker, following.path, steps)))
+                prepared = future.result()
+                for message in prepared.warnings:
+                    logging.getLogger("py.warnings").warning("%s", message)
+                yield source, self._checked(source, prepared)
         except BrokenProcessPool as e:
             log.error("a decode worker process died; starting the pool again")
             executor.shutdown(wait=True, cancel_futures=True)

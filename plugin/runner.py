@@ -23,7 +23,7 @@ from pydicom.filewriter import dcmwrite
 
 from plugin.journal import InstanceRecord, JobRecord, Journal
 from plugin.loader import PixelDataError, Source, is_image, read_sources
-from plugin.logs import log_context
+from plugin.logs import identifying_values, log_context, redacting, scrub
 from plugin.match import holds
 from plugin.metrics import Metrics, StageTimer
 from plugin.models.artifact import Artifact
@@ -57,6 +57,7 @@ class Work:
     logits: list[torch.Tensor] = field(default_factory=list)
     waiting: int = 0  # images handed to the batcher and not inferred yet
     error: Exception | None = None
+    identity: tuple[str, ...] = ()  # the patient's identifying values: never logged (logs.redacting)
 
 
 class Batcher:
@@ -164,7 +165,7 @@ class Runner(Worker):
 
     def _fail(self, job: JobRecord, error: Exception) -> None:
         log.error("job %d (%s) failed: %s", job.id, job.pipeline, error, exc_info=not isinstance(error, JobError))
-        self._journal.fail_job(job.id, f"{type(error).__name__}: {error}")
+        self._journal.fail_job(job.id, scrub(f"{type(error).__name__}: {error}"))
         self._metrics.jobs.labels(job.pipeline, "failed").inc()
 
     def _next_sharing(self, previous: JobRecord, batcher: Batcher) -> Work | None:
@@ -234,7 +235,9 @@ class Runner(Worker):
                     sources = [s for s in read_sources(selected, pipeline.input.sort) if is_image(s)]
                 if not sources:
                     raise JobError("no images among the inputs (non-image SOP classes only)")
-                return Work(job, pipeline, artifact, sources, timer)
+                return Work(
+                    job, pipeline, artifact, sources, timer, identity=identifying_values(s.header for s in sources)
+                )
             except Exception as e:
                 self._fail(job, e)
                 return None
@@ -243,7 +246,7 @@ class Runner(Worker):
         """Decode and preprocess the job's images (ahead, on the preparer's workers) into
         the batcher; False (job failed, its images dropped) on a decode error."""
         job, timer = work.job, work.timer
-        with log_context(f"job-{job.id}"):
+        with log_context(f"job-{job.id}"), redacting(work.identity):
             images = self._preparer.images(work.sources, work.pipeline.preprocess)
             try:
                 while work.error is None:
@@ -270,7 +273,7 @@ class Runner(Worker):
     def _finish_inferred(self, fed: list[Work]) -> list[Work]:
         """Write the results of every job whose images are all inferred; return the rest."""
         for work in [w for w in fed if not w.waiting]:
-            with log_context(f"job-{work.job.id}"):
+            with log_context(f"job-{work.job.id}"), redacting(work.identity):
                 try:
                     if work.error is not None:
                         raise work.error
