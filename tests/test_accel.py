@@ -5,6 +5,7 @@ Data sets are tiny (tens of phantom slices, a fraction of an epoch) so the file 
 a couple of minutes on two cores; what is checked is behaviour, not accuracy.
 """
 
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -133,6 +134,17 @@ def test_tampered_optimized_artifact_is_refused(tmp_path, int8_artifact):
     data[-3] ^= 0x01  # one bit of the last tensor (observer statistics sort last)
     weights.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="refusing to load a modified artifact"):
+        load_artifact(copy, torch.device("cpu"))
+
+
+def test_int8_artifact_from_another_torchao_release_is_refused_with_both_versions(tmp_path, int8_artifact):
+    copy = tmp_path / "older"
+    shutil.copytree(int8_artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["versions"]["torchao"] = "0.14.0"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    installed = importlib.metadata.version("torchao")
+    with pytest.raises(ArtifactError, match=rf"torchao 0\.14\.0; this node runs torch .* and torchao {installed}"):
         load_artifact(copy, torch.device("cpu"))
 
 

@@ -15,10 +15,13 @@ this torch version would build.
 
 import logging
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from plugin.models.artifact import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +224,24 @@ def input_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:
     return int(spec["channels"]), int(spec["height"]), int(spec["width"])
 
 
+def check_quantization_versions(manifest: dict[str, Any]) -> None:
+    """Observer statistics are restored by the names torchao gives the quantized graph's
+    nodes, and those may change with any torch or torchao release: an int8 artifact serves
+    only under the releases that wrote it (recorded in its manifest's ``versions``)."""
+    recorded = manifest.get("versions", {})
+    wrote = {package: str(recorded.get(package, "unknown")).split("+")[0] for package in ("torch", "torchao")}
+    runs = {"torch": torch.__version__.split("+")[0], "torchao": metadata.version("torchao")}
+    if wrote != runs:
+        raise ArtifactError(
+            f"{manifest.get('name', 'this int8 artifact')} was quantized with torch {wrote['torch']} and torchao "
+            f"{wrote['torchao']}; this node runs torch {runs['torch']} and torchao {runs['torchao']}. "
+            "Run `radpipe optimize` again here to rebuild it."
+        )
+
+
 def serve_int8(module: nn.Module, tensors: dict[str, Tensor], manifest: dict[str, Any]) -> nn.Module:
     """The int8 program of an optimized artifact, lowered by inductor for each bucket (CPU)."""
+    check_quantization_versions(manifest)
     quantization = manifest["quantization"]
     shape = input_shape(manifest)
     buckets = quantization.get("buckets", [1, 8, 32])
