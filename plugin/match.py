@@ -68,7 +68,7 @@ class Attribute:
                 element = ds.private_block(group, creator)[offset]
             except KeyError:
                 return None
-        elif self._tag in ds:
+        elif self._tag is not None and self._tag in ds:
             element = ds[self._tag]
         else:
             return None

@@ -14,7 +14,7 @@ import multiprocessing
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -85,7 +85,9 @@ class Preparer:
         context = multiprocessing.get_context("forkserver")
         return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_one_torch_thread)
 
-    def images(self, sources: Sequence[Source], steps: list[PreprocessStep]) -> Iterator[tuple[Source, Prepared]]:
+    def images(
+        self, sources: Sequence[Source], steps: list[PreprocessStep]
+    ) -> Generator[tuple[Source, Prepared], None, None]:
         """Each source with its prepared images, in order; raises :class:`PixelDataError`
         for the first that cannot be decoded, :class:`WorkerDied` if a worker died."""
         if self._executor is None:

@@ -204,8 +204,11 @@ def bench(
     pruned = fp32_module(optimized_dir)
     save_file({k: v.contiguous() for k, v in pruned.state_dict().items()}, str(work / "pruned.safetensors"))
     variants["pruned fp32"] = (pruned, _dir_size(work / "pruned.safetensors"))
-    recipe = Recipe(
-        quantize={"cpu": "int8_static", "buckets": buckets}, accept={"max_auc_drop": 1, "max_per_class_auc_drop": 1}
+    recipe = Recipe.model_validate(
+        {
+            "quantize": {"cpu": "int8_static", "buckets": buckets},
+            "accept": {"max_auc_drop": 1, "max_per_class_auc_drop": 1},
+        }
     )
     int8_dir = optimize_artifact(original, recipe, data, steps, findings, "softmax", work / "int8").target
     assert int8_dir is not None  # nothing to refuse with these limits
@@ -221,9 +224,9 @@ def bench(
     for name, (run, size) in variants.items():
         scores = evaluate(run, data.heldout, classes, findings, batch=max(buckets), what=f"AUC of {name}")
         for batch in batch_sizes:
-            p50, p95, speed = measure(run, data.heldout.images, batch, seconds)
-            rows.append(Row(name, batch, p50, p95, speed, size / 1e6, scores.overall))
-            print(f"{name:<22} batch {batch:>3}: {p50:8.2f} ms p50, {speed:8.1f} images/s", flush=True)
+            p50, p95, rate = measure(run, data.heldout.images, batch, seconds)
+            rows.append(Row(name, batch, p50, p95, rate, size / 1e6, scores.overall))
+            print(f"{name:<22} batch {batch:>3}: {p50:8.2f} ms p50, {rate:8.1f} images/s", flush=True)
 
     def speed(variant: str, batch: int) -> float:
         return next(r.images_per_s for r in rows if r.variant == variant and r.batch == batch)
@@ -277,8 +280,8 @@ def run(
             steps = list(pipeline.preprocess)
             findings = [f.label for f in pipeline.postprocess.findings]
             recipe = pipeline.model.optimize or Recipe()
-        else:
-            manifest = read_manifest(optimized_dir)
+        else:  # the target is an optimized artifact
+            manifest = read_manifest(target)
             steps = [PreprocessStep.model_validate(s) for s in manifest["preprocessing"]["steps"]]
             findings = list(manifest["evaluation"]["original"]["per_class_auc"])
             recipe = Recipe.model_validate(manifest["recipe"])
@@ -299,7 +302,7 @@ def run(
             optimized_dir = outcome.target
         rows, summary = bench(original_dir, optimized_dir, steps, findings, data, batch_sizes, seconds, work)
     out.mkdir(parents=True, exist_ok=True)
-    result = {
+    result: dict[str, Any] = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),

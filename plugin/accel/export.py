@@ -34,7 +34,7 @@ def preprocessing_record(steps: list[PreprocessStep]) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    found = {"torch": torch.__version__}
+    found = {"torch": str(torch.__version__)}
     for package in ("torchao", "torch-pruning", "monai"):
         try:
             found[package] = metadata.version(package)

@@ -59,7 +59,7 @@ def _importance(criterion: str) -> object:
 
 def _classifier_layers(model: nn.Module) -> list[nn.Module]:
     """The output layer keeps its width: one output per class."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears: list[nn.Module] = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1:]
 
 

@@ -5,8 +5,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import CTImageStorage
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
 
 from plugin.demo.series import synthetic_study
 from plugin.outputs.sr import read_measurement_report

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from plugin import __version__
 from plugin.demo.phantom import PIXEL_SPACING_MM, make_volume
@@ -58,7 +58,7 @@ def write_ct_series(
     for index, pixels in enumerate(volume):
         instance = index + 1
         z = ((n - 1) / 2 - index) * SLICE_THICKNESS_MM
-        sop_uid = _uid(seed, series_uid, instance)
+        sop_uid = UID(_uid(seed, series_uid, instance))
 
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage

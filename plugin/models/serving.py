@@ -267,7 +267,8 @@ def serve_gpu(module: nn.Module, manifest: dict[str, Any], device: torch.device)
 def _copy_as(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     import copy
 
-    return copy.deepcopy(module).to(dtype=dtype, memory_format=torch.channels_last)
+    # Module.to takes memory_format at run time; torch's type stubs leave it out.
+    return copy.deepcopy(module).to(dtype=dtype, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def load_optimized(
