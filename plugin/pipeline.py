@@ -19,7 +19,7 @@ from pydicom.datadict import tag_for_keyword
 from plugin.accel.recipe import Recipe
 from plugin.match import Rule, parse_match
 from plugin.preprocess import PreprocessStep
-from plugin.yamlfile import YAMLError, YAMLFile, read_yaml
+from plugin.yamlfile import YAMLError, YAMLFile, read_yaml, validation_errors
 
 
 class _Strict(BaseModel):
@@ -175,16 +175,6 @@ class PipelineError(Exception):
     """Pipeline files are invalid; ``str()`` is one ``file:line:column: message`` per error."""
 
 
-def _pydantic_errors(source: YAMLFile, error: ValidationError) -> list[str]:
-    lines = []
-    for item in error.errors():
-        location = tuple(p for p in item["loc"] if not str(p).startswith("function-"))
-        dotted = ".".join(str(p) for p in location) or "(top level)"
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{source.where(location)}: {dotted}: {message}")
-    return lines
-
-
 def _check_artifact(pipeline: Pipeline, source: YAMLFile) -> list[str]:
     """The artifact exists and has every class a finding names (hashes are checked at load)."""
     where = source.where(("model", "artifact"))
@@ -218,7 +208,7 @@ def _parse(source: YAMLFile, sha256: str) -> tuple[Pipeline | None, list[str]]:
     try:
         pipeline = Pipeline.model_validate(raw)
     except ValidationError as e:
-        return None, errors + _pydantic_errors(source, e)
+        return None, errors + validation_errors(e, source.where)
     pipeline._rule = rule
     pipeline.input._series_rule = series_rule
     pipeline._source = source.path.resolve()

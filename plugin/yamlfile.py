@@ -1,11 +1,13 @@
 """YAML read safely, with the line and column of every key, so that errors found later
 (by pydantic or by our own checks) can point at ``file:line:column``."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 Location = tuple[str | int, ...]
 
@@ -73,3 +75,14 @@ def read_yaml(path: Path, text: str | None = None) -> YAMLFile:
     if errors:
         raise YAMLError("\n".join(errors))
     return result
+
+
+def validation_errors(error: ValidationError, where: Callable[[Location], str]) -> list[str]:
+    """One ``where(location): location: message`` line per pydantic error; ``where`` is
+    usually :meth:`YAMLFile.where`, so that each line points at its key."""
+    lines = []
+    for item in error.errors():
+        location = tuple(p for p in item["loc"] if not str(p).startswith("function-"))
+        dotted = ".".join(str(p) for p in location) or "(top level)"
+        lines.append(f"{where(location)}: {dotted}: {item['msg'].removeprefix('Value error, ')}")
+    return lines
