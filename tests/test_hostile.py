@@ -130,7 +130,7 @@ def test_hostile_corpus_is_refused_or_quarantined_and_the_node_keeps_serving(
             "classes": ["normal", "nodule"],
         },
     )
-    write_pipeline(tmp_path / "pipelines")
+    write_pipeline(tmp_path / "pipelines", match={"Modality": "CT"})  # the undecodable CT too, not only synthetic ones
     write_pipeline(
         tmp_path / "pipelines",
         name="raises",

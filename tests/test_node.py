@@ -46,7 +46,8 @@ def test_echoscu_gets_success(start_node, dcmtk):
     assert out.returncode == 0, out.stderr
 
 
-def test_storescu_series_and_real_ct_give_one_valid_sr_per_series(start_node, dcmtk, demo_study):
+def test_storescu_series_and_real_ct_give_one_valid_sr_per_series(start_node, tmp_path, dcmtk, demo_study):
+    write_pipeline(tmp_path / "pipelines", match={"Modality": "CT"})  # the real CT too, unlike the shipped demo
     node = start_node()
     synthetic = demo_study["Demo chest CT, nodules"]
     brain = [DEID_HUMANS / "ctbrain1.dcm"]
@@ -85,8 +86,9 @@ def test_storescu_series_and_real_ct_give_one_valid_sr_per_series(start_node, dc
 
 
 def test_compressed_inputs_are_decoded_and_processed(start_node, tmp_path, dcmtk):
-    # A second pipeline takes MR so that the RLE and JPEG 2000 MR files are decoded too.
-    write_pipeline(tmp_path / "pipelines")
+    # Any CT (the shipped demo takes only synthetic ones), and a second pipeline takes MR so
+    # that the RLE and JPEG 2000 MR files are decoded too.
+    write_pipeline(tmp_path / "pipelines", match={"Modality": "CT"})
     write_pipeline(tmp_path / "pipelines", name="mr-demo", match={"Modality": "MR"})
     node = start_node()
     cases = [

@@ -1,9 +1,13 @@
-"""Several pipelines on one series, priorities, and a study-level pipeline picking one series."""
+"""Several pipelines on one series, priorities, a study-level pipeline picking one series,
+and the shipped demo pipeline keeping to the synthetic studies it was made for."""
+
+import subprocess
+import sys
 
 import pydicom
 
 from plugin.outputs.sr import read_measurement_report
-from tests.conftest import results, storescu, wait_for, write_pipeline
+from tests.conftest import DEID_HUMANS, PYDICOM_FILES, REPO, results, storescu, wait_for, write_pipeline
 
 
 def _done(node, count):
@@ -37,3 +41,36 @@ def test_study_level_pipeline_runs_once_on_the_selected_series(start_node, tmp_p
     [finding] = read_measurement_report(pydicom.dcmread(sr_path))
     chosen = {str(pydicom.dcmread(p).SOPInstanceUID) for p in demo_study["Demo chest CT, no nodules"]}
     assert set(finding.source_sop_instance_uids) == chosen
+
+
+def test_the_shipped_demo_pipeline_takes_only_synthetic_studies(start_node, demo_study, dcmtk):
+    brain, ct_small = DEID_HUMANS / "ctbrain1.dcm", PYDICOM_FILES / "CT_small.dcm"  # real CT, SIEMENS and GE
+    synthetic = demo_study["Demo chest CT, no nodules"][:2]
+    route = subprocess.run(
+        [sys.executable, "-m", "plugin", "route", "--explain", str(brain), str(ct_small), str(synthetic[0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,  # no config: ./pipelines, the shipped folder
+    )
+    assert route.returncode == 0, route.stdout + route.stderr
+    assert route.stdout.splitlines() == [
+        f"{brain}:",
+        "  no match  lung-nodule-demo v1: Manufacturer == 'radpipe' failed (actual: SIEMENS)",
+        f"{ct_small}:",
+        "  no match  lung-nodule-demo v1: Manufacturer == 'radpipe' failed (actual: GE MEDICAL SYSTEMS)",
+        f"{synthetic[0]}:",
+        "  match     lung-nodule-demo v1",
+    ]
+
+    node = start_node()  # the shipped pipeline, copied
+    for files, options in (([brain], ("-xy",)), ([ct_small], ()), (synthetic, ())):
+        assert storescu(node.port, *files, options=options).returncode == 0
+    for real in (brain, ct_small):
+        uid = str(pydicom.dcmread(real, stop_before_pixels=True).SOPInstanceUID)
+        batch = wait_for(lambda uid=uid: node.journal.instance(uid).batch_id, what=f"{real.name} assembled")
+        assert node.journal.batch_routing(batch) == "unrouted"
+    wait_for(lambda: _done(node, 1), what="the synthetic series' job (and no other)")
+    [sr] = results(node.results_dir)
+    [finding] = read_measurement_report(pydicom.dcmread(sr))
+    assert set(finding.source_sop_instance_uids) == {str(pydicom.dcmread(p).SOPInstanceUID) for p in synthetic}
