@@ -12,8 +12,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from plugin.config import Destination, TLSConfig
-from plugin.dispatch import send_c_store
-from tests.conftest import DEID_HUMANS, free_port, results, storescu, wait_for
+from plugin.scu import DicomFile, StoreSCU, Timeouts
+from tests.conftest import DEID_HUMANS, free_port, results, storescu, wait_for, write_pipeline
 
 
 def _openssl(command: str) -> None:
@@ -84,7 +84,9 @@ def test_tls_only_refuses_plain_and_wrong_client_certificates(start_node, pki, d
         port=node.port,
         tls=TLSConfig(cert=pki / "client.crt", key=pki / "client.key", ca=pki / "ca.crt"),
     )
-    send_c_store(demo_study["Demo chest CT, nodules"][0], destination, "TLSSCU")
+    file = DicomFile.read(demo_study["Demo chest CT, nodules"][0])
+    with StoreSCU(destination, "TLSSCU", Timeouts(connect=10, acse=10, dimse=10, network=10)).associate([file]) as tls:
+        tls.store(file)
     uid = str(pydicom.dcmread(demo_study["Demo chest CT, nodules"][0]).SOPInstanceUID)
     assert node.journal.instance(uid) is not None
 
@@ -100,6 +102,7 @@ def test_tls_with_a_plain_port_beside_it(start_node, pki):
 
 def test_no_patient_identity_in_any_log_line(start_node, tmp_path, caplog, dcmtk):
     caplog.set_level(logging.DEBUG)  # every level of every logger, pynetdicom's and highdicom's included
+    write_pipeline(tmp_path / "pipelines", match={"Modality": "CT"})  # the real CT too, unlike the shipped demo
     node = start_node()
     source = pydicom.dcmread(DEID_HUMANS / "ctbrain1.dcm")
     assert storescu(node.port, DEID_HUMANS / "ctbrain1.dcm", options=("-xy",)).returncode == 0

@@ -1,0 +1,147 @@
+"""The storage SCU: associations to one destination, bounded by timeouts, each carrying
+several C-STOREs. Which results to send, and what a failure means for them, is the
+dispatcher's policy (``dispatch.py``)."""
+
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import build_context
+from pynetdicom.status import code_to_category
+
+from plugin.config import Destination, TLSConfig
+
+# An association request carries at most 128 presentation contexts (odd IDs 1..255).
+MAX_CONTEXTS = 128
+
+
+class DeliveryError(Exception):
+    """The destination could not be reached, or did not answer success, or the file
+    cannot be sent."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds that bound each step of a try: the TCP connection, the answer to the
+    association request and release (ACSE), the answer to each C-STORE (DIMSE), and
+    silence on an open association (network)."""
+
+    connect: float
+    acse: float
+    dimse: float
+    network: float
+
+
+@dataclass(frozen=True)
+class DicomFile:
+    """A file to send, with what its presentation context needs (from its file meta)."""
+
+    path: Path
+    sop_class_uid: UID
+    transfer_syntax_uid: UID
+
+    @classmethod
+    def read(cls, path: Path) -> "DicomFile":
+        """Read the file meta only: the data set itself is read when it is sent."""
+        try:
+            meta = read_file_meta_info(path)
+        except InvalidDicomError as e:
+            raise DeliveryError(f"{path.name} is not a DICOM file: {e}") from e
+        sop_class, syntax = meta.get("MediaStorageSOPClassUID"), meta.get("TransferSyntaxUID")
+        if not sop_class or not syntax:
+            raise DeliveryError(f"{path.name} names no SOP Class or Transfer Syntax UID in its file meta")
+        return cls(path, UID(sop_class), UID(syntax))
+
+
+def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    """TLS towards a destination: verify it against ``ca`` (system roots without one),
+    and present ``cert``/``key`` when given (mutual TLS)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
+    context.check_hostname = False  # DICOM peers are known by address and AE title, not host name
+    if tls.cert is not None:
+        context.load_cert_chain(tls.cert, tls.key)
+    return context
+
+
+class StoreAssociation:
+    """An established association; releases it on leaving a ``with`` block."""
+
+    def __init__(self, association: Association, peer: str, dimse_timeout: float) -> None:
+        self._association = association
+        self._peer = peer
+        self._dimse_timeout = dimse_timeout
+
+    @property
+    def is_established(self) -> bool:
+        return bool(self._association.is_established)
+
+    def store(self, file: DicomFile) -> None:
+        """Send one file; return only when the destination answered Success or Warning."""
+        if not self.is_established:
+            raise DeliveryError(f"{self._peer}: the association was lost")
+        if all(cx.abstract_syntax != file.sop_class_uid for cx in self._association.accepted_contexts):
+            raise DeliveryError(f"{self._peer} accepted no presentation context for {file.sop_class_uid.name}")
+        status = self._association.send_c_store(file.path)
+        if "Status" not in status:
+            raise DeliveryError(f"{self._peer}: no answer to the C-STORE within {self._dimse_timeout:g} s, or aborted")
+        if code_to_category(status.Status) not in ("Success", "Warning"):
+            raise DeliveryError(f"C-STORE answered 0x{status.Status:04X}")
+
+    def __enter__(self) -> "StoreAssociation":
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if self.is_established:
+            self._association.release()
+
+
+class StoreSCU:
+    """Opens associations to one destination, with the configured timeouts and TLS."""
+
+    def __init__(self, destination: Destination, calling_ae: str, timeouts: Timeouts) -> None:
+        self.destination = destination
+        self.timeouts = timeouts
+        self._ae = AE(ae_title=calling_ae)
+        self._ae.connection_timeout = timeouts.connect
+        self._ae.acse_timeout = timeouts.acse
+        self._ae.dimse_timeout = timeouts.dimse
+        self._ae.network_timeout = timeouts.network
+
+    def __str__(self) -> str:
+        return f"{self.destination.ae_title}@{self.destination.host}:{self.destination.port}"
+
+    def associate(self, files: Sequence[DicomFile]) -> StoreAssociation:
+        """An association offering one presentation context per SOP class and transfer
+        syntax among ``files`` (at most ``MAX_CONTEXTS`` of them)."""
+        pairs = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in files})
+        if len(pairs) > MAX_CONTEXTS:
+            raise ValueError(f"{len(pairs)} presentation contexts asked for; one association carries {MAX_CONTEXTS}")
+        tls = self.destination.tls  # a context per association picks up renewed certificate files
+        connected: list[evt.Event] = []
+        association = self._ae.associate(
+            self.destination.host,
+            self.destination.port,
+            contexts=[build_context(sop_class, [syntax]) for sop_class, syntax in pairs],
+            ae_title=self.destination.ae_title,
+            tls_args=(client_ssl_context(tls), None) if tls is not None else None,
+            evt_handlers=[(evt.EVT_CONN_OPEN, connected.append)],
+        )
+        if association.is_established:
+            return StoreAssociation(association, str(self), self.timeouts.dimse)
+        answer = association.acceptor.primitive
+        if association.is_rejected and answer is not None:
+            why = f"rejected the association ({answer.reason_str})"
+        elif connected:
+            why = f"accepted TCP but not the association (aborted, or no answer within {self.timeouts.acse:g} s)"
+        else:
+            why = f"cannot be reached (refused, or no connection within {self.timeouts.connect:g} s)"
+        raise DeliveryError(f"{self}: {why}")
