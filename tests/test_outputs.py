@@ -1,14 +1,30 @@
-"""Output choices: Enhanced SR, a KOS of the key images, and a model artifact replaced under a running node."""
+"""Output choices: Enhanced SR, a KOS of the key images, and a model artifact replaced under a running node;
+results that validate whatever the input carries."""
 
 import shutil
 
 import pydicom
+import pytest
 import torch
+from pydicom import DataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from plugin.models.architectures import DemoCNN
 from plugin.models.artifact import read_manifest, save_artifact
-from plugin.outputs.sr import read_measurement_report
-from tests.conftest import DEMO_ARTIFACT, dciodvfy_errors, results, storescu, wait_for, with_new_uids, write_pipeline
+from plugin.outputs.kos import key_object_selection
+from plugin.outputs.sr import AlgorithmIdentity, measurement_report, read_measurement_report
+from plugin.pipeline import FindingSpec
+from plugin.postprocess import Finding
+from tests.conftest import (
+    DEMO_ARTIFACT,
+    PYDICOM_FILES,
+    dciodvfy_errors,
+    results,
+    storescu,
+    wait_for,
+    with_new_uids,
+    write_pipeline,
+)
 
 
 def test_enhanced_sr_and_key_object_selection(start_node, tmp_path, demo_study, dcmtk):
@@ -52,3 +68,104 @@ def test_replaced_artifact_is_used_by_the_next_job_and_a_broken_one_is_not(start
     assert replaced != original and model_hash_of_next_sr("b") == replaced
     (artifact / "weights.safetensors").write_bytes(b"half-copied")  # a broken copy: the loaded model stays
     assert model_hash_of_next_sr("c") == replaced
+
+
+ALGORITHM = AlgorithmIdentity("unit", "1", "a" * 64, "b" * 64, "fp32", "cpu")
+NODULE = FindingSpec(label="nodule", code=("SCT", "27925004", "Nodule"), threshold=0.5)
+
+
+def _header(**values: object) -> pydicom.Dataset:
+    """CT_small's header with ``values`` set as they are (None: removed), however invalid."""
+    header = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm", stop_before_pixels=True)
+    with pydicom.config.disable_value_validation():
+        for keyword, value in values.items():
+            if value is None:
+                del header[keyword]
+            else:
+                tag = tag_for_keyword(keyword)
+                header[tag] = DataElement(tag, dictionary_VR(tag), value)
+    return header
+
+
+def _results_errors(header: pydicom.Dataset, directory) -> dict[str, list[str]]:
+    """dciodvfy's errors on the SR and the KOS built from ``header``."""
+    findings = [Finding(NODULE, 0.9, True, 0)]
+    errors = {}
+    for kind, result in (
+        ("sr", measurement_report([header], findings, ALGORITHM)),
+        ("kos", key_object_selection([header], [header], ALGORITHM)),
+    ):
+        result.save_as(directory / f"{kind}.dcm", enforce_file_format=True)
+        errors[kind] = dciodvfy_errors(directory / f"{kind}.dcm")
+    return errors
+
+
+def test_results_of_an_input_whose_identity_was_removed_without_a_method_validate(tmp_path, dcmtk, caplog):
+    header = _header(PatientIdentityRemoved="YES")
+    assert _results_errors(header, tmp_path) == {"sr": [], "kos": []}
+    assert "PatientIdentityRemoved" not in pydicom.dcmread(tmp_path / "sr.dcm")
+    assert header.PatientIdentityRemoved == "YES"  # the input's header is not changed
+    [warning] = {r.getMessage() for r in caplog.records if r.name == "plugin.outputs.conformance"}
+    assert "PatientIdentityRemoved" in warning and "YES" not in warning
+
+
+def _code(value: str, scheme: str, meaning: str) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _item(**values: object) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+# Inputs that are not conformant in the attributes a result copies; each but the age
+# (which radpipe repaired already) made the SR or the KOS fail dciodvfy, or highdicom
+# raise, before radpipe conformed what highdicom copies.
+NONCONFORMANT = {
+    "type 2 attributes absent": dict.fromkeys(
+        ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "StudyDate"),
+    ),
+    "invalid values": {
+        "PatientSex": "X",
+        "StudyDate": "2020-01-01",
+        "StationName": "s" * 40,
+        "PatientSize": "1.800000000000000001",
+    },
+    "unknown character set": {"SpecificCharacterSet": "ISO-8859-1"},
+    "name with too many components": {"ReferringPhysicianName": "a^b^c^d^e^f"},
+    "age string without zero padding (repaired)": {"PatientAge": "75Y"},
+    "enumerated value": {"SmokingStatus": "MAYBE", "QualityControlSubject": "Y"},
+    "animal without breed": {"PatientSpeciesDescription": "Canis lupus familiaris"},
+    "strain without species": {"StrainDescription": "C57BL/6"},
+    "alternative calendar without its name": {"PatientBirthDateInAlternativeCalendar": "5783"},
+    "calendar name alone": {"PatientAlternativeCalendar": "HEBREW"},
+    "responsible person without role": {"ResponsiblePerson": "Doe^Jane"},
+    "clinical trial subject without sponsor": {"ClinicalTrialSubjectID": "17"},
+    "clinical trial study without time point": {"ClinicalTrialTimePointDescription": "baseline"},
+    "other patient ID without its type": {"OtherPatientIDsSequence": [_item(PatientID="X17")]},
+    "code without a value": {"ProcedureCodeSequence": [_code("", "SCT", "CT of chest")]},
+    "reference without its UIDs": {"ReferencedStudySequence": [pydicom.Dataset()]},
+}
+
+
+@pytest.mark.parametrize("values", NONCONFORMANT.values(), ids=NONCONFORMANT.keys())
+def test_results_of_nonconformant_inputs_validate(tmp_path, dcmtk, values):
+    assert _results_errors(_header(**values), tmp_path) == {"sr": [], "kos": []}
+
+
+def test_results_keep_what_conforms_and_what_can_be_repaired(tmp_path, dcmtk):
+    header = _header(
+        PatientIdentityRemoved="YES",
+        DeidentificationMethodCodeSequence=[_code("113100", "DCM", "Basic Application Confidentiality Profile")],
+        PatientAge="75Y",
+        SpecificCharacterSet="ISO-8859-1",
+        PatientName="Müller^Jürgen",
+    )
+    assert _results_errors(header, tmp_path) == {"sr": [], "kos": []}
+    sr = pydicom.dcmread(tmp_path / "sr.dcm")
+    assert (sr.PatientIdentityRemoved, sr.PatientAge, sr.PatientID) == ("YES", "075Y", header.PatientID)
+    assert (sr.SpecificCharacterSet, sr.PatientName) == ("ISO_IR 192", "Müller^Jürgen")

@@ -6,9 +6,11 @@ from collections.abc import Sequence
 import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.coding import Code
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from plugin import __version__
-from plugin.outputs.sr import AlgorithmIdentity, conform_copied_values, result_uids
+from plugin.outputs.conformance import conformant_source
+from plugin.outputs.sr import AlgorithmIdentity, result_uids
 from plugin.postprocess import Finding
 
 OF_INTEREST = Code("113000", "DCM", "Of Interest")
@@ -29,7 +31,7 @@ def key_object_selection(
         raise ValueError("images: a key object selection needs at least one image")
     series_uid, sop_uid = result_uids(algorithm, sources, "kos")
     kos = hd.ko.KeyObjectSelectionDocument(
-        evidence=list(images),
+        evidence=[conformant_source(images[0], KeyObjectSelectionDocumentStorage), *images[1:]],
         content=hd.ko.KeyObjectSelection(
             document_title=OF_INTEREST,
             referenced_objects=list(images),
@@ -43,5 +45,4 @@ def key_object_selection(
         software_versions=f"radpipe {__version__}",
         series_description=f"radpipe {algorithm.pipeline} key images"[:64],
     )
-    conform_copied_values(kos)
     return kos

@@ -5,25 +5,21 @@ Finding (DCM 121071) = the finding's code; TID 4019 Algorithm Identification (na
 pipeline name, version = pipeline version and model hash; parameters = model sha256,
 precision, device, pipeline file hash); a qualitative evaluation Present (SCT 52101004)
 or Absent (SCT 272519000); the probability (DCM 122157, UCUM "1"); and every source image.
-Patient and study attributes are copied from the inputs by highdicom.
+Patient and study attributes are copied from the inputs by highdicom, from a conformed
+copy of the first (:mod:`plugin.outputs.conformance`).
 """
 
-import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
-from pydicom import Dataset, config
-from pydicom.multival import MultiValue
+from pydicom import Dataset
 from pydicom.sr.coding import Code
-from pydicom.uid import EnhancedSRStorage, generate_uid
-from pydicom.valuerep import validate_value
+from pydicom.uid import Comprehensive3DSRStorage, EnhancedSRStorage, generate_uid
 
 from plugin import __version__
+from plugin.outputs.conformance import conformant_source
 from plugin.postprocess import Finding
-
-log = logging.getLogger(__name__)
 
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
@@ -135,9 +131,13 @@ def measurement_report(
         procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=[_measurement_group(f, algorithm, sources, sop_uid) for f in findings],
     )
-    document = hd.sr.EnhancedSR if sop_class == "enhanced" else hd.sr.Comprehensive3DSR
+    document, sop_class_uid = (
+        (hd.sr.EnhancedSR, EnhancedSRStorage)
+        if sop_class == "enhanced"
+        else (hd.sr.Comprehensive3DSR, Comprehensive3DSRStorage)
+    )
     sr = document(
-        evidence=list(sources),
+        evidence=[conformant_source(sources[0], sop_class_uid), *sources[1:]],
         content=report[0],
         series_instance_uid=series_uid,
         series_number=RESULT_SERIES_NUMBER,
@@ -149,40 +149,7 @@ def measurement_report(
         software_versions=f"radpipe {__version__}",
         series_description=f"radpipe {algorithm.pipeline} v{algorithm.pipeline_version} (algorithm result)"[:64],
     )
-    conform_copied_values(sr)
     return sr
-
-
-_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
-
-
-def conform_copied_values(sr: Dataset) -> None:
-    """Repair or blank attribute values copied from non-conformant inputs, so that what
-    radpipe writes is valid even when what it received was not (e.g. Patient's Age "75Y").
-    Only attribute names are logged: the values may identify the patient."""
-    for element in sr:
-        if element.VR not in _TEXT_VRS or element.value in (None, ""):
-            continue
-        values = list(element.value) if isinstance(element.value, MultiValue) else [element.value]
-        try:
-            for value in values:
-                validate_value(element.VR, str(value), config.RAISE)
-        except ValueError:
-            repaired = _repair(element.VR, values)
-            element.value = repaired if repaired is not None else None
-            log.warning(
-                "input has an invalid %s (%s); %s it in the SR",
-                element.keyword,
-                element.VR,
-                "repaired" if repaired is not None else "emptied",
-            )
-
-
-def _repair(vr: str, values: list) -> str | None:
-    """Zero-pad an Age String such as "75Y" to "075Y"; other invalid values: None."""
-    if vr == "AS" and len(values) == 1 and (m := re.fullmatch(r"\s*(\d{1,3})([DWMY])\s*", str(values[0]))):
-        return f"{int(m.group(1)):03d}{m.group(2)}"
-    return None
 
 
 @dataclass(frozen=True)
