@@ -50,11 +50,16 @@ def read_sources(records: Sequence[InstanceRecord], sort: str = "position") -> l
     return sorted(sources, key=order)
 
 
+def frame_count(header: Dataset) -> int:
+    """How many of the model's images an instance holds: one per frame."""
+    return int(header.get("NumberOfFrames", 1) or 1)
+
+
 def modality_frames(ds: Dataset) -> np.ndarray:
     """All frames of an instance as float32 ``[F, H, W]`` in modality units
     (RescaleSlope/Intercept applied); colour images are reduced to their luminance."""
     pixels = ds.pixel_array
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = frame_count(ds)
     samples = int(ds.get("SamplesPerPixel", 1))
     if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
         pixels = apply_color_lut(pixels, ds)

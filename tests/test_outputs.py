@@ -11,7 +11,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from plugin.models.architectures import DemoCNN
 from plugin.models.artifact import read_manifest, save_artifact
-from plugin.outputs.kos import key_object_selection
+from plugin.outputs.kos import key_images, key_object_selection
 from plugin.outputs.sr import AlgorithmIdentity, measurement_report, read_measurement_report
 from plugin.pipeline import FindingSpec
 from plugin.postprocess import Finding
@@ -169,3 +169,10 @@ def test_results_keep_what_conforms_and_what_can_be_repaired(tmp_path, dcmtk):
     sr = pydicom.dcmread(tmp_path / "sr.dcm")
     assert (sr.PatientIdentityRemoved, sr.PatientAge, sr.PatientID) == ("YES", "075Y", header.PatientID)
     assert (sr.SpecificCharacterSet, sr.PatientName) == ("ISO_IR 192", "Müller^Jürgen")
+
+
+def test_key_images_of_multiframe_instances_are_the_instances_holding_the_key_frames():
+    sources = [_header(), _header(NumberOfFrames=10), _header()]
+    findings = [Finding(NODULE, 0.9, True, 5), Finding(NODULE, 0.8, True, 11), Finding(NODULE, 0.1, False, 0)]
+    assert key_images(sources, findings, only_present=True) == sources[1:]
+    assert key_images(sources, findings, only_present=False) == sources

@@ -9,6 +9,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from plugin import __version__
+from plugin.loader import frame_count
 from plugin.outputs.conformance import conformant_source
 from plugin.outputs.sr import AlgorithmIdentity, result_uids
 from plugin.postprocess import Finding
@@ -18,8 +19,10 @@ RESULT_SERIES_NUMBER = 9902
 
 
 def key_images(sources: Sequence[Dataset], findings: Sequence[Finding], only_present: bool) -> list[Dataset]:
-    """The highest-probability image of each (present) finding, each image once."""
-    chosen = {f.key_slice for f in findings if f.present or not only_present}
+    """The instance holding the highest-probability image of each (present) finding, each
+    instance once. A finding's key slice counts the model's images, one per frame."""
+    holder = [i for i, source in enumerate(sources) for _ in range(frame_count(source))]
+    chosen = {holder[f.key_slice] for f in findings if f.present or not only_present}
     return [sources[i] for i in sorted(chosen)]
 
 
