@@ -1,6 +1,7 @@
 """Loading a job's instances: headers in anatomical order, then pixels one instance at a
 time (compressed transfer syntaxes are decoded by pydicom's pylibjpeg/GDCM plugins)."""
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,6 +11,19 @@ from pydicom import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from plugin.journal import InstanceRecord
+
+
+class _WithoutDecoderTracebacks(logging.Filter):
+    """pydicom logs the failure of each decoder plugin it tries on a frame, traceback and
+    all, before it raises one error that names every plugin's failure. That error fails
+    the job in one line (``decode_failed``); the tracebacks would only put bad input into
+    the log as tracebacks (in a worker process, on stderr), so they are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_WithoutDecoderTracebacks())
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from plugin.outputs.kos import key_images, key_object_selection
 from plugin.outputs.sr import AlgorithmIdentity, measurement_report
 from plugin.pipeline import Pipeline
 from plugin.postprocess import findings
-from plugin.prepare import Preparer
+from plugin.prepare import Preparer, WorkerDied
 from plugin.quarantine import Quarantine
 from plugin.router import Router
 from plugin.spool import write_durably
@@ -42,7 +42,12 @@ log = logging.getLogger(__name__)
 
 
 class JobError(Exception):
-    """A job cannot run (its pipeline is gone, its inputs are unreadable, ...)."""
+    """A job cannot run on what it was given (its pipeline is gone, its pixels cannot be
+    decoded, ...): it fails with ``reason``, a name for the failure, in one line."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 @dataclass(eq=False)
@@ -164,8 +169,14 @@ class Runner(Worker):
         self._preparer.close()
 
     def _fail(self, job: JobRecord, error: Exception) -> None:
-        log.error("job %d (%s) failed: %s", job.id, job.pipeline, error, exc_info=not isinstance(error, JobError))
-        self._journal.fail_job(job.id, scrub(f"{type(error).__name__}: {error}"))
+        """Journal and log ``reason: detail`` in one line; anything but a :class:`JobError`
+        is unexpected, named by its type and logged with its traceback."""
+        reason = error.reason if isinstance(error, JobError) else type(error).__name__
+        detail = " ".join(str(error).split())  # decoders' messages span lines
+        log.error(
+            "job %d (%s) failed: %s: %s", job.id, job.pipeline, reason, detail, exc_info=not isinstance(error, JobError)
+        )
+        self._journal.fail_job(job.id, scrub(f"{reason}: {detail}"))
         self._metrics.jobs.labels(job.pipeline, "failed").inc()
 
     def _next_sharing(self, previous: JobRecord, batcher: Batcher) -> Work | None:
@@ -195,7 +206,7 @@ class Runner(Worker):
         if pipeline is None:
             pipeline = next((p for p in self._router.pipelines if p.name == job.pipeline), None)
             if pipeline is None:
-                raise JobError(f"pipeline {job.pipeline!r} is no longer loaded")
+                raise JobError("pipeline_unloaded", f"pipeline {job.pipeline!r} is no longer loaded")
             log.warning(
                 "job %d: pipeline %s changed since routing; running version %s", job.id, job.pipeline, pipeline.version
             )
@@ -214,7 +225,7 @@ class Runner(Worker):
             if rule is None or holds(rule, pydicom.dcmread(series[0].path, stop_before_pixels=True))
         ]
         if not candidates:
-            raise JobError(f"no series of the study satisfies input.series of {pipeline.name}")
+            raise JobError("no_matching_series", f"no series of the study satisfies input.series of {pipeline.name}")
         if pipeline.input.choose == "most_instances":
             return max(candidates, key=len)
         candidates.sort(key=lambda series: min(r.received_at for r in series))
@@ -229,12 +240,12 @@ class Runner(Worker):
                 artifact = self._pool.get(pipeline)
                 records = self._journal.batch_instances(job.batch_id)
                 if not records:
-                    raise JobError(f"batch {job.batch_id} has no instances")
+                    raise JobError("no_instances", f"batch {job.batch_id} has no instances")
                 with timer.stage("load"):
                     selected = self._select(pipeline, records)
                     sources = [s for s in read_sources(selected, pipeline.input.sort) if is_image(s)]
                 if not sources:
-                    raise JobError("no images among the inputs (non-image SOP classes only)")
+                    raise JobError("no_images", "no images among the inputs (non-image SOP classes only)")
                 return Work(
                     job, pipeline, artifact, sources, timer, identity=identifying_values(s.header for s in sources)
                 )
@@ -255,7 +266,9 @@ class Runner(Worker):
                     except PixelDataError as e:
                         uid = str(e.source.header.SOPInstanceUID)
                         self._quarantine.keep_file(Path(e.source.path), "decode_failed", str(e), f"job {job.id}", uid)
-                        raise JobError(f"{e}; instance quarantined") from e
+                        raise JobError("decode_failed", f"{e}; instance quarantined") from e
+                    except WorkerDied as e:  # a decoder crashed on this input and took its process down
+                        raise JobError("worker_died", str(e)) from e
                     if item is None:
                         return True
                     prepared = item[1]
