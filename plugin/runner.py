@@ -28,6 +28,7 @@ from plugin.match import holds
 from plugin.metrics import Metrics, StageTimer
 from plugin.models.artifact import Artifact
 from plugin.models.pool import ModelPool
+from plugin.outputs.conformance import referenceable
 from plugin.outputs.kos import key_images, key_object_selection
 from plugin.outputs.sr import AlgorithmIdentity, measurement_report
 from plugin.pipeline import Pipeline
@@ -246,6 +247,8 @@ class Runner(Worker):
                     sources = [s for s in read_sources(selected, pipeline.input.sort) if is_image(s)]
                 if not sources:
                     raise JobError("no_images", "no images among the inputs (non-image SOP classes only)")
+                if not all(referenceable(s.header) for s in sources):
+                    raise JobError("invalid_uid", "an input's Study, Series or SOP Instance UID is not a valid UID")
                 return Work(
                     job, pipeline, artifact, sources, timer, identity=identifying_values(s.header for s in sources)
                 )

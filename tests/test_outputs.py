@@ -176,3 +176,18 @@ def test_key_images_of_multiframe_instances_are_the_instances_holding_the_key_fr
     findings = [Finding(NODULE, 0.9, True, 5), Finding(NODULE, 0.8, True, 11), Finding(NODULE, 0.1, False, 0)]
     assert key_images(sources, findings, only_present=True) == sources[1:]
     assert key_images(sources, findings, only_present=False) == sources
+
+
+@pytest.mark.parametrize("study_uid", ["999.999.2.19941105.112000", "1.2.840.0113654"], ids=["root", "leading-zero"])
+def test_a_series_whose_uids_no_result_could_carry_fails_named(start_node, tmp_path, demo_study, dcmtk, study_uid):
+    """A result names its sources by their UIDs and cannot change them: the job fails."""
+    series = with_new_uids(demo_study["Demo chest CT, nodules"][:2], tmp_path / "series")
+    for path in series:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = study_uid
+        ds.save_as(path, enforce_file_format=True)
+    node = start_node()
+    assert storescu(node.port, *series).returncode == 0
+    [job] = wait_for(lambda: [j for j in node.journal.jobs() if j.status in ("done", "failed")], what="the job")
+    assert job.status == "failed" and job.error.startswith("invalid_uid: ")
+    assert results(node.results_dir) == []

@@ -129,6 +129,23 @@ def _modules(sop_class_uid: str) -> tuple[_Module, ...]:
     return tuple(modules)
 
 
+def valid_uid(uid: object) -> bool:
+    """A UID valid in what radpipe writes: PS3.5 9.1 (digits, no leading zeros, at most 64
+    characters) under an ISO or joint ISO/ITU-T root arc (1 or 2), and not under the
+    example arc 2.999 (as dciodvfy checks)."""
+    text = "" if uid is None else str(uid)
+    try:
+        validate_value("UI", text, config.RAISE)
+    except ValueError:
+        return False
+    return text.split(".")[0] in ("1", "2") and not (text + ".").startswith("2.999.")
+
+
+def referenceable(source: Dataset) -> bool:
+    """A result names its sources by their UIDs, which it cannot change: can it?"""
+    return all(valid_uid(source.get(k)) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+
+
 def conformant_source(source: Dataset, sop_class_uid: str) -> Dataset:
     """A copy of ``source`` whose attributes that a result of ``sop_class_uid`` copies
     conform; logs the names of those it changed. ``source`` and its elements are not

@@ -10,7 +10,7 @@ from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from plugin import __version__
 from plugin.loader import frame_count
-from plugin.outputs.conformance import conformant_source
+from plugin.outputs.conformance import conformant_source, referenceable
 from plugin.outputs.sr import AlgorithmIdentity, result_uids
 from plugin.postprocess import Finding
 
@@ -32,6 +32,8 @@ def key_object_selection(
     """A KOS referencing ``images`` (a non-empty subset of ``sources``)."""
     if not images:
         raise ValueError("images: a key object selection needs at least one image")
+    if not all(referenceable(s) for s in images):
+        raise ValueError("images: a Study, Series or SOP Instance UID is not a valid UID")
     series_uid, sop_uid = result_uids(algorithm, sources, "kos")
     kos = hd.ko.KeyObjectSelectionDocument(
         evidence=[conformant_source(images[0], KeyObjectSelectionDocumentStorage), *images[1:]],

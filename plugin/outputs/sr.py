@@ -18,7 +18,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, EnhancedSRStorage, generate_uid
 
 from plugin import __version__
-from plugin.outputs.conformance import conformant_source
+from plugin.outputs.conformance import conformant_source, referenceable
 from plugin.postprocess import Finding
 
 PRESENT = Code("52101004", "SCT", "Present")
@@ -114,6 +114,8 @@ def measurement_report(
     ``predecessors``: earlier SRs this one supersedes (Predecessor Documents Sequence)."""
     if not sources:
         raise ValueError("sources: a result needs at least one source image")
+    if not all(referenceable(s) for s in sources):
+        raise ValueError("sources: a Study, Series or SOP Instance UID is not a valid UID")
     series_uid, sop_uid = result_uids(algorithm, sources, "sr")
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
