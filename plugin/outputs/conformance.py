@@ -35,8 +35,9 @@ from highdicom._standard_utils import (  # the tables highdicom copies by (pinne
 )
 from pydicom import DataElement, Dataset, config
 from pydicom.charset import python_encoding
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 from pydicom.valuerep import validate_value
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ CONDITIONS = (
 )  # fmt: skip
 
 # Enumerated values (PS3.3) of the root attributes of those modules.
-ENUMERATED = {
+ENUMERATED: dict[str, set[str | int]] = {
     "PatientSex": {"M", "F", "O"},
     "PatientIdentityRemoved": {"YES", "NO"},
     "QualityControlSubject": {"YES", "NO"},
@@ -152,7 +153,9 @@ def conformant_source(source: Dataset, sop_class_uid: str) -> Dataset:
     changed (the copy replaces elements, never alters them)."""
     copy = Dataset(dict(source.items()))
     modules = _modules(sop_class_uid)
-    left_out, emptied, repaired = [], [], []
+    left_out: list[str] = []
+    emptied: list[str] = []
+    repaired: list[str] = []
     for keyword in [k for m in modules for k in m.types] + ["SpecificCharacterSet"]:
         if keyword in copy and (conformed := _conform_value(copy, keyword, modules)) != "valid":
             (repaired if conformed == "repaired" else left_out).append(keyword)
@@ -281,6 +284,6 @@ def _remove(ds: Dataset, keywords: Iterable[str]) -> list[str]:
 def _add_empty(ds: Dataset, keywords: Iterable[str]) -> list[str]:
     added = [k for k in keywords if k not in ds]
     for keyword in added:
-        tag = tag_for_keyword(keyword)
+        tag = Tag(keyword)
         ds.add(DataElement(tag, dictionary_VR(tag), None))
     return added
