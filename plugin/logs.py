@@ -17,6 +17,7 @@ so stderr carries nothing but records.
 
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from types import TracebackType
+from typing import TextIO
 
 from pydicom import Dataset
 from pydicom.multival import MultiValue
@@ -167,10 +169,30 @@ def _log_uncaught(kind: type[BaseException], value: BaseException, traceback: Tr
     logging.getLogger(__name__).critical("uncaught exception", exc_info=value)
 
 
+def _stderr_as_records() -> TextIO:
+    """Turn file descriptor 2 into a pipe whose lines become records of logger ``stderr``:
+    what C libraries (openjpeg's decoder messages) and child processes write there.
+    Returns the real stderr, for the log handler itself."""
+    real = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if line.strip():
+                    logging.getLogger("stderr").warning("%s", line.rstrip())
+
+    threading.Thread(target=pump, name="stderr", daemon=True).start()
+    return real
+
+
 def configure(level: str, log_format: str = "text") -> None:
     """Log to stderr in ``log_format`` ("text" or "json") at ``level``: every record,
-    Python warnings and threads' uncaught exceptions included, one line each, scrubbed."""
-    handler = logging.StreamHandler()
+    Python warnings and threads' uncaught exceptions included, one line each, scrubbed.
+    In JSON mode, anything else written to stderr becomes a record too."""
+    handler = logging.StreamHandler(_stderr_as_records() if log_format == "json" else None)
     handler.addFilter(ContextFilter())
     handler.addFilter(ScrubFilter())
     handler.setFormatter(JSONFormatter() if log_format == "json" else OneLineFormatter(TEXT_FORMAT))

@@ -134,7 +134,7 @@ def test_scrubbing_covers_messages_arguments_tracebacks_and_library_quotes() -> 
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
-def test_warnings_and_uncaught_thread_exceptions_are_records(log_format: str) -> None:
+def test_warnings_uncaught_exceptions_and_raw_stderr_are_lines(log_format: str) -> None:
     code = (
         "import threading, warnings; from plugin.logs import configure\n"
         f"configure('INFO', {log_format!r})\n"
@@ -142,10 +142,12 @@ def test_warnings_and_uncaught_thread_exceptions_are_records(log_format: str) ->
         "def work():\n"
         "    raise RuntimeError('boom')\n"
         "t = threading.Thread(target=work, name='worker'); t.start(); t.join()\n"
+        "import os, time; os.write(2, b'[ERROR] openjpeg: Invalid number of tiles\\n'); time.sleep(0.5)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "Zyxwvutsrq" not in out.stderr and "uncaught exception in thread worker" in out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 2, lines
-    if log_format == "json":
-        assert [json.loads(line)["level"] for line in lines] == ["WARNING", "CRITICAL"]
+    assert len(lines) == 3, lines
+    assert "Invalid number of tiles" in lines[-1]
+    if log_format == "json":  # a C library's raw write to stderr included
+        assert [json.loads(line)["logger"] for line in lines] == ["py.warnings", "plugin.logs", "stderr"]
