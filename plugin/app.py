@@ -34,11 +34,19 @@ log = logging.getLogger(__name__)
 
 
 def read_pipelines(config: NodeConfig) -> list[Pipeline]:
-    directory = config.pipelines.dir
-    if not directory.is_dir():
-        log.warning("pipelines folder %s does not exist: every series will be stored unrouted", directory)
-        return []
-    return load_pipelines(directory, set(config.destinations))
+    """The configured pipelines. A missing or empty folder is an error in the log: the
+    node would still answer every C-STORE with success, and store every series unrouted."""
+    directory = config.pipelines.dir.absolute()
+    exists = directory.is_dir()
+    pipelines = load_pipelines(directory, set(config.destinations)) if exists else []
+    if not pipelines:
+        log.error(
+            "pipelines folder %s %s: every series will be stored unrouted. Set pipelines.dir in the node config "
+            "(a relative path is taken from the config file's folder) or RADPIPE_PIPELINES_DIR to your pipelines.",
+            directory,
+            "holds no pipeline" if exists else "does not exist",
+        )
+    return pipelines
 
 
 class Node:
@@ -73,6 +81,7 @@ class Node:
             assembler,
             runner,
             dispatcher,
+            *dispatcher.senders,  # one per destination: a dead PACS holds up no other
             PipelineReloader(config.pipelines.dir, self.router, set(config.destinations), self.pool, self.metrics),
             Retention(self.journal, self.spool, config.results_dir, config.storage.retention_days),
         ]

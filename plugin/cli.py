@@ -8,8 +8,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import pydicom
-
 from plugin import __version__
 from plugin.logs import FORMATS
 from plugin.logs import configure as configure_logging
@@ -55,7 +53,7 @@ def serve(args: argparse.Namespace) -> int:
 
 @command(CONFIG, arg("paths", nargs="+", type=Path, help="node config or pipeline files, or folders of pipelines"))
 def validate(args: argparse.Namespace) -> int:
-    """Check node config and pipeline files; print ``file: location: message`` for every error."""
+    """Check node config and pipeline files; print ``file:line:column: location: message`` for every error."""
     import yaml
 
     from plugin.config import ConfigError, load_config
@@ -96,14 +94,20 @@ def validate(args: argparse.Namespace) -> int:
     arg("files", nargs="+", type=Path, help="DICOM files"),
 )
 def route(args: argparse.Namespace) -> int:
-    """Show which pipelines would run on each DICOM file."""
+    """Show which pipelines would run on each DICOM file; exit 1 if a file cannot be read."""
     from plugin.app import read_pipelines
     from plugin.config import load_config
-    from plugin.router import Router
+    from plugin.router import Router, UnreadableFile, read_header
 
     router = Router(read_pipelines(load_config(args.config)))
+    failed = False
     for path in args.files:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
+        try:
+            header = read_header(path)
+        except UnreadableFile as e:
+            print(f"{path}: {e}")
+            failed = True
+            continue
         print(f"{path}:")
         for verdict in router.explain(header):
             p = verdict.pipeline
@@ -111,17 +115,25 @@ def route(args: argparse.Namespace) -> int:
                 print(f"  match     {p.name} v{p.version}")
             elif args.explain:
                 print(f"  no match  {p.name} v{p.version}: {verdict.failure}")
-    return 0
+    return 1 if failed else 0
 
 
 @command(CONFIG, arg("--jobs", type=int, default=10, help="how many recent jobs to list"))
 def status(args: argparse.Namespace) -> int:
-    """Show queues, recent jobs, failed jobs and dead letters (reads the journal)."""
+    """Show the pipelines folder, queues, recent jobs, failed jobs and dead letters (reads the journal)."""
+    from plugin.app import read_pipelines
     from plugin.config import load_config
     from plugin.journal import Journal
+    from plugin.pipeline import PipelineError
 
     config = load_config(args.config)
-    path = config.storage.dir / "journal.sqlite"
+    directory = config.pipelines.dir.absolute()
+    try:
+        names = [f"{p.name} v{p.version}" for p in read_pipelines(config)]
+        print(f"pipelines: {len(names)} in {directory}" + (f": {', '.join(names)}" if names else ""))
+    except PipelineError:
+        print(f"pipelines: invalid set in {directory} (radpipe validate {directory} lists the errors)")
+    path = (config.storage.dir / "journal.sqlite").absolute()
     if not path.is_file():
         print(f"no journal at {path}: has the node run with this config?")
         return 1

@@ -2,10 +2,29 @@
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
+import pydicom
 from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
 
 from plugin.pipeline import Pipeline
+
+
+class UnreadableFile(Exception):
+    """A file whose header cannot be read; ``str()`` says why in a few words."""
+
+
+def read_header(path: Path) -> Dataset:
+    """A DICOM file's header, up to Pixel Data, as routing sees it."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except OSError as e:
+        raise UnreadableFile(e.strerror or str(e)) from e
+    except InvalidDicomError as e:
+        raise UnreadableFile("not a DICOM file (no DICM prefix after the 128-byte preamble)") from e
+    except Exception as e:  # pydicom raises many kinds on damaged data: each is one line, not a traceback
+        raise UnreadableFile(f"damaged DICOM file: {e}") from e
 
 
 @dataclass(frozen=True)

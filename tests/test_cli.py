@@ -8,10 +8,33 @@ import time
 import pytest
 import yaml
 
+from plugin.cli import main
 from tests.conftest import DEID_HUMANS, PYDICOM_FILES, REPO, free_port, node_config, write_pipeline
 
 RADPIPE = [os.path.join(os.path.dirname(sys.executable), "radpipe")]
 MODULE = [sys.executable, "-m", "plugin"]
+
+
+def _start(command, port, cwd=None, env=None):
+    """Start a node process; return it once it answers C-ECHO on ``port``."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        echo = subprocess.run(["echoscu", "-aec", "RADPIPE", "127.0.0.1", str(port)], capture_output=True)
+        if echo.returncode == 0:
+            return process
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("node did not answer C-ECHO within 60 s")
+
+
+def _stop(process):
+    """SIGTERM; the node's whole output once it has exited cleanly."""
+    process.terminate()
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    return output
 
 
 def _serve(entry, tmp_path, env_port):
@@ -20,22 +43,7 @@ def _serve(entry, tmp_path, env_port):
     (tmp_path / "radpipe.yaml").write_text(yaml.safe_dump(config))
     write_pipeline(tmp_path / "pipelines")
     env = {**os.environ, "RADPIPE_NODE_PORT": str(env_port)}
-    process = subprocess.Popen(
-        [*entry, "serve", "--config", str(tmp_path / "radpipe.yaml")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        echo = subprocess.run(["echoscu", "-aec", "RADPIPE", "127.0.0.1", str(env_port)], capture_output=True)
-        if echo.returncode == 0:
-            return process
-        assert process.poll() is None, process.stdout.read()
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError("node did not answer C-ECHO within 60 s")
+    return _start([*entry, "serve", "--config", str(tmp_path / "radpipe.yaml")], env_port, env=env)
 
 
 @pytest.mark.parametrize("entry", [RADPIPE, MODULE], ids=["radpipe", "python-m-plugin"])
@@ -64,14 +72,53 @@ def test_serve_answers_echo_and_demo_reports_findings(entry, tmp_path, dcmtk):
         assert "Demo chest CT, nodules: Nodule PRESENT, probability" in demo.stdout
         assert "Demo chest CT, no nodules: Nodule absent, probability" in demo.stdout
     finally:
-        process.terminate()
-        output, _ = process.communicate(timeout=30)
-    assert process.returncode == 0, output
+        output = _stop(process)
     assert f"DICOM node RADPIPE listening on 127.0.0.1:{port}" in output
 
 
+def test_relative_paths_in_the_config_are_taken_from_its_folder(tmp_path, dcmtk):
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_pipeline(site / "pipelines")
+    port = free_port()
+    config = {"node": {"port": port}, "metrics": {"port": 0}, "storage": {"dir": "data", "min_free_mb": 1}}
+    (site / "radpipe.yaml").write_text(yaml.safe_dump({**config, "pipelines": {"dir": "pipelines"}}))
+    relative = ["--config", "../site/radpipe.yaml"]  # started from another folder, as a service manager would
+    process = _start([*RADPIPE, "serve", *relative], port, cwd=elsewhere)
+    try:
+        status = subprocess.run([*RADPIPE, "status", *relative], cwd=elsewhere, capture_output=True, text=True)
+    finally:
+        output = _stop(process)
+    assert f"pipeline lung-nodule-demo v1 loaded from {site / 'pipelines' / 'lung-nodule-demo.yaml'}" in output
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.splitlines()[0] == f"pipelines: 1 in {site / 'pipelines'}: lung-nodule-demo v1"
+    assert (site / "data" / "journal.sqlite").is_file()
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_serve_without_pipelines_says_so_at_start_and_in_status(tmp_path, dcmtk):
+    port = free_port()
+    env = {
+        **os.environ,
+        "RADPIPE_NODE_PORT": str(port),
+        "RADPIPE_METRICS_PORT": "0",
+        "RADPIPE_STORAGE_MIN_FREE_MB": "1",
+    }
+    process = _start([*RADPIPE, "serve"], port, cwd=tmp_path, env=env)  # no config: ./pipelines, not there
+    try:
+        status = subprocess.run([*RADPIPE, "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    finally:
+        output = _stop(process)
+    folder = tmp_path / "pipelines"
+    [error] = [line for line in output.splitlines() if f"pipelines folder {folder} " in line]
+    assert " ERROR " in error and "does not exist: every series will be stored unrouted" in error
+    assert "RADPIPE_PIPELINES_DIR" in error
+    assert status.stdout.splitlines()[0] == f"pipelines: 0 in {folder}"
+    assert f"pipelines folder {folder} holds no pipeline" in status.stderr  # the node has made it, empty
+
+
 def test_route_explain_says_why(tmp_path):
-    write_pipeline(tmp_path / "pipelines")
+    write_pipeline(tmp_path / "pipelines", match={"Modality": "CT"})  # any CT, unlike the shipped demo
     (tmp_path / "radpipe.yaml").write_text(yaml.safe_dump({"pipelines": {"dir": str(tmp_path / "pipelines")}}))
     out = subprocess.run(
         [
@@ -105,6 +152,87 @@ def test_validate_accepts_the_shipped_pipelines_and_reports_errors(tmp_path):
     out = subprocess.run([*RADPIPE, "validate", str(bad)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert out.stdout.splitlines() == [
-        f"{bad}:13:5: preprocess.0.window.width: Input should be greater than 0",
-        f"{bad}:32:1: Modality: Extra inputs are not permitted",
+        f"{bad}:15:5: preprocess.0.window.width: Input should be greater than 0",
+        f"{bad}:34:1: Modality: Extra inputs are not permitted",
+    ]
+
+
+def _unreadable(tmp_path):
+    """{path: the reason route gives}: a missing file, a folder and a file that is not DICOM."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    return {
+        tmp_path / "missing.dcm": "No such file or directory",
+        tmp_path: "Is a directory",
+        text: "not a DICOM file (no DICM prefix after the 128-byte preamble)",
+    }
+
+
+def test_route_reports_each_unreadable_file_in_one_line_and_explains_the_others(tmp_path):
+    bad = _unreadable(tmp_path)
+    mr = PYDICOM_FILES / "MR_small.dcm"
+    files = [*bad, mr]
+    out = subprocess.run(
+        [*RADPIPE, "route", "--explain", *map(str, files)], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.stdout.splitlines() == [
+        *(f"{path}: {reason}" for path, reason in bad.items()),
+        f"{mr}:",
+        "  no match  lung-nodule-demo v1: Modality == 'CT' failed (actual: MR)",
+    ]
+
+
+@pytest.fixture
+def radpipe(monkeypatch):
+    """``plugin.cli.main`` in this process. It would set up logging for the whole process
+    (handlers, warnings, quieter library loggers below DEBUG): that is left to pytest."""
+    monkeypatch.setattr("plugin.cli.configure_logging", lambda level, log_format: None)
+    return lambda *argv: main(["--log-level", "DEBUG", *argv])
+
+
+def test_route_in_process_returns_1_for_an_unreadable_file(tmp_path, capsys, radpipe):
+    write_pipeline(tmp_path / "pipelines")
+    config = tmp_path / "radpipe.yaml"
+    config.write_text(yaml.safe_dump({"pipelines": {"dir": str(tmp_path / "pipelines")}}))
+    for path, reason in _unreadable(tmp_path).items():
+        assert radpipe("route", "--config", str(config), str(path)) == 1
+        assert capsys.readouterr().out == f"{path}: {reason}\n"
+
+
+CONFIG_WITH_ERRORS = """\
+node:
+  port: 70000
+  ae_title: RADPIPE
+storage:
+  min_free_mb: -1
+colour: red
+"""
+
+
+def test_validate_reports_config_errors_at_line_and_column(tmp_path):
+    config = tmp_path / "radpipe.yaml"
+    config.write_text(CONFIG_WITH_ERRORS)
+    out = subprocess.run([*RADPIPE, "validate", str(config)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stdout.splitlines() == [
+        f"{config}:2:3: node.port: Input should be less than or equal to 65535",
+        f"{config}:5:3: storage.min_free_mb: Input should be greater than or equal to 0",
+        f"{config}:6:1: colour: Extra inputs are not permitted",
+    ]
+
+
+def test_config_errors_in_process_name_the_line_or_the_variable(tmp_path, capsys, monkeypatch, radpipe):
+    config = tmp_path / "radpipe.yaml"
+    config.write_text("metrics:\n  port: 9400\n  port: 9401\n")
+    assert radpipe("validate", str(config)) == 1
+    assert capsys.readouterr().out == f"{config}:3:3: duplicate key 'port'\n"
+
+    config.write_text("node:\n  port: 11112\n  max_associations: 0\n")
+    monkeypatch.setenv("RADPIPE_NODE_PORT", "eleven")  # wins over the file, so the error is the variable's
+    assert radpipe("status", "--config", str(config)) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "RADPIPE_NODE_PORT: node.port: Input should be a valid integer, unable to parse string as an integer",
+        f"{config}:3:3: node.max_associations: Input should be greater than or equal to 1",
     ]
