@@ -3,6 +3,7 @@
 import subprocess
 
 import pydicom
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
@@ -96,10 +97,13 @@ def test_compressed_inputs_are_decoded_and_processed(start_node, tmp_path, dcmtk
         (PYDICOM_FILES / "MR_small_RLE.dcm", "-xr"),  # MR, RLE lossless
         (PYDICOM_DATA / "emri_small_jpeg_2k_lossless.dcm", "-xv"),  # MR, 10 frames, JPEG 2000 lossless
     ]
-    for path, option in cases:
-        out = storescu(node.port, path, options=(option,))
-        assert out.returncode == 0, (path, out.stderr)
-    jobs = wait_for(lambda: _finished_jobs(node, 3), what="3 finished jobs")
+    # 693_J2KR's PatientName has no caret: highdicom warns as it copies it into the SR (the
+    # node logs that warning, scrubbed: tests/test_privacy.py); here it is caught, not raised.
+    with pytest.warns(UserWarning, match="unlikely to represent the intended person name"):
+        for path, option in cases:
+            out = storescu(node.port, path, options=(option,))
+            assert out.returncode == 0, (path, out.stderr)
+        jobs = wait_for(lambda: _finished_jobs(node, 3), what="3 finished jobs")
     assert [j.status for j in jobs] == ["done"] * 3, [j.error for j in jobs]
     assert len(results(node.results_dir)) == 3
 
