@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydicom import Dataset
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
+
+from plugin.logs import IDENTIFYING_KEYWORDS, REDACTED
 
 Path = tuple[str | int, ...]
 
@@ -59,6 +61,7 @@ class Attribute:
             self._tag = Tag(tag)
         else:
             raise ValueError(f"unknown DICOM keyword {text!r} (use a keyword, (gggg,eeee) or (gggg,CREATOR,ee))")
+        self.identifying = self._tag is not None and keyword_for_tag(self._tag) in IDENTIFYING_KEYWORDS
 
     def values(self, ds: Dataset) -> list[str] | None:
         """The attribute's values as strings, or None when absent or empty."""
@@ -172,7 +175,8 @@ class Condition:
         values = self.attribute.values(ds)
         if self.test.passes(values):
             return None
-        actual = "absent" if values is None else "\\".join(values)
+        shown = REDACTED if self.attribute.identifying else "\\".join(values or [])  # never a patient's identity
+        actual = "absent" if values is None else shown
         return f"{self.test.describe(self.attribute.text)} failed (actual: {actual})"
 
 

@@ -119,6 +119,7 @@ def test_serve_without_pipelines_says_so_at_start_and_in_status(tmp_path, dcmtk)
 
 def test_route_explain_says_why(tmp_path):
     write_pipeline(tmp_path / "pipelines", match={"Modality": "CT"})  # any CT, unlike the shipped demo
+    write_pipeline(tmp_path / "pipelines", name="by-patient", match={"PatientID": {"regex": "^X"}})
     (tmp_path / "radpipe.yaml").write_text(yaml.safe_dump({"pipelines": {"dir": str(tmp_path / "pipelines")}}))
     out = subprocess.run(
         [
@@ -137,8 +138,10 @@ def test_route_explain_says_why(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         f"{DEID_HUMANS / 'ctbrain1.dcm'}:",
+        "  no match  by-patient v1: PatientID matches /^X/ failed (actual: ***)",  # never the patient's ID
         "  match     lung-nodule-demo v1",
         f"{PYDICOM_FILES / 'MR_small.dcm'}:",
+        "  no match  by-patient v1: PatientID matches /^X/ failed (actual: ***)",
         "  no match  lung-nodule-demo v1: Modality == 'CT' failed (actual: MR)",
     ]
 
