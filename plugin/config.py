@@ -10,10 +10,13 @@ the same keys with their defaults.
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from plugin.yamlfile import Location, YAMLError, YAMLFile, read_yaml, validation_errors
 
 
 class _Section(BaseModel):
@@ -134,14 +137,17 @@ class NodeConfig(_Section):
 
 
 class ConfigError(Exception):
-    """The node configuration is invalid; ``str()`` names each bad key."""
+    """The node configuration is invalid; ``str()`` is one ``file:line:column: key: message``
+    line per bad key (``RADPIPE_<SECTION>_<KEY>: ...`` for a value from the environment)."""
 
 
 PREFIX = "RADPIPE_"
 
 
-def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """Overlay ``RADPIPE_<SECTION>_<KEY>`` variables onto the raw config mapping."""
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[Location, str]:
+    """Overlay ``RADPIPE_<SECTION>_<KEY>`` variables onto the raw config mapping; returns
+    the variable that set each (section, key), so that errors can name it."""
+    applied: dict[Location, str] = {}
     for name, text in environ.items():
         if not name.startswith(PREFIX):
             continue
@@ -151,21 +157,56 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         raw.setdefault(section, {})
         if isinstance(raw[section], dict):
             raw[section][key] = yaml.safe_load(text) if text else None
+            applied[(section, key)] = name
+    return applied
+
+
+def _anchored(raw: Any, annotation: Any, base: Path) -> Any:
+    """``raw`` with every value that ``annotation`` types as a Path taken relative to
+    ``base`` (an absolute path stays as it is)."""
+    kinds = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    for kind in kinds:
+        if kind is Path and isinstance(raw, str):
+            return str(base / raw)
+        if isinstance(kind, type) and issubclass(kind, BaseModel) and isinstance(raw, dict):
+            fields = kind.model_fields
+            return {k: _anchored(v, fields[k].annotation, base) if k in fields else v for k, v in raw.items()}
+        if get_origin(kind) is dict and isinstance(raw, dict):
+            return {k: _anchored(v, get_args(kind)[1], base) for k, v in raw.items()}
+    return raw
+
+
+def _read_file(path: Path) -> tuple[YAMLFile, dict[str, Any]]:
+    """The file with its key positions, and its mapping with relative paths made absolute."""
+    try:
+        source = read_yaml(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}:1:1: cannot read: {e}") from e
+    except YAMLError as e:
+        raise ConfigError(str(e)) from e
+    if source.data is not None and not isinstance(source.data, dict):
+        raise ConfigError(f"{source.where(())}: the node config must be a mapping")
+    # The folder, not the file, is resolved: a Kubernetes ConfigMap mounts the file as a
+    # link into a hidden folder that changes with every update.
+    return source, _anchored(source.data or {}, NodeConfig, path.parent.resolve())
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] = os.environ) -> NodeConfig:
-    """Read the node config (or defaults when ``path`` is None) plus the environment."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the node config must be a mapping")
-    _apply_environment(raw, environ)
+    """Read the node config (or defaults when ``path`` is None) plus the environment.
+
+    Relative paths in the file are relative to the file's folder, as in Orthanc's
+    configuration: the node finds the same pipelines and storage whatever folder it is
+    started from. Relative paths from the environment or the defaults are relative to
+    the working directory."""
+    source, raw = _read_file(path) if path is not None else (None, {})
+    variables = _apply_environment(raw, environ)
+
+    def where(location: Location) -> str:
+        if (variable := variables.get(location[:2])) is not None:
+            return variable
+        return source.where(location) if source is not None else "defaults"
+
     try:
         return NodeConfig.model_validate(raw)
     except ValidationError as e:
-        where = path or "environment"
-        raise ConfigError("\n".join(f"{where}: {'.'.join(map(str, i['loc']))}: {i['msg']}" for i in e.errors())) from e
+        raise ConfigError("\n".join(validation_errors(e, where))) from e
