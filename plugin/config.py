@@ -101,15 +101,32 @@ class RunnerSection(_Section):
 
 
 class DispatchSection(_Section):
-    """How results are sent. A failed C-STORE is retried after ``backoff_seconds`` x
-    2^(try-1), at most ``max_backoff_seconds`` apart, until ``give_up_after_seconds``
-    after the first try (default 24 h) or ``tries`` attempts (default: no limit); then the
-    delivery is dead-lettered (``radpipe retry --dead-letter`` requeues it)."""
+    """How results are sent. Each destination has its own sender, so a slow or dead one
+    delays no other, and sends every result due to it over one association.
+
+    A failed try is retried after ``backoff_seconds`` x 2^(try-1), at most
+    ``max_backoff_seconds`` apart, until ``give_up_after_seconds`` after the first try
+    (default 24 h) or ``tries`` attempts (default: no limit); then the delivery is
+    dead-lettered (``radpipe retry --dead-letter`` requeues it).
+
+    Timeouts, in seconds, bound every try, so a destination that accepts TCP and never
+    answers costs one timeout, not an open-ended wait:
+    connect_timeout_seconds: the TCP connection (default 10).
+    acse_timeout_seconds: the answer to the association request, and to its release (default 20).
+    dimse_timeout_seconds: the answer to each C-STORE (default 60: a PACS may commit a
+    large object before it answers).
+    network_timeout_seconds: silence on an open association before it is aborted (default 60).
+    Example: ``dispatch: {acse_timeout_seconds: 30, tries: 50}``.
+    """
 
     tries: int | None = Field(default=None, ge=1)
     backoff_seconds: float = Field(default=2.0, ge=0)
     max_backoff_seconds: float = Field(default=600.0, ge=0)
     give_up_after_seconds: float = Field(default=86400.0, gt=0)
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    acse_timeout_seconds: float = Field(default=20.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
 
 
 class Destination(_Section):

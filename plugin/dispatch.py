@@ -1,69 +1,146 @@
 """The dispatcher: the durable outbox. Sends each written result to its destinations
 with C-STORE.
 
-A delivery counts only when the destination answered success. A failed attempt is
-journaled with the time of the next one (exponential backoff), so retries survive a
-restart and one unreachable destination never holds up the others. After
-``give_up_after_seconds`` (or ``tries`` attempts) the delivery is dead-lettered.
+Each destination has its own sender thread, so one that is slow, hung or down delays
+no other. A sender takes the results due to its destination, sends them over one
+association, and releases it; timeouts bound every try. A delivery counts only when
+the destination answered success. A failed try, whatever failed, is journaled with the
+time of the next one (exponential backoff), so retries survive a restart; after
+``give_up_after_seconds`` (or ``tries`` attempts) the delivery is dead-lettered. A
+delivery to a destination the config no longer has is dead-lettered at once.
 """
 
 import logging
-import ssl
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-import pydicom
-from pynetdicom import AE
-from pynetdicom.status import code_to_category
-
-from plugin.config import Destination, DispatchSection, TLSConfig
+from plugin.config import Destination, DispatchSection
 from plugin.journal import Delivery, Journal
 from plugin.logs import log_context
-from plugin.metrics import Metrics, StageTimer
+from plugin.metrics import Metrics
+from plugin.scu import DeliveryError, DicomFile, StoreSCU, Timeouts
 from plugin.worker import Worker
 
 log = logging.getLogger(__name__)
 
+# Results per association: no more than the presentation contexts one association request
+# can offer (scu.MAX_CONTEXTS), and few enough that the journal's priority order is read
+# again while a backlog drains.
+ROUND = 64
 
-class DeliveryError(Exception):
-    """The destination could not be reached or did not answer success."""
-
-
-def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    """TLS towards a destination: verify it against ``ca`` (system roots without one),
-    and present ``cert``/``key`` when given (mutual TLS)."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
-    context.check_hostname = False  # DICOM peers are known by address and AE title, not host name
-    if tls.cert is not None:
-        context.load_cert_chain(tls.cert, tls.key)
-    return context
+# Failures that are about the destination, the network or the file: logged without a traceback.
+EXPECTED = (DeliveryError, OSError)
 
 
-def send_c_store(path: Path, destination: Destination, calling_ae: str, timeout: float = 30.0) -> None:
-    """Send one DICOM file; return only when the destination answered Success or Warning."""
-    dataset = pydicom.dcmread(path)
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(dataset.SOPClassUID, [dataset.file_meta.TransferSyntaxUID])
-    tls_args = (client_ssl_context(destination.tls), None) if destination.tls is not None else None
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
-    if not assoc.is_established:
-        raise DeliveryError(
-            f"association to {destination.ae_title}@{destination.host}:{destination.port} "
-            "rejected, aborted or never connected"
-        )
-    try:
-        status = assoc.send_c_store(dataset)
-    finally:
-        assoc.release()
-    if "Status" not in status:
-        raise DeliveryError("no response to C-STORE (timeout or aborted association)")
-    if code_to_category(status.Status) not in ("Success", "Warning"):
-        raise DeliveryError(f"C-STORE answered 0x{status.Status:04X}")
+class Outbox:
+    """Records the outcome of each try in the journal, the metrics and the log, and
+    decides from the retry policy when a failed delivery is tried again."""
+
+    def __init__(self, journal: Journal, policy: DispatchSection, metrics: Metrics) -> None:
+        self._journal = journal
+        self._policy = policy
+        self._metrics = metrics
+
+    def delivered(self, delivery: Delivery, seconds: float) -> None:
+        """The destination answered success, ``seconds`` after its round asked for the association."""
+        self._journal.record_attempt(delivery.result_id, delivery.destination, None)
+        self._metrics.results_delivered.labels(delivery.destination).inc()
+        self._metrics.stage_seconds.labels("dispatch", delivery.pipeline).observe(seconds)
+        with log_context(f"job-{delivery.job_id}/{delivery.destination}"):
+            log.info("job %d -> %s: delivered", delivery.job_id, delivery.destination)
+
+    def failed(self, delivery: Delivery, error: Exception, retry: bool = True) -> None:
+        """Journal a failed try: tried again after its backoff, or dead-lettered."""
+        now = time.time()
+        retry_at = self._retry_at(delivery, now) if retry else None
+        expected = isinstance(error, EXPECTED)
+        reason = str(error) if isinstance(error, DeliveryError) else f"{type(error).__name__}: {error}"
+        self._journal.record_attempt(delivery.result_id, delivery.destination, reason, retry_at)
+        self._metrics.dispatch_failures.labels(delivery.destination).inc()
+        tries = delivery.attempts + 1
+        with log_context(f"job-{delivery.job_id}/{delivery.destination}"):
+            if retry_at is None:
+                log.error(
+                    "job %d -> %s: dead-lettered after %d tries: %s",
+                    delivery.job_id,
+                    delivery.destination,
+                    tries,
+                    reason,
+                    exc_info=None if expected else error,
+                )
+            else:
+                log.warning(
+                    "job %d -> %s: try %d failed (%s); next in %.0f s",
+                    delivery.job_id,
+                    delivery.destination,
+                    tries,
+                    reason,
+                    retry_at - now,
+                    exc_info=None if expected else error,
+                )
+
+    def _retry_at(self, delivery: Delivery, now: float) -> float | None:
+        """When to try again, or None when the delivery should be dead-lettered."""
+        attempts = delivery.attempts + 1
+        first = delivery.first_attempt_at or now
+        policy = self._policy
+        if (policy.tries is not None and attempts >= policy.tries) or now - first >= policy.give_up_after_seconds:
+            return None
+        return now + min(policy.max_backoff_seconds, policy.backoff_seconds * 2 ** (attempts - 1))
+
+
+class DestinationSender(Worker):
+    """Sends the results due to one destination: each round, one association for all of
+    them (up to ``ROUND``)."""
+
+    def __init__(self, name: str, scu: StoreSCU, journal: Journal, outbox: Outbox) -> None:
+        super().__init__(f"dispatch-{name}")
+        self.destination = name
+        self._scu = scu
+        self._journal = journal
+        self._outbox = outbox
+
+    def step(self) -> bool:
+        due = self._journal.due_deliveries(time.time(), self.destination, ROUND)
+        files: list[tuple[Delivery, DicomFile]] = []
+        for delivery in due:
+            try:
+                files.append((delivery, DicomFile.read(Path(delivery.result_path))))
+            except Exception as e:  # whatever it is, it is this delivery's failed try
+                self._outbox.failed(delivery, e)
+        if files:
+            self._send(files)
+        return len(due) == ROUND
+
+    def _send(self, files: Sequence[tuple[Delivery, DicomFile]]) -> None:
+        start = time.perf_counter()
+        try:
+            association = self._scu.associate([file for _, file in files])
+        except Exception as e:  # no association: each result of the round failed this try
+            for delivery, _ in files:
+                self._outbox.failed(delivery, e)
+            return
+        with association:
+            for delivery, file in files:
+                if self.stopping.is_set():
+                    return  # the rest stay due and are sent on the next start
+                try:
+                    association.store(file)
+                except Exception as e:  # this result's failed try; the others go on
+                    self._outbox.failed(delivery, e)
+                    if not association.is_established:
+                        return  # it took the association down: the rest go in the next round
+                else:
+                    self._outbox.delivered(delivery, time.perf_counter() - start)
 
 
 class Dispatcher(Worker):
-    interval = 0.2
+    """Owns one sender per configured destination (``senders``, started and stopped
+    with the node's workers) and wakes them when results are written. Its own loop
+    dead-letters deliveries to destinations the config no longer has."""
+
+    interval = 5.0
 
     def __init__(
         self,
@@ -75,56 +152,25 @@ class Dispatcher(Worker):
     ) -> None:
         super().__init__("dispatcher")
         self._journal = journal
-        self._destinations = destinations
-        self._calling_ae = calling_ae
-        self._policy = policy
-        self._metrics = metrics
+        self._outbox = Outbox(journal, policy, metrics)
+        timeouts = Timeouts(
+            connect=policy.connect_timeout_seconds,
+            acse=policy.acse_timeout_seconds,
+            dimse=policy.dimse_timeout_seconds,
+            network=policy.network_timeout_seconds,
+        )
+        self.senders = [
+            DestinationSender(name, StoreSCU(destination, calling_ae, timeouts), journal, self._outbox)
+            for name, destination in destinations.items()
+        ]
+
+    def wake(self) -> None:
+        for sender in self.senders:
+            sender.wake()
 
     def step(self) -> bool:
-        for delivery in self._journal.due_deliveries(time.time()):
-            if self.stopping.is_set():
-                break
-            with log_context(f"job-{delivery.job_id}/{delivery.destination}"):
-                self._attempt(delivery)
+        configured = [sender.destination for sender in self.senders]
+        for delivery in self._journal.deliveries_elsewhere(configured):
+            error = DeliveryError(f"destination {delivery.destination!r} is not configured")
+            self._outbox.failed(delivery, error, retry=False)
         return False
-
-    def _retry_at(self, delivery: Delivery, now: float) -> float | None:
-        """When to try again, or None when the delivery should be dead-lettered."""
-        attempts = delivery.attempts + 1
-        first = delivery.first_attempt_at or now
-        policy = self._policy
-        if (policy.tries is not None and attempts >= policy.tries) or now - first >= policy.give_up_after_seconds:
-            return None
-        return now + min(policy.max_backoff_seconds, policy.backoff_seconds * 2 ** (attempts - 1))
-
-    def _attempt(self, delivery: Delivery) -> None:
-        name = delivery.destination
-        destination = self._destinations.get(name)
-        timer = StageTimer()
-        try:
-            if destination is None:
-                raise DeliveryError(f"destination {name!r} is not configured")
-            with timer.stage("dispatch"):
-                send_c_store(Path(delivery.result_path), destination, self._calling_ae)
-        except (DeliveryError, OSError, ssl.SSLError) as e:
-            self._metrics.dispatch_failures.labels(name).inc()
-            retry_at = self._retry_at(delivery, time.time())
-            self._journal.record_attempt(delivery.result_id, name, str(e), retry_at)
-            if retry_at is None:
-                log.error(
-                    "job %d -> %s: dead-lettered after %d tries: %s", delivery.job_id, name, delivery.attempts + 1, e
-                )
-            else:
-                log.warning(
-                    "job %d -> %s: try %d failed (%s); next in %.0f s",
-                    delivery.job_id,
-                    name,
-                    delivery.attempts + 1,
-                    e,
-                    retry_at - time.time(),
-                )
-            return
-        self._journal.record_attempt(delivery.result_id, name, None)
-        self._metrics.results_delivered.labels(name).inc()
-        timer.observe(self._metrics, delivery.pipeline)
-        log.info("job %d -> %s: delivered", delivery.job_id, name)

@@ -1,25 +1,92 @@
-"""Results reach the destination by C-STORE; an unreachable destination is retried, then failed."""
+"""Results reach their destinations by C-STORE: each destination on its own sender, several
+results per association, every failed try journaled with backoff; an unreachable
+destination is retried, then dead-lettered."""
 
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
+from prometheus_client import CollectorRegistry
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from tests.conftest import free_port, storescu, wait_for
+from plugin.config import Destination, DispatchSection
+from plugin.dispatch import Dispatcher
+from plugin.journal import JobSpec, Journal, PendingSeries
+from plugin.metrics import Metrics
+from tests.conftest import free_port, storescu, wait_for, with_new_uids
 
 
-def start_pacs(received: list[pydicom.Dataset], port: int | None = None):
-    """A minimal storage SCP standing in for the PACS; returns (server, port)."""
+def start_pacs(
+    received: list[pydicom.Dataset],
+    port: int | None = None,
+    refuse: frozenset[str] = frozenset(),
+    associations: list[object] | None = None,
+):
+    """A minimal storage SCP standing in for the PACS; returns (server, port). It answers
+    0xA700 (out of resources) to the SOP Instance UIDs in ``refuse``, and appends each
+    association it accepts to ``associations``."""
 
     def on_store(event):
+        if event.request.AffectedSOPInstanceUID in refuse:
+            return 0xA700
         received.append(event.dataset)
         return 0x0000
 
+    handlers = [(evt.EVT_C_STORE, on_store)]
+    if associations is not None:
+        handlers.append((evt.EVT_ACCEPTED, associations.append))
     ae = AE(ae_title="PACS")
     ae.supported_contexts = AllStoragePresentationContexts
     port = port or free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
     return server, port
+
+
+@contextmanager
+def silent_peer() -> Iterator[int]:
+    """A hung PACS: its port accepts TCP connections (the kernel completes the handshake
+    into the listen backlog) and nothing ever reads or answers. Yields the port."""
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as server:
+        yield server.getsockname()[1]
+
+
+def _sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def queue_results(journal: Journal, paths: list[Path], destinations: list[str]) -> int:
+    """Journal one finished job whose results are ``paths``, each queued for each of
+    ``destinations``, as the runner does; returns the job id."""
+    now = time.time()
+    series = PendingSeries("1.2.826.0.1.1", "1.2.826.0.1.1.1", len(paths), now, now, str(paths[0]))
+    journal.create_batches(series.study_instance_uid, [(series, [JobSpec("demo", "1", "f" * 64, 0)])], [])
+    job = journal.claim_job()
+    assert job is not None
+    journal.complete_job(job.id, [("sr", str(p), _sop_uid(p)) for p in paths], destinations)
+    return job.id
+
+
+@contextmanager
+def dispatching(journal: Journal, destinations: dict[str, Destination], policy: DispatchSection) -> Iterator[Metrics]:
+    """A running dispatcher (every sender started, as the node starts them); yields its metrics."""
+    metrics = Metrics(CollectorRegistry())
+    dispatcher = Dispatcher(journal, destinations, "RADPIPE", policy, metrics)
+    workers = [dispatcher, *dispatcher.senders]
+    for worker in workers:
+        worker.start()
+    try:
+        yield metrics
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def _pacs(port: int) -> Destination:
+    return Destination(ae_title="PACS", host="127.0.0.1", port=port)
 
 
 def test_result_is_delivered_to_the_pipelines_destination(start_node, demo_study, dcmtk):
@@ -38,6 +105,109 @@ def test_result_is_delivered_to_the_pipelines_destination(start_node, demo_study
         assert node.metrics.registry.get_sample_value("radpipe_results_delivered_total", {"destination": "pacs"}) == 1
     finally:
         pacs.shutdown()
+
+
+def test_a_silent_destination_does_not_delay_a_working_one(start_node, demo_study, dcmtk):
+    """A PACS that accepts TCP and never answers, configured beside a working one: the
+    working one has the result within seconds of the job; the silent one's try ends at
+    the ACSE timeout and is journaled for a retry."""
+    received: list[pydicom.Dataset] = []
+    pacs, port = start_pacs(received)
+    try:
+        with silent_peer() as silent_port:
+            node = start_node(
+                destinations={  # "hung" sorts first: a single dispatcher would try it first
+                    "hung": {"ae_title": "HUNG", "host": "127.0.0.1", "port": silent_port},
+                    "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": port},
+                },
+                dispatch={"acse_timeout_seconds": 2, "backoff_seconds": 30},
+            )
+            assert storescu(node.port, *demo_study["Demo chest CT, no nodules"]).returncode == 0
+            wait_for(lambda: received, timeout=120, what="the SR at the working PACS")
+            arrived = time.time()
+            [job] = node.journal.jobs()
+            assert job.finished_at is not None
+            latency = arrived - job.finished_at
+            print(f"dispatch with one silent destination: delivered to the working one {latency:.2f} s after the job")
+            assert latency < 5, f"the working destination waited {latency:.1f} s for the silent one"
+
+            [hung] = wait_for(
+                lambda: [d for d in node.journal.deliveries(job.id) if d.destination == "hung" and d.attempts],
+                timeout=15,
+                what="the silent destination's try to time out",
+            )
+            assert hung.status == "pending" and "HUNG@127.0.0.1" in (hung.last_error or "")
+            sample = node.metrics.registry.get_sample_value
+            assert sample("radpipe_dispatch_failures_total", {"destination": "hung"}) == 1
+            assert sample("radpipe_results_delivered_total", {"destination": "pacs"}) == 1
+    finally:
+        pacs.shutdown()
+
+
+def test_several_results_go_over_one_association(tmp_path, demo_study):
+    """Four results due at once: one association; the one the PACS refuses is journaled
+    for a retry and the others still go over the same association."""
+    paths = with_new_uids(demo_study["Demo chest CT, no nodules"][:4], tmp_path / "results")
+    refused = _sop_uid(paths[1])
+    received: list[pydicom.Dataset] = []
+    associations: list[object] = []
+    pacs, port = start_pacs(received, refuse=frozenset({refused}), associations=associations)
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        job_id = queue_results(journal, paths, ["pacs"])
+        with dispatching(journal, {"pacs": _pacs(port)}, DispatchSection(backoff_seconds=30)) as metrics:
+            wait_for(lambda: all(d.attempts for d in journal.deliveries(job_id)), timeout=30, what="every result tried")
+        by_uid = {r.id: r.sop_instance_uid for r in journal.results(job_id)}
+        outcome = {by_uid[d.result_id]: (d.status, d.attempts) for d in journal.deliveries(job_id)}
+        assert outcome == {_sop_uid(p): ("pending" if _sop_uid(p) == refused else "delivered", 1) for p in paths}
+        assert [d.last_error for d in journal.deliveries(job_id, status="pending")] == ["C-STORE answered 0xA700"]
+        assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(set(by_uid.values()) - {refused})
+        assert len(associations) == 1
+        assert metrics.registry.get_sample_value("radpipe_results_delivered_total", {"destination": "pacs"}) == 3
+        assert metrics.registry.get_sample_value("radpipe_dispatch_failures_total", {"destination": "pacs"}) == 1
+    finally:
+        journal.close()
+        pacs.shutdown()
+
+
+def test_a_result_that_is_not_dicom_is_journaled_with_backoff(tmp_path, demo_study, caplog):
+    """A result file overwritten with garbage (outside the network errors the dispatcher
+    used to catch): one failed try, journaled with its backoff, one log line without a
+    traceback; the good result beside it is delivered."""
+    caplog.set_level(logging.INFO, logger="plugin.dispatch")
+    good, bad = with_new_uids(demo_study["Demo chest CT, no nodules"][:2], tmp_path / "results")
+    received: list[pydicom.Dataset] = []
+    pacs, port = start_pacs(received)
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        job_id = queue_results(journal, [good, bad], ["pacs"])
+        bad.write_bytes(b"not a DICOM file")
+        with dispatching(journal, {"pacs": _pacs(port)}, DispatchSection(backoff_seconds=30)) as metrics:
+            wait_for(lambda: all(d.attempts for d in journal.deliveries(job_id)), timeout=10, what="both tried")
+            time.sleep(1)  # five polls of the old dispatcher, which retried such a failure on each
+            [failed] = journal.deliveries(job_id, status="pending")
+            assert failed.attempts == 1 and "not a DICOM file" in (failed.last_error or "")
+            assert journal.due_deliveries(time.time()) == []  # waiting for its backoff
+            assert metrics.registry.get_sample_value("radpipe_dispatch_failures_total", {"destination": "pacs"}) == 1
+        assert [str(ds.SOPInstanceUID) for ds in received] == [_sop_uid(good)]
+    finally:
+        journal.close()
+        pacs.shutdown()
+    lines = [r for r in caplog.records if r.name == "plugin.dispatch" and r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and lines[0].exc_info is None, [r.getMessage() for r in lines]
+
+
+def test_a_result_for_a_destination_no_longer_configured_is_dead_lettered(tmp_path, demo_study):
+    paths = with_new_uids(demo_study["Demo chest CT, no nodules"][:1], tmp_path / "results")
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        job_id = queue_results(journal, paths, ["removed"])
+        with dispatching(journal, {}, DispatchSection()) as metrics:
+            [dead] = wait_for(lambda: journal.deliveries(job_id, status="dead"), timeout=15, what="a dead letter")
+        assert dead.attempts == 1 and "'removed' is not configured" in (dead.last_error or "")
+        assert metrics.registry.get_sample_value("radpipe_dispatch_failures_total", {"destination": "removed"}) == 1
+    finally:
+        journal.close()
 
 
 def test_unreachable_destination_is_retried_then_dead_lettered(start_node, demo_study, dcmtk):
