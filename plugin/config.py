@@ -41,11 +41,17 @@ class NodeSection(_Section):
     ae_title: this node's AE title (default ``RADPIPE``).
     host/port: where to listen (default 127.0.0.1:11112; use 0.0.0.0 to accept remote peers).
     allowed_calling_aets: if non-empty, only these calling AE titles may associate.
-    max_associations: concurrent associations served (default 16).
+    max_associations: concurrent associations served (default 16); counted when a
+    connection is accepted: one more is answered A-ASSOCIATE-RJ (transient, local limit).
     tls: with a certificate, the listener on ``port`` speaks DICOM TLS only.
     plain_port: an extra plain (non-TLS) listener beside a TLS one; null (default) = TLS only.
     max_queued_jobs: with more jobs waiting, C-STORE answers 0xA700 (out of resources).
     shutdown_seconds: on SIGTERM, how long in-flight work may take before the node exits.
+    artim_seconds: the PS3.8 ARTIM timer (default 30): a new connection must complete its
+    TLS handshake and A-ASSOCIATE-RQ within it, and after this node rejects, releases or
+    aborts an association it waits this long for the peer to close. Example: ``10``.
+    network_timeout_seconds: silence inside an association before the node aborts it
+    (default 60; a modality that pauses between series keeps its association this long).
     """
 
     ae_title: str = Field(default="RADPIPE", min_length=1, max_length=16)
@@ -57,6 +63,8 @@ class NodeSection(_Section):
     plain_port: int | None = Field(default=None, ge=0, le=65535)
     max_queued_jobs: int = Field(default=10000, ge=1)
     shutdown_seconds: float = Field(default=30.0, gt=0)
+    artim_seconds: float = Field(default=30.0, gt=0)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
 
 
 class StorageSection(_Section):

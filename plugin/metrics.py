@@ -27,8 +27,25 @@ REJECT_REASONS = (
     "out_of_resources",
     "queue_full",
     "storage_error",
+    "sop_class_mismatch",
+    "storage_full",
+    "processing_failure",
 )
 ASSOCIATION_REJECT_REASONS = ("calling_ae_not_allowed", "called_ae_mismatch", "too_many_associations")
+# How associations end other than by a release (plugin/acceptor.py): aborted by this node
+# for the peer's bytes or silence, or ended by the peer.
+ASSOCIATION_ABORT_REASONS = (
+    "malformed_pdu",
+    "unrecognized_pdu",
+    "unexpected_pdu",
+    "too_large",
+    "artim_expired",
+    "network_timeout",
+    "tls_handshake_failed",
+    "internal_error",
+    "peer_aborted",
+    "connection_lost",
+)
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -51,6 +68,11 @@ class Metrics:
         )
         for reason in ASSOCIATION_REJECT_REASONS:
             self.associations_rejected.labels(reason)
+        self.associations_aborted = Counter(
+            "radpipe_associations_aborted", "Associations ended other than by a release", ["reason"], registry=r
+        )
+        for reason in ASSOCIATION_ABORT_REASONS:
+            self.associations_aborted.labels(reason)
         self.studies_completed = Counter(
             "radpipe_studies_completed", "Series/studies judged complete by the assembler", registry=r
         )
