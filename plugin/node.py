@@ -284,6 +284,7 @@ def start_servers(settings: NodeSection, storage: Storage) -> list[AssociationSe
     services = Services(
         store=functools.partial(handle_store, storage=storage),
         rejected=lambda reason: storage.metrics.associations_rejected.labels(reason).inc(),
+        aborted=lambda reason: storage.metrics.associations_aborted.labels(reason).inc(),
         max_data_set_bytes=storage.limits.max_instance_bytes,
     )
     listeners = [(settings.port, server_ssl_context(settings.tls) if settings.tls.cert else None)]

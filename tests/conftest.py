@@ -169,6 +169,26 @@ def with_new_uids(paths: list[Path], out_dir: Path) -> list[Path]:
     return copies
 
 
+def _openssl(command: str) -> None:
+    subprocess.run(["openssl", *command.split()], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server and a client certificate it signed, and a rogue self-signed client."""
+    d = tmp_path_factory.mktemp("pki")
+    for name in ("ca", "rogue"):
+        _openssl(
+            f"req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN={name} -keyout {d}/{name}.key -out {d}/{name}.crt"
+        )
+    for name in ("server", "client"):
+        _openssl(f"req -newkey rsa:2048 -nodes -subj /CN={name} -keyout {d}/{name}.key -out {d}/{name}.csr")
+        _openssl(
+            f"x509 -req -in {d}/{name}.csr -CA {d}/ca.crt -CAkey {d}/ca.key -CAcreateserial -days 2 -out {d}/{name}.crt"
+        )
+    return d
+
+
 def echo_ok(port: int) -> bool:
     return subprocess.run(["echoscu", "-aec", "RADPIPE", "127.0.0.1", str(port)], capture_output=True).returncode == 0
 

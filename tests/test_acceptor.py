@@ -2,19 +2,31 @@
 that association with an A-ABORT or a close, nothing half-received is journaled, and the
 node goes on answering everyone else."""
 
+import contextlib
+import gc
+import logging
+import os
 import socket
+import ssl
 import struct
 import subprocess
+import threading
+import time
+import warnings
 
 import pydicom
 import pytest
+from prometheus_client import CollectorRegistry
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from plugin.acceptor import IMPLEMENTATION_CLASS_UID, encode_command, parse_command
-from tests.conftest import storescu, wait_for
+from plugin.acceptor import IMPLEMENTATION_CLASS_UID
+from plugin.app import Node
+from plugin.config import NodeConfig
+from plugin.pdu import decode_command, encode_command
+from tests.conftest import node_config, storescu, wait_for, write_pipeline
 
 A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_ABORT = 0x02, 0x03, 0x04, 0x07
 
@@ -43,12 +55,14 @@ def _read_pdu(sock: socket.socket) -> tuple[int, bytes] | None:
     return kind, body
 
 
-def _association_request(calling: str = "BADPEER", abstract: str = Verification) -> bytes:
+def _association_request(
+    calling: str = "BADPEER", abstract: str = Verification, transfer_syntax: str | None = None
+) -> bytes:
     """An A-ASSOCIATE-RQ with one presentation context (ID 1) for ``abstract``."""
     request = A_ASSOCIATE()
     request.application_context_name = "1.2.840.10008.3.1.1.1"
     request.calling_ae_title, request.called_ae_title = calling, "RADPIPE"
-    context = build_context(abstract)
+    context = build_context(abstract, transfer_syntax)
     context.context_id = 1
     request.presentation_context_definition_list = [context]
     maximum = MaximumLengthNotification()
@@ -59,9 +73,9 @@ def _association_request(calling: str = "BADPEER", abstract: str = Verification)
     return pdu.encode()
 
 
-def _associate(port: int, abstract: str = Verification) -> socket.socket:
+def _associate(port: int, abstract: str = Verification, transfer_syntax: str | None = None) -> socket.socket:
     sock = _connect(port)
-    sock.sendall(_association_request(abstract=abstract))
+    sock.sendall(_association_request(abstract=abstract, transfer_syntax=transfer_syntax))
     reply = _read_pdu(sock)
     assert reply is not None and reply[0] == A_ASSOCIATE_AC
     return sock
@@ -133,12 +147,12 @@ def test_echo_unknown_command_and_release_on_a_raw_association(start_node, dcmtk
     with _associate(node.port) as sock:
         sock.sendall(_p_data(1, 0x03, _command(0x0030, Verification)))  # C-ECHO-RQ
         kind, body = _read_pdu(sock)
-        response = parse_command(body[6:])
+        response = decode_command(body[6:]).elements
         assert kind == P_DATA_TF and response[0x0000_0100] == struct.pack("<H", 0x8030)
         assert response[0x0000_0120] == struct.pack("<H", 7) and response[0x0000_0900] == bytes(2)
         sock.sendall(_p_data(1, 0x03, _command(0x0020, Verification)))  # C-FIND-RQ: not served here
         kind, body = _read_pdu(sock)
-        assert parse_command(body[6:])[0x0000_0900] == struct.pack("<H", 0x0211)  # unrecognized operation
+        assert decode_command(body[6:]).elements[0x0000_0900] == struct.pack("<H", 0x0211)  # unrecognized operation
         sock.sendall(struct.pack(">BBI", 0x05, 0, 4) + bytes(4))  # A-RELEASE-RQ
         assert _read_pdu(sock) == (0x06, bytes(4))
 
@@ -201,3 +215,185 @@ def test_stored_file_carries_the_file_meta_of_its_association(start_node, dcmtk,
     assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
     assert meta.SourceApplicationEntityTitle == "MODALITY1"
     assert stored == sent  # the data set itself, element for element
+
+
+# -- malformed bytes: one A-ABORT, one log line, counted -------------------------------------
+
+
+def _command_with(**replaced: bytes) -> bytes:
+    """A C-ECHO-RQ command set with some elements' raw values replaced (or dropped: b"")."""
+    elements = {
+        0x0000_0002: Verification.encode() + b"\0",
+        0x0000_0100: struct.pack("<H", 0x0030),
+        0x0000_0110: struct.pack("<H", 7),
+        0x0000_0800: struct.pack("<H", 0x0101),
+    }
+    tags = {"sop_class": 0x0000_0002, "field": 0x0000_0100, "message_id": 0x0000_0110, "data_set_type": 0x0000_0800}
+    for name, value in replaced.items():
+        elements[tags[name]] = value
+    return encode_command({tag: value for tag, value in elements.items() if value})
+
+
+MALFORMED_P_DATA = {
+    # A PDV item needs 6 bytes of header (length, context ID, control): here 3.
+    "short_pdv_item": struct.pack(">BBI", P_DATA_TF, 0, 3) + b"\0\0\0",
+    "pdv_item_longer_than_its_pdu": struct.pack(">BBIIBB", P_DATA_TF, 0, 6, 50, 1, 3),
+    "pdv_item_of_length_zero": struct.pack(">BBIIBB", P_DATA_TF, 0, 6, 0, 1, 3),
+    "empty_p_data": struct.pack(">BBI", P_DATA_TF, 0, 0),
+    "command_field_of_three_bytes": _p_data(1, 0x03, _command_with(field=b"\x30\x00\x00")),
+    "command_field_of_one_byte": _p_data(1, 0x03, _command_with(field=b"\x30")),
+    "message_id_of_four_bytes": _p_data(1, 0x03, _command_with(message_id=b"\x07\0\0\0")),
+    "no_command_data_set_type": _p_data(1, 0x03, _command_with(data_set_type=b"")),
+    "command_element_past_the_end": _p_data(1, 0x03, _command_with()[:-3]),
+    "garbage_after_the_command": _p_data(1, 0x03, _command_with() + b"\x01\x02\x03"),
+    "data_set_element_in_the_command": _p_data(1, 0x03, _command_with() + struct.pack("<HHI", 8, 0x18, 0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_P_DATA))
+def test_malformed_p_data_is_one_abort_and_one_line(start_node, dcmtk, capfd, caplog, case):
+    node = start_node()
+    with _associate(node.port) as sock:
+        caplog.clear()
+        sock.sendall(MALFORMED_P_DATA[case])
+        reply = _read_pdu(sock)
+        assert reply is not None and reply[0] == A_ABORT, reply  # an A-ABORT, not just a dropped connection
+        assert reply[1][2] == 2  # from the service provider
+    sample = node.metrics.registry.get_sample_value
+    wait_for(lambda: sample("radpipe_associations_aborted_total", {"reason": "malformed_pdu"}) == 1, 10, "the count")
+    assert _echo_works(node.port)
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "aborting the association" in lines[0].getMessage(), [r.getMessage() for r in lines]
+    assert not any(r.exc_info for r in caplog.records)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_undecodable_association_request_is_one_line_pynetdicom_included(start_node, capfd, caplog):
+    """pynetdicom logs a traceback when it cannot decode an AE title: not here."""
+    node = start_node()
+    request = bytearray(_association_request())
+    request[10:26] = b"BADPEER".ljust(8) + bytes([0xFF, 0xFE]) * 4  # called AE title: not ASCII
+    caplog.clear()
+    with _connect(node.port) as sock:
+        sock.sendall(bytes(request))
+        assert _ends_with_abort_or_close(sock)
+    assert _echo_works(node.port)
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert len(lines) == 1 and lines[0].name == "plugin.acceptor", [(r.name, r.getMessage()) for r in lines]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+# -- timers and limits ---------------------------------------------------------------------------
+
+
+def test_artim_closes_a_connection_that_sends_no_association_request(start_node, caplog):
+    node = start_node(node={"artim_seconds": 0.5})
+    with _connect(node.port) as silent, _connect(node.port) as slow:
+        slow.sendall(struct.pack(">BBI", 0x01, 0, 200) + bytes(10))  # an A-ASSOCIATE-RQ that never completes
+        start = time.monotonic()
+        for _ in range(10):  # ... trickled, a byte per 0.1 s: each read is quick, the whole is not
+            time.sleep(0.1)
+            with contextlib.suppress(OSError):
+                slow.sendall(b"\0")
+        assert silent.recv(1) == b"" and slow.recv(1) == b""  # closed, not answered (PS3.8 AA-2)
+        assert time.monotonic() - start < 3
+    sample = node.metrics.registry.get_sample_value
+    wait_for(lambda: sample("radpipe_associations_aborted_total", {"reason": "artim_expired"}) == 2, 10, "the count")
+    with _associate(node.port) as sock:  # after A-RELEASE-RP the node waits for the peer to close, within ARTIM
+        sock.sendall(struct.pack(">BBI", 0x05, 0, 4) + bytes(4))
+        assert _read_pdu(sock) == (0x06, bytes(4))
+        start = time.monotonic()
+        assert sock.recv(1) == b"" and 0.3 < time.monotonic() - start < 3
+
+
+def test_a_silent_association_is_aborted_after_the_network_timeout(start_node):
+    node = start_node(node={"network_timeout_seconds": 0.5})
+    with _associate(node.port) as sock:
+        start = time.monotonic()
+        reply = _read_pdu(sock)
+        assert reply is not None and reply[0] == A_ABORT and time.monotonic() - start < 3
+    sample = node.metrics.registry.get_sample_value
+    wait_for(lambda: sample("radpipe_associations_aborted_total", {"reason": "network_timeout"}) == 1, 10, "the count")
+
+
+def test_max_associations_is_counted_before_a_thread_starts(start_node, dcmtk):
+    node = start_node(node={"max_associations": 2, "artim_seconds": 1})
+    held = [_associate(node.port), _associate(node.port)]
+    threads = threading.active_count()
+    extra = [_connect(node.port) for _ in range(6)]  # connect, say nothing
+    try:
+        time.sleep(0.5)
+        assert threading.active_count() - threads <= 1  # the one refusing thread, no more
+        closed = 0
+        for sock in extra:
+            sock.settimeout(3)
+            closed += sock.recv(1) == b""  # one by the refusing thread after ARTIM, the rest at once
+        assert closed == 6
+    finally:
+        for sock in held + extra:
+            sock.close()
+    sample = node.metrics.registry.get_sample_value
+    assert sample("radpipe_associations_rejected_total", {"reason": "too_many_associations"}) == 6
+    wait_for(lambda: _echo_works(node.port), what="echo once the held associations are closed")
+
+
+# -- TLS: stop within node.shutdown_seconds, no socket left open --------------------------------
+
+
+def _open_sockets() -> int:
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor, gone already
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return sum(link.startswith("socket:") for link in links)
+
+
+def test_stop_with_an_idle_tls_association_is_quick_and_closes_every_socket(tmp_path, pki):
+    write_pipeline(tmp_path / "pipelines")
+    tls = {"cert": str(pki / "server.crt"), "key": str(pki / "server.key")}
+    config = node_config(tmp_path, node={"tls": tls, "shutdown_seconds": 5}, metrics={"port": 0})
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.crt"))
+    client.check_hostname = False
+    sockets = _open_sockets()
+    node = Node(NodeConfig.model_validate(config), CollectorRegistry())
+    node.start()
+    with warnings.catch_warnings(record=True) as caught:  # records, hides nothing: every warning fails below
+        warnings.simplefilter("always")
+        try:
+            sock = client.wrap_socket(_connect(node.port))
+            sock.sendall(_association_request())
+            assert _read_pdu(sock)[0] == A_ASSOCIATE_AC  # then idle: the node's thread waits in a TLS read
+        finally:
+            start = time.monotonic()
+            node.stop()
+            took = time.monotonic() - start
+        print(f"\nstop() with one idle TLS association: {took:.2f} s")
+        assert took < 5
+        assert sock.recv(1) == b""  # the node closed it
+        sock.close()
+        gc.collect()
+    assert [str(w.message) for w in caught] == []
+    assert _open_sockets() == sockets
+
+
+def test_failed_tls_handshakes_are_counted_and_leave_no_socket(start_node, pki):
+    tls = {"cert": str(pki / "server.crt"), "key": str(pki / "server.key"), "ca": str(pki / "ca.crt")}
+    node = start_node(node={"tls": {**tls, "require_client_cert": True}})
+    anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.crt"))
+    anonymous.check_hostname = False
+    with warnings.catch_warnings(record=True) as caught:  # records, hides nothing: every warning fails below
+        warnings.simplefilter("always")
+        with _connect(node.port) as plain, contextlib.suppress(ConnectionResetError):  # plain DICOM on the TLS port
+            plain.sendall(_association_request())
+            assert plain.recv(1) == b""
+        # TLS without the client certificate it needs: the node ends the handshake (TLS 1.3: after the client's end)
+        sock = anonymous.wrap_socket(_connect(node.port))
+        with sock, contextlib.suppress(ssl.SSLError, ConnectionResetError):
+            sock.sendall(_association_request())
+            assert sock.recv(1) == b""
+        sample = node.metrics.registry.get_sample_value
+        wait_for(
+            lambda: sample("radpipe_associations_aborted_total", {"reason": "tls_handshake_failed"}) == 2, 10, "count"
+        )
+        gc.collect()
+    assert [str(w.message) for w in caught] == []
