@@ -6,9 +6,11 @@ else happens in background workers that read the journal. Whatever it refuses, i
 quarantines with the reason, and it answers a named DIMSE status.
 """
 
+import errno
 import functools
 import io
 import logging
+import sqlite3
 import ssl
 import struct
 import threading
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from types import TracebackType
 
 import pydicom
 from pydicom import Dataset
@@ -33,6 +36,7 @@ from plugin.config import NodeSection, TLSConfig
 from plugin.durability import GroupSync
 from plugin.journal import InstanceRecord, Journal
 from plugin.metrics import Metrics
+from plugin.pdu import printable
 from plugin.quarantine import Quarantine
 from plugin.resend import same_instance
 from plugin.spool import Spool, is_valid_uid
@@ -44,8 +48,13 @@ class StoreStatus(IntEnum):
     """C-STORE response statuses this node answers (PS3.4 Annex B.2.3)."""
 
     SUCCESS = 0x0000
-    # Refused: out of resources. Disk below its floor, the job queue over its cap, or a
-    # write failed: the sender keeps the instance and retries later.
+    # Refused: SOP Class not supported (PS3.7 C.4). The command's Affected SOP Class UID
+    # is not the abstract syntax of the presentation context it came on, so that SOP
+    # class was never negotiated: nothing is stored.
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    # Refused: out of resources. Disk below its floor, the job queue over its cap, a
+    # write failed, or the disk or the journal is full: the sender keeps the instance and
+    # retries later.
     OUT_OF_RESOURCES = 0xA700
     # Error: data set does not match SOP class. UIDs missing or malformed, pixel module
     # inconsistent with the pixel data, absurd sizes, or a known SOP Instance UID with
@@ -53,6 +62,10 @@ class StoreStatus(IntEnum):
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     # Error: cannot understand. The data set could not be decoded at all.
     CANNOT_UNDERSTAND = 0xC210
+    # Error: unable to process (what pynetdicom's storage SCP answers when its handler
+    # raises). The node failed, not the data (the journal locked or read-only, a bug):
+    # the sender keeps the instance and may retry.
+    PROCESSING_FAILURE = 0xC211
 
 
 @dataclass(frozen=True)
@@ -246,27 +259,81 @@ def _intact(path: Path, size: int) -> bool:
         return False
 
 
+def _check_context(request: StoreRequest) -> None:
+    """The SOP class must be the one negotiated for the presentation context it came on."""
+    if request.sop_class_uid != request.abstract_syntax:
+        raise Refusal(
+            StoreStatus.SOP_CLASS_NOT_SUPPORTED,
+            "sop_class_mismatch",
+            f"SOP class {request.sop_class_uid} sent on the presentation context for {request.abstract_syntax}",
+        )
+
+
+def _is_full(error: Exception) -> bool:
+    """Disk or journal full: the same errors a later try, with space freed, gets past."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(error, "sqlite_errorcode", None)  # set by SQLite on the errors it raises
+    return isinstance(error, sqlite3.Error) and code is not None and code & 0xFF == sqlite3.SQLITE_FULL
+
+
+class Attempt:
+    """Runs a C-STORE handler body and turns whatever it raises into a named status, as
+    pynetdicom's ``service_class.attempt`` does: a :class:`Refusal` keeps its own (and
+    its bytes are quarantined unless the sender will retry), disk or journal full is
+    OUT_OF_RESOURCES, anything else PROCESSING_FAILURE. Each is one log line, counted."""
+
+    def __init__(self, request: StoreRequest, storage: Storage) -> None:
+        self.request, self.storage = request, storage
+        self.status = StoreStatus.SUCCESS
+
+    def __enter__(self) -> "Attempt":
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> bool:
+        if error is None or not isinstance(error, Exception):
+            return False
+        refused = isinstance(error, Refusal)
+        refusal = error if isinstance(error, Refusal) else self._failure(error)
+        self.status = refusal.status
+        self.storage.metrics.instances_rejected.labels(refusal.reason).inc()
+        detail = printable(refusal.detail)  # it may quote the data set's values, control characters included
+        log.error("C-STORE from %s %s (%s): %s", self.request.calling_ae, "refused" if refused else "failed",
+                  refusal.reason, detail)  # fmt: skip
+        if refusal.status not in (StoreStatus.OUT_OF_RESOURCES, StoreStatus.PROCESSING_FAILURE):
+            self._quarantine(refusal.reason, detail)  # the sender keeps the others and retries
+        return True
+
+    @staticmethod
+    def _failure(error: Exception) -> Refusal:
+        detail = f"{type(error).__name__}: {error}"
+        log.debug("C-STORE handler failed", exc_info=error)
+        if _is_full(error):
+            return Refusal(StoreStatus.OUT_OF_RESOURCES, "storage_full", detail)
+        return Refusal(StoreStatus.PROCESSING_FAILURE, "processing_failure", detail)
+
+    def _quarantine(self, reason: str, detail: str) -> None:
+        request = self.request
+        try:
+            self.storage.quarantine.keep_bytes(
+                request.dataset, reason, detail, request.calling_ae, request.sop_instance_uid
+            )
+        except OSError as e:
+            log.error("cannot quarantine the refused instance: %s", e)
+
+
 def handle_store(request: StoreRequest, storage: Storage) -> int:
-    """Store one instance durably, journal it, and only then answer success."""
-    calling_ae = request.calling_ae
-    metrics = storage.metrics
+    """Store one instance durably, journal it, and only then answer success. Never
+    raises: every failure is a named status (:class:`Attempt`)."""
     start = time.perf_counter()
-    try:
+    with Attempt(request, storage) as attempt:
+        _check_context(request)
         _store(request, storage)
-    except Refusal as refusal:
-        metrics.instances_rejected.labels(refusal.reason).inc()
-        log.error("C-STORE from %s refused (%s): %s", calling_ae, refusal.reason, refusal.detail)
-        if refusal.status != StoreStatus.OUT_OF_RESOURCES:  # the sender keeps those and retries
-            try:
-                storage.quarantine.keep_bytes(
-                    request.dataset, refusal.reason, refusal.detail, calling_ae, request.sop_instance_uid
-                )
-            except OSError as e:
-                log.error("cannot quarantine the refused instance: %s", e)
-        return int(refusal.status)
-    metrics.instances_received.labels(calling_ae).inc()
-    metrics.stage_seconds.labels("receive", "").observe(time.perf_counter() - start)
-    return StoreStatus.SUCCESS
+        storage.metrics.instances_received.labels(request.calling_ae).inc()
+        storage.metrics.stage_seconds.labels("receive", "").observe(time.perf_counter() - start)
+    return int(attempt.status)
 
 
 def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:

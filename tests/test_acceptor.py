@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import socket
+import sqlite3
 import ssl
 import struct
 import subprocess
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from plugin.acceptor import IMPLEMENTATION_CLASS_UID
 from plugin.app import Node
@@ -281,6 +282,93 @@ def test_undecodable_association_request_is_one_line_pynetdicom_included(start_n
     lines = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert len(lines) == 1 and lines[0].name == "plugin.acceptor", [(r.name, r.getMessage()) for r in lines]
     assert "Traceback" not in capfd.readouterr().err
+
+
+# -- C-STORE: the SOP class of its context, and every handler failure a named status -------------
+
+
+def _dataset_bytes(path) -> bytes:
+    """The data set of a DICOM file as stored (after its file meta)."""
+    data = path.read_bytes()
+    return data[132 + 12 + struct.unpack("<I", data[140:144])[0] :]
+
+
+def _c_store(sock: socket.socket, sop_class: str, uid: str, dataset: bytes) -> int:
+    """Send one C-STORE on context 1 and return the status it was answered."""
+    sock.sendall(_p_data(1, 0x03, _command(0x0001, sop_class, with_data_set=True, sop_instance=uid)))
+    for start in range(0, len(dataset), 16000):
+        last = start + 16000 >= len(dataset)
+        sock.sendall(_p_data(1, 0x02 if last else 0x00, dataset[start : start + 16000]))
+    reply = _read_pdu(sock)
+    assert reply is not None and reply[0] == P_DATA_TF, reply
+    return struct.unpack("<H", decode_command(reply[1][6:]).elements[0x0000_0900])[0]
+
+
+def _ct(demo_study, index: int = 0):
+    path = demo_study["Demo chest CT, nodules"][index]
+    return path, str(pydicom.dcmread(path).SOPInstanceUID), pydicom.dcmread(path).file_meta.TransferSyntaxUID
+
+
+def test_sop_class_must_match_its_presentation_context(start_node, dcmtk, demo_study):
+    node = start_node()
+    path, uid, syntax = _ct(demo_study)
+    with _associate(node.port, CTImageStorage, syntax) as sock:
+        assert _c_store(sock, MRImageStorage, uid, _dataset_bytes(path)) == 0x0122  # SOP class not supported
+        assert node.journal.instance(uid) is None
+        assert _c_store(sock, CTImageStorage, uid, _dataset_bytes(path)) == 0x0000  # the association goes on
+    rejected = node.metrics.registry.get_sample_value(
+        "radpipe_instances_rejected_total", {"reason": "sop_class_mismatch"}
+    )
+    assert rejected == 1
+
+
+def test_a_locked_journal_is_answered_processing_failure(start_node, dcmtk, demo_study):
+    """Another process holds the journal's write lock (an admin's sqlite3 shell): the
+    store fails after SQLite's busy timeout and the sender hears 0xC211, not silence."""
+    node = start_node()
+    path, uid, syntax = _ct(demo_study)
+    holder = sqlite3.connect(node.config.storage.dir / "journal.sqlite", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with _associate(node.port, CTImageStorage, syntax) as sock:
+            sock.settimeout(60)  # the runner's writes wait out their busy timeouts too, under one journal lock
+            assert _c_store(sock, CTImageStorage, uid, _dataset_bytes(path)) == 0xC211
+            holder.execute("ROLLBACK")
+            assert _c_store(sock, CTImageStorage, uid, _dataset_bytes(path)) == 0x0000  # the sender's retry
+    finally:
+        holder.close()
+    sample = node.metrics.registry.get_sample_value
+    assert sample("radpipe_instances_rejected_total", {"reason": "processing_failure"}) == 1
+    assert node.journal.instance(uid) is not None
+
+
+@pytest.fixture
+def full_journal_disk(tmp_path):
+    """``tmp_path/data`` on a 1 MB tmpfs (the journal's disk), its spool on the roomy one."""
+    data = tmp_path / "data"
+    data.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(data)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.decode().strip()}")
+    try:
+        (tmp_path / "spool").mkdir()
+        (data / "spool").symlink_to(tmp_path / "spool")
+        yield data
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=True)
+
+
+def test_a_full_journal_disk_is_answered_out_of_resources(full_journal_disk, start_node, dcmtk, demo_study):
+    node = start_node()
+    with (full_journal_disk / "filler").open("wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:  # the journal's disk, full
+            filler.write(bytes(4096))
+    path, uid, syntax = _ct(demo_study)
+    with _associate(node.port, CTImageStorage, syntax) as sock:
+        assert _c_store(sock, CTImageStorage, uid, _dataset_bytes(path)) == 0xA700
+        (full_journal_disk / "filler").unlink()  # space again: the sender's retry gets through
+        assert _c_store(sock, CTImageStorage, uid, _dataset_bytes(path)) == 0x0000
+    assert node.metrics.registry.get_sample_value("radpipe_instances_rejected_total", {"reason": "storage_full"}) == 1
 
 
 # -- timers and limits ---------------------------------------------------------------------------
