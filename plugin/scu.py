@@ -2,6 +2,8 @@
 several C-STOREs. Which results to send, and what a failure means for them, is the
 dispatcher's policy (``dispatch.py``)."""
 
+import contextlib
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,11 +17,27 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.status import code_to_category
+from pynetdicom.transport import AssociationSocket
 
 from plugin.config import Destination, TLSConfig
 
 # An association request carries at most 128 presentation contexts (odd IDs 1..255).
 MAX_CONTEXTS = 128
+
+
+def _shutdown_socket(self: AssociationSocket) -> None:
+    """pynetdicom 3.0.4 (pinned) skips ``close()`` when ``shutdown()`` raises, which it
+    does whenever the peer has gone already or the connection never came up: every failed
+    try to a dead or refusing destination dropped an open socket. Close it regardless."""
+    sock = self.socket
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+AssociationSocket._shutdown_socket = _shutdown_socket  # type: ignore[method-assign]
 
 
 class DeliveryError(Exception):
