@@ -300,10 +300,11 @@ class Attempt:
         self.status = refusal.status
         self.storage.metrics.instances_rejected.labels(refusal.reason).inc()
         detail = printable(refusal.detail)  # it may quote the data set's values, control characters included
-        log.error("C-STORE from %s %s (%s): %s", self.request.calling_ae, "refused" if refused else "failed",
-                  refusal.reason, detail)  # fmt: skip
+        kept = ""
         if refusal.status not in (StoreStatus.OUT_OF_RESOURCES, StoreStatus.PROCESSING_FAILURE):
-            self._quarantine(refusal.reason, detail)  # the sender keeps the others and retries
+            kept = self._quarantine(refusal.reason, detail)  # the sender keeps the others and retries
+        log.error("C-STORE from %s %s (%s): %s%s", self.request.calling_ae, "refused" if refused else "failed",
+                  refusal.reason, detail, kept)  # fmt: skip
         return True
 
     @staticmethod
@@ -314,14 +315,16 @@ class Attempt:
             return Refusal(StoreStatus.OUT_OF_RESOURCES, "storage_full", detail)
         return Refusal(StoreStatus.PROCESSING_FAILURE, "processing_failure", detail)
 
-    def _quarantine(self, reason: str, detail: str) -> None:
+    def _quarantine(self, reason: str, detail: str) -> str:
+        """Keep the refused bytes; what the refusal's log line says about where they are."""
         request = self.request
         try:
-            self.storage.quarantine.keep_bytes(
+            kept = self.storage.quarantine.keep_bytes(
                 request.dataset, reason, detail, request.calling_ae, request.sop_instance_uid
             )
         except OSError as e:
-            log.error("cannot quarantine the refused instance: %s", e)
+            return f"; not quarantined: {e}"
+        return f"; kept as quarantine/{reason}/{kept.name}"
 
 
 def handle_store(request: StoreRequest, storage: Storage) -> int:

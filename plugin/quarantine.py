@@ -7,15 +7,12 @@ is a patient attribute.
 """
 
 import json
-import logging
 import shutil
 import time
 import uuid
 from pathlib import Path
 
 from plugin.spool import write_durably
-
-log = logging.getLogger(__name__)
 
 
 class Quarantine:
@@ -34,7 +31,6 @@ class Quarantine:
             "time": time.time(),
         }
         write_durably(target.with_suffix(".json"), json.dumps(note, indent=2).encode())
-        log.warning("quarantined (%s) from %s: %s -> %s", reason, source, detail, target.name)
 
     def keep_bytes(self, data: bytes, reason: str, detail: str, source: str, sop_instance_uid: str) -> Path:
         target = self._target(reason)

@@ -268,8 +268,10 @@ class Runner(Worker):
                         item = next(images, None)
                     except PixelDataError as e:
                         uid = str(e.source.header.SOPInstanceUID)
-                        self._quarantine.keep_file(Path(e.source.path), "decode_failed", str(e), f"job {job.id}", uid)
-                        raise JobError("decode_failed", f"{e}; instance quarantined") from e
+                        kept = self._quarantine.keep_file(
+                            Path(e.source.path), "decode_failed", str(e), f"job {job.id}", uid
+                        )
+                        raise JobError("decode_failed", f"{e}; kept as quarantine/decode_failed/{kept.name}") from e
                     except WorkerDied as e:  # a decoder crashed on this input and took its process down
                         raise JobError("worker_died", str(e)) from e
                     if item is None:

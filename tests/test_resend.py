@@ -3,6 +3,7 @@ negotiates. The same content in another transfer syntax is answered success and 
 re-run; the same SOP Instance UID with other pixels is refused and quarantined."""
 
 import json
+import logging
 import subprocess
 import time
 from pathlib import Path
@@ -57,7 +58,9 @@ def test_same_instance_in_other_transfer_syntaxes_is_success_and_no_rerun(start_
         assert Path(node.journal.instance(str(pydicom.dcmread(path).SOPInstanceUID)).path).read_bytes() == data
 
 
-def test_same_uid_with_other_pixels_is_refused_and_quarantined_with_its_uid(start_node, demo_study, tmp_path, dcmtk):
+def test_same_uid_with_other_pixels_is_refused_and_quarantined_with_its_uid(
+    start_node, demo_study, tmp_path, dcmtk, caplog
+):
     node = start_node()
     original = demo_study["Demo chest CT, nodules"][0]
     assert SUCCESS in _send(node.port, [original])
@@ -71,6 +74,9 @@ def test_same_uid_with_other_pixels_is_refused_and_quarantined_with_its_uid(star
     for options in ((), ("-xi",)):  # as sent first, and re-encoded: decoded pixels decide, not bytes
         assert "Error: DataSetDoesNotMatchSOPClass" in _send(node.port, [conflicting], *options)
     assert node.quarantine.count("duplicate_conflict") == 2
+    refusals = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(refusals) == 2, refusals  # one line per refused C-STORE, naming where its bytes are kept
+    assert all("refused (duplicate_conflict)" in m and "kept as quarantine/duplicate_conflict/" in m for m in refusals)
     notes = [json.loads(p.read_text()) for p in (node.quarantine.root / "duplicate_conflict").glob("*.json")]
     for note in notes:
         assert note["reason"] == "duplicate_conflict"
