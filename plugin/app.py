@@ -128,7 +128,7 @@ class Node:
         deadline stays 'running' in the journal and is queued again on the next start."""
         deadline = time.monotonic() + self.config.node.shutdown_seconds
         for server in self.servers:
-            server.stop()
+            server.stop(max(0.0, deadline - time.monotonic()))  # one deadline for every listener and worker
         if self.metrics_server is not None:
             self.metrics_server[0].shutdown()
             self.metrics_server[0].server_close()
