@@ -133,11 +133,17 @@ class ScrubFilter(logging.Filter):
         return True
 
 
+# Control characters, escaped in text lines: newlines of tracebacks, and whatever a peer or
+# a data set puts in a value that ends up in a message (a carriage return would forge a line).
+_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(32), 127] if code != 9} | {10: "\\n", 13: "\\r"}
+
+
 class OneLineFormatter(logging.Formatter):
-    """The text format, with newlines (tracebacks, multi-line messages) escaped."""
+    """The text format, with newlines (tracebacks, multi-line messages) and every other
+    control character escaped."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\n", "\\n")
+        return super().format(record).translate(_ESCAPES)
 
 
 class JSONFormatter(logging.Formatter):

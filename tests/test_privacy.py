@@ -125,6 +125,8 @@ def test_scrubbing_covers_messages_arguments_tracebacks_and_library_quotes() -> 
             lines = formatted("plugin.runner", "patient %s", "PID-5551234", exc=e)
     lines += formatted("py.warnings", 'UserWarning: The string "Somebody" is unlikely to represent')
     lines += formatted("pydicom", "Invalid value for VR PN: 'Somebody Else'")
+    forged = formatted("pydicom", "value\rFAKE 2026-01-01 CRITICAL plugin.node [x -] forged\x1b[2J")[0]
+    assert "\\rFAKE" in forged and "\\x1b[2J" in forged and forged.isprintable()
     for secret in ("Zyxwvutsrq", "PID-5551234", "Somebody"):
         assert secret not in "\n".join(lines)
     assert all(REDACTED in line for line in lines)
