@@ -242,9 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    if args.log_level != "DEBUG":  # one line per DIMSE message / copied module is noise at INFO
-        for chatty in ("pynetdicom", "highdicom"):
-            logging.getLogger(chatty).setLevel(logging.WARNING)
+    if args.log_level != "DEBUG":
+        logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per copied module is noise at INFO
+        # pynetdicom serves the dispatcher's SCU, which logs each failed try once with its cause;
+        # pynetdicom's own lines would repeat it (two per refused connection, a traceback per
+        # failed TLS handshake). The acceptor folds what pynetdicom logs into its abort lines.
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     from plugin.config import ConfigError
     from plugin.pipeline import PipelineError
 
