@@ -3,37 +3,15 @@ patient identity in any log line."""
 
 import logging
 import ssl
-import subprocess
 from pathlib import Path
 
 import pydicom
-import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from plugin.config import Destination, TLSConfig
 from plugin.scu import DicomFile, StoreSCU, Timeouts
 from tests.conftest import DEID_HUMANS, free_port, results, storescu, wait_for, write_pipeline
-
-
-def _openssl(command: str) -> None:
-    subprocess.run(["openssl", *command.split()], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    """A CA, a server and a client certificate it signed, and a rogue self-signed client."""
-    d = tmp_path_factory.mktemp("pki")
-    for name in ("ca", "rogue"):
-        _openssl(
-            f"req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN={name} -keyout {d}/{name}.key -out {d}/{name}.crt"
-        )
-    for name in ("server", "client"):
-        _openssl(f"req -newkey rsa:2048 -nodes -subj /CN={name} -keyout {d}/{name}.key -out {d}/{name}.csr")
-        _openssl(
-            f"x509 -req -in {d}/{name}.csr -CA {d}/ca.crt -CAkey {d}/ca.key -CAcreateserial -days 2 -out {d}/{name}.crt"
-        )
-    return d
 
 
 def _echo(port: int, calling: str = "ECHOSCU", called: str = "RADPIPE", tls=None) -> bool:
