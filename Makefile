@@ -3,7 +3,9 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests drive for real: dcmtk (storescu/echoscu), dicom3tools (dciodvfy),
+# Debian packages the tests drive for real, installed (with root, or sudo) by
+# tests/install-debian-tools.sh without starting or enabling their services:
+# dcmtk (storescu/echoscu, dcmcrle/dcmcjpls), dicom3tools (dciodvfy),
 # orthanc (the PACS of the round-trip test), prometheus (prometheus, promtool), systemd
 # (systemd-analyze verifies the unit file). Orthanc installs into /usr/sbin.
 DEBIAN_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc promtool:prometheus prometheus:prometheus \
@@ -30,8 +32,8 @@ system-deps:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do \
 	  PATH="$$PATH:/usr/sbin" command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	  echo "installing Debian packages (as tools: their services stay off):$$missing"; \
+	  $(SUDO) tests/install-debian-tools.sh $$missing; \
 	fi
 
 serve: install
@@ -40,6 +42,7 @@ serve: install
 lint: install-test
 	$(BIN)/ruff check plugin tests benchmarks
 	$(BIN)/ruff format --check plugin tests benchmarks
+	$(BIN)/mypy
 
 test: install-test lint
 	TCP_NODELAY=1 $(BIN)/pytest -q

@@ -287,7 +287,7 @@ class AssociationServer(socketserver.TCPServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         try:
-            return super().get_request()  # type: ignore[return-value]
+            return super().get_request()
         except OSError as e:  # e.g. out of file descriptors: say so, and do not spin on it
             log.error("cannot accept a connection on port %d: %s", self.server_address[1], e.strerror or e)
             time.sleep(0.5)

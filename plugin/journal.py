@@ -378,7 +378,8 @@ class Journal:
         return [Delivery(*row) for row in rows]
 
     def deliveries(self, job_id: int | None = None, status: str | None = None) -> list[Delivery]:
-        where, params = [], []
+        where: list[str] = []
+        params: list[object] = []
         if job_id is not None:
             where.append("r.job_id = ?")
             params.append(job_id)

@@ -340,6 +340,9 @@ def handle_store(request: StoreRequest, storage: Storage) -> int:
 
 
 def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    """The listener's TLS: its certificate, and client certificates checked against ``ca``."""
+    if tls.cert is None:
+        raise ValueError("node.tls: a TLS listener needs a certificate (cert, and key unless the cert file holds it)")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tls.cert, tls.key)
     if tls.ca is not None:

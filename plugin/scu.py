@@ -150,7 +150,7 @@ class StoreSCU:
             self.destination.port,
             contexts=[build_context(sop_class, [syntax]) for sop_class, syntax in pairs],
             ae_title=self.destination.ae_title,
-            tls_args=(client_ssl_context(tls), None) if tls is not None else None,
+            tls_args=(client_ssl_context(tls), self.destination.host) if tls is not None else None,
             evt_handlers=[(evt.EVT_CONN_OPEN, connected.append)],
         )
         if association.is_established:
