@@ -147,3 +147,29 @@ def densenet(
         block_config=tuple(block_config),
         bn_size=bn_size,
     )
+
+
+@register("densenet3d")
+def densenet3d(
+    in_channels: int = 1,
+    num_classes: int = 2,
+    init_features: int = 8,
+    growth_rate: int = 4,
+    block_config: Sequence[int] = (2, 2),
+    bn_size: int = 2,
+) -> nn.Module:
+    """MONAI's 3D DenseNet (``monai.networks.nets.DenseNet``, ``spatial_dims=3``): a
+    classifier of ``[N, C, D, H, W]`` volumes for volume pipelines (``input.kind: volume``).
+    Small by default, as the volume tests and the 300-slice benchmark build it; MONAI's
+    DenseNet121 is ``init_features=64, growth_rate=32, block_config=[6, 12, 24, 16], bn_size=4``."""
+    from monai.networks.nets import DenseNet
+
+    return DenseNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        init_features=init_features,
+        growth_rate=growth_rate,
+        block_config=tuple(block_config),
+        bn_size=bn_size,
+    )
