@@ -1,13 +1,17 @@
 """Preprocessing steps: what a pipeline does to pixels before the model sees them.
 
 Contract of a step (the extension point): a pydantic model whose fields are the YAML
-options and whose ``__call__`` takes a float32 tensor ``[N, C, H, W]`` in modality
-units (Hounsfield units for CT, after RescaleSlope/Intercept) and returns a float32
-tensor ``[N, C', H', W']``. A step must not keep state between calls, so the same
-pipeline gives the same input to the model in training, optimization and serving.
-Bad options raise ``pydantic.ValidationError`` when the pipeline is loaded, never later.
+options and whose ``__call__`` takes a float32 tensor ``[N, C, H, W]`` (slices) or
+``[N, C, D, H, W]`` (volumes) in modality units (Hounsfield units for CT, after
+RescaleSlope/Intercept) and returns a float32 tensor of the same rank (channels and sizes
+may change). ``spatial_dims`` says which of the two a step takes (None: either); a step that
+moves voxels says where they go in ``regrid``, so that a volume's outputs can be placed in
+the patient. A step must not keep state between calls, so the same pipeline gives the same
+input to the model in training, optimization and serving. Bad options raise
+``pydantic.ValidationError`` when the pipeline is loaded, never later.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,12 +19,24 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from plugin.volume import Grid
+
 
 class _Step(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @property
+    def spatial_dims(self) -> int | None:
+        """2 for a step on slices only, 3 for volumes only, None for either."""
+        return None
+
     def __call__(self, images: Tensor) -> Tensor:  # pragma: no cover - contract only
         raise NotImplementedError
+
+    def regrid(self, grid: Grid) -> Grid:
+        """Where the voxels of a volume on ``grid`` lie after this step (most steps leave
+        them where they are)."""
+        return grid
 
 
 # Common CT windows (center, width) in HU.
@@ -58,7 +74,7 @@ class Window(_Step):
 
     def __call__(self, images: Tensor) -> Tensor:
         low = self.center - self.width / 2
-        return ((images - low) / self.width).clamp(0.0, 1.0)
+        return images.sub(low).div_(self.width).clamp_(0.0, 1.0)  # one new tensor: volumes are large
 
 
 class Stack(_Step):
@@ -84,45 +100,71 @@ class Rescale(_Step):
     intercept: float = 0.0
 
     def __call__(self, images: Tensor) -> Tensor:
-        return images * self.slope + self.intercept
+        return images.mul(self.slope).add_(self.intercept)
 
 
 class _Size(_Step):
-    """A target ``[height, width]``, given as a pair or as a mapping."""
+    """A target ``[height, width]`` for slices or ``[depth, height, width]`` for volumes,
+    given as a list or as a mapping."""
 
+    depth: int | None = Field(default=None, gt=0, le=8192)
     height: int = Field(gt=0, le=8192)
     width: int = Field(gt=0, le=8192)
 
     @model_validator(mode="before")
     @classmethod
-    def _from_pair(cls, value: Any) -> Any:
+    def _from_list(cls, value: Any) -> Any:
         if isinstance(value, (list, tuple)) and len(value) == 2:
             return {"height": value[0], "width": value[1]}
+        if isinstance(value, (list, tuple)) and len(value) == 3:
+            return {"depth": value[0], "height": value[1], "width": value[2]}
         return value
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        return (self.height, self.width) if self.depth is None else (self.depth, self.height, self.width)
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.size)
 
 
 class CropOrPad(_Size):
-    """Centre-crop or pad (with ``value``) to ``[height, width]`` without resampling."""
+    """Centre-crop or pad (with ``value``) to the size without resampling."""
 
     value: float = 0.0
 
+    def _before(self, shape: Sequence[int]) -> list[int]:
+        """Per axis, where the output starts in the input (negative: padding)."""
+        return [(n - target) // 2 for n, target in zip(shape[-len(self.size) :], self.size, strict=True)]
+
     def __call__(self, images: Tensor) -> Tensor:
-        height, width = images.shape[-2:]
-        top, left = (height - self.height) // 2, (width - self.width) // 2
-        # Negative padding crops: one call handles both directions on each axis.
-        pad = (-left, -(width - self.width - left), -top, -(height - self.height - top))
+        shape = images.shape[-len(self.size) :]
+        pad: list[int] = []
+        # Negative padding crops: one call handles both directions on each axis (last axis first).
+        for n, target, before in reversed(list(zip(shape, self.size, self._before(images.shape), strict=True))):
+            pad += [-before, -(n - target - before)]
         return F.pad(images, pad, value=self.value)
+
+    def regrid(self, grid: Grid) -> Grid:
+        return grid.mapped(self.size, (1.0, 1.0, 1.0), self._before(grid.shape))
 
 
 class Resize(_Size):
-    """Bilinear resize (antialiased when shrinking) to ``[height, width]``."""
+    """Resize to the size: bilinear, antialiased when shrinking, for slices; trilinear for
+    volumes (torch has no antialiased trilinear, as MONAI's ``Resize`` by default)."""
 
     def __call__(self, images: Tensor) -> Tensor:
-        if images.shape[-2:] == (self.height, self.width):
+        if tuple(images.shape[-len(self.size) :]) == self.size:
             return images
-        return F.interpolate(
-            images, size=(self.height, self.width), mode="bilinear", antialias=True, align_corners=False
-        )
+        if self.depth is None:
+            return F.interpolate(images, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        return F.interpolate(images, size=self.size, mode="trilinear", align_corners=False)
+
+    def regrid(self, grid: Grid) -> Grid:
+        # align_corners=False: output voxel j is at input (j + 0.5) * n / target - 0.5
+        scale = [n / target for n, target in zip(grid.shape, self.size, strict=True)]
+        return grid.mapped(self.size, scale, [s / 2 - 0.5 for s in scale])
 
 
 class Normalize(_Step):
@@ -132,7 +174,7 @@ class Normalize(_Step):
     std: float = Field(default=1.0, gt=0)
 
     def __call__(self, images: Tensor) -> Tensor:
-        return (images - self.mean) / self.std
+        return images.sub(self.mean).div_(self.std)
 
 
 class PreprocessStep(BaseModel):
@@ -155,8 +197,12 @@ class PreprocessStep(BaseModel):
         return self
 
     @property
+    def name(self) -> str:
+        return next(n for n in type(self).model_fields if getattr(self, n) is not None)
+
+    @property
     def step(self) -> _Step:
-        return next(getattr(self, n) for n in type(self).model_fields if getattr(self, n) is not None)
+        return getattr(self, self.name)
 
 
 def preprocess(steps: list[PreprocessStep], images: Tensor) -> Tensor:
@@ -165,3 +211,12 @@ def preprocess(steps: list[PreprocessStep], images: Tensor) -> Tensor:
         for item in steps:
             images = item.step(images)
     return images.contiguous()
+
+
+def preprocess_volume(steps: list[PreprocessStep], volume: Tensor, grid: Grid) -> tuple[Tensor, Grid]:
+    """Run ``steps`` in order on a ``[1, C, D, H, W]`` volume on ``grid``; returns the
+    result and the grid its voxels lie on."""
+    with torch.inference_mode():
+        for item in steps:
+            volume, grid = item.step(volume), item.step.regrid(grid)
+    return volume.contiguous(), grid
