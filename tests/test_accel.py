@@ -24,8 +24,8 @@ from plugin.accel.data import DataSets, Split, phantom_split
 from plugin.accel.optimize import optimize, optimize_artifact
 from plugin.accel.recipe import Recipe
 from plugin.demo.train import PREPROCESS
-from plugin.models.architectures import build
 from plugin.models.artifact import ArtifactError, load_artifact, read_manifest, save_artifact
+from plugin.models.registry import build
 from plugin.models.serving import BucketedModule
 from plugin.outputs.sr import read_measurement_report
 from plugin.pipeline import PipelineError, load_pipeline

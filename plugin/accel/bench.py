@@ -27,8 +27,8 @@ from plugin.accel.data import DataSets, Split, phantom_split
 from plugin.accel.evaluate import evaluate
 from plugin.accel.export import export_onnx
 from plugin.accel.recipe import Recipe
-from plugin.models.architectures import build
 from plugin.models.artifact import WEIGHTS, ArtifactError, load_artifact, read_manifest
+from plugin.models.registry import build
 from plugin.models.serving import OBSERVER_PREFIX, BucketedModule, apply_layer_shapes, compile_program
 from plugin.preprocess import PreprocessStep
 

@@ -18,11 +18,11 @@ from torch import nn
 
 from plugin.accel.data import DataSets, load_data
 from plugin.accel.evaluate import Scores, Verdict, evaluate, gate
-from plugin.accel.export import preprocessing_record, write_artifact
+from plugin.accel.export import preprocessing_record
 from plugin.accel.prune import complexity, describe, prune
 from plugin.accel.quantize import quantize
 from plugin.accel.recipe import Recipe
-from plugin.models.artifact import Artifact, load_artifact
+from plugin.models.artifact import MODULE, WEIGHTS, Artifact, load_artifact, write_artifact
 from plugin.models.serving import layer_shapes
 from plugin.pipeline import Pipeline
 from plugin.preprocess import PreprocessStep
@@ -114,6 +114,7 @@ def optimize_artifact(
 
     tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
     manifest: dict[str, Any] = {
+        "format": MODULE,
         "name": f"{original.manifest.get('name', original.path.name)}-{_variant_name(recipe)}",
         "architecture": describe(original.manifest["architecture"], model),
         "layers": layer_shapes(model),
@@ -141,7 +142,7 @@ def optimize_artifact(
         }
 
     with tempfile.TemporaryDirectory(prefix="radpipe-optimize-") as staging:
-        candidate = write_artifact(Path(staging) / "candidate", tensors, manifest)
+        candidate = write_artifact(Path(staging) / "candidate", {WEIGHTS: tensors}, manifest)
         served = load_artifact(candidate, cpu)  # exactly what the node will run
         name = f"served {_variant_name(recipe)} ({served.precision}, cpu)"
         scores = evaluate(served.module, data.heldout, classes, findings, activation, batch, f"evaluating {name}")
@@ -165,7 +166,7 @@ def optimize_artifact(
     if outcome.failures:
         return outcome
     manifest["source"]["path"] = os.path.relpath(original.path, target.resolve().parent)
-    write_artifact(target, tensors, manifest, replace=replace)
+    write_artifact(target, {WEIGHTS: tensors}, manifest, replace=replace)
     return Outcome(target, baseline, verdicts, manifest)
 
 

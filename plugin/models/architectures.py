@@ -1,35 +1,10 @@
-"""Model architectures an artifact can name.
+"""radpipe's built-in architectures (registered under their ids in plugin/models/registry.py)."""
 
-An artifact's manifest stores ``{"id": ..., "params": {...}}``; :func:`build` turns that
-back into a module. Only classes registered here can be built, so loading an artifact
-never executes code that came with it.
-"""
-
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 
-
-def register(arch_id: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        ARCHITECTURES[arch_id] = factory
-        return factory
-
-    return add
-
-
-def build(spec: dict[str, Any]) -> nn.Module:
-    """Build the module described by a manifest's ``architecture`` entry."""
-    arch_id = spec.get("id")
-    if arch_id not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch_id!r}; known: {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[arch_id](**spec.get("params", {}))
-
-
-@register("demo-cnn")
 class DemoCNN(nn.Module):
     """Small 2D classifier: conv-BN-ReLU blocks, each followed by 2x max-pooling.
 
@@ -88,7 +63,6 @@ class _BasicBlock(nn.Module):
         return self.relu2(out + self.shortcut(x))
 
 
-@register("resnet")
 class ResNet(nn.Module):
     """A 2D ResNet (He et al. 2016) with basic blocks, sized by ``layers`` (blocks per
     stage) and ``widths`` (channels per stage). A compact equivalent of MONAI's
@@ -125,7 +99,6 @@ class ResNet(nn.Module):
         return self.classifier(self.pool(self.blocks(self.stem(x))).flatten(1))
 
 
-@register("densenet")
 def densenet(
     in_channels: int = 1,
     num_classes: int = 2,
@@ -149,7 +122,6 @@ def densenet(
     )
 
 
-@register("densenet3d")
 def densenet3d(
     in_channels: int = 1,
     num_classes: int = 2,

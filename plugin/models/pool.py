@@ -1,9 +1,11 @@
 """Warm models: each artifact is loaded once and kept for every later job.
 
-The pool is keyed by artifact folder, weights hash and device, so an artifact replaced
+The pool is keyed by artifact folder, model hash and device, so an artifact replaced
 on disk is loaded anew on its next use. Until the new one has loaded (and passed its
 hash check), the previous one keeps serving: a half-copied artifact never stops a
-pipeline that was working.
+pipeline that was working. A model whose recorded input the pipeline's preprocessing
+does not yield is refused for that pipeline (an error, the reload refused), however it
+came to be there.
 """
 
 import logging
@@ -13,8 +15,9 @@ from pathlib import Path
 import torch
 
 from plugin.metrics import Metrics
-from plugin.models.artifact import Artifact, ArtifactError, load_artifact, read_manifest
+from plugin.models.artifact import Artifact, ArtifactError, load_artifact, model_file, read_manifest
 from plugin.models.device import select_device
+from plugin.models.inputspec import input_mismatch
 from plugin.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -24,12 +27,13 @@ class ModelPool:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         # A key's entries in _current and _checked change only under its lock in _loading;
-        # _lock, held briefly, guards _loading and _info_labels.
+        # _lock, held briefly, guards _loading, _info_labels and _fitting.
         self._lock = threading.Lock()
         self._loading: dict[tuple[Path, str], threading.Lock] = {}  # (folder, device) -> held while checked/loaded
         self._current: dict[tuple[Path, str], Artifact] = {}  # (folder, device) -> loaded artifact
         self._checked: dict[tuple[Path, str], tuple] = {}  # (folder, device) -> files as last verified
         self._info_labels: dict[str, tuple[str, ...]] = {}  # pipeline -> its model_info labels
+        self._fitting: set[tuple[str, str]] = set()  # (pipeline sha256, model sha256) whose input fits
 
     def get(self, pipeline: Pipeline) -> Artifact:
         """The pipeline's model, loaded on first use or when its artifact changed.
@@ -44,19 +48,21 @@ class ModelPool:
             current = self._current.get(key)
             files = _fingerprint(directory)
             if current is not None and self._checked.get(key) == files:
-                self._set_info(pipeline, current, device)
+                self._check_input(pipeline, current)
+                self._set_info(pipeline, current)
                 return current  # unchanged since its hashes were checked: no re-hash per job
             try:
                 manifest = read_manifest(directory)
-                if current is None or current.sha256 != manifest["files"]["weights.safetensors"]:
-                    current = load_artifact(directory, device, manifest)
-                    self._current[key] = current
+                if current is None or current.sha256 != manifest["files"][model_file(manifest)]:
+                    loaded = load_artifact(directory, device, manifest)
+                    self._check_input(pipeline, loaded)
+                    current = self._current[key] = loaded
                     log.info(
                         "loaded model %s (sha256 %s, %s) on %s",
                         directory.name,
                         current.sha256[:12],
                         current.precision,
-                        device,
+                        current.device,
                     )
                 self._checked[key] = files
             except ArtifactError as e:
@@ -68,15 +74,16 @@ class ModelPool:
                     e,
                     current.sha256[:12],
                 )
-            self._set_info(pipeline, current, device)
+            self._check_input(pipeline, current)
+            self._set_info(pipeline, current)
         return current
 
-    def _set_info(self, pipeline: Pipeline, artifact: Artifact, device: torch.device) -> None:
+    def _set_info(self, pipeline: Pipeline, artifact: Artifact) -> None:
         labels = (
             pipeline.name,
             str(artifact.manifest.get("name", artifact.path.name)),
             artifact.precision,
-            device.type,
+            artifact.device.type,
             str(artifact.manifest.get("sparsity", 0.0)),
         )
         with self._lock:  # a pipeline whose artifact changed in a reload may come here from two keys' locks
@@ -88,12 +95,25 @@ class ModelPool:
             self._metrics.model_info.labels(*labels).set(1)
             self._info_labels[pipeline.name] = labels
 
+    def _check_input(self, pipeline: Pipeline, artifact: Artifact) -> None:
+        """Refuse a model whose recorded input the pipeline does not feed; what fits is
+        remembered (working the preprocessing's output shape out takes milliseconds)."""
+        key = (pipeline.sha256, artifact.sha256)
+        with self._lock:
+            if key in self._fitting:
+                return
+        problem = input_mismatch(artifact.input, pipeline)
+        if problem is not None:
+            raise ArtifactError(f"{artifact.path} cannot serve pipeline {pipeline.name}: {problem}")
+        with self._lock:
+            self._fitting.add(key)
+
     @staticmethod
     def infer(artifact: Artifact, batch: torch.Tensor) -> torch.Tensor:
         """Logits for one batch, computed on the model's device, returned on the CPU.
         On CUDA the batch is copied from pinned memory, asynchronously (a DMA transfer
         instead of a staged copy through pageable memory)."""
-        device = next(artifact.module.parameters()).device
+        device = artifact.device
         if device.type == "cuda":
             batch = batch.pin_memory()
         with torch.inference_mode():
