@@ -24,7 +24,7 @@ def command(*arguments: tuple[tuple[str, ...], dict]) -> Callable[[Handler], Han
     """Register a subcommand; its docstring is its help text."""
 
     def register(handler: Handler) -> Handler:
-        _COMMANDS[handler.__name__] = (handler, list(arguments))
+        _COMMANDS[handler.__name__.rstrip("_")] = (handler, list(arguments))  # import_ -> import
         return handler
 
     return register
@@ -51,18 +51,31 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-@command(CONFIG, arg("paths", nargs="+", type=Path, help="node config or pipeline files, or folders of pipelines"))
+@command(
+    CONFIG,
+    arg("paths", nargs="+", type=Path, help="node config or pipeline files, folders of pipelines, or artifact folders"),
+)
 def validate(args: argparse.Namespace) -> int:
-    """Check node config and pipeline files; print ``file:line:column: location: message`` for every error."""
+    """Check node config and pipeline files (and that each pipeline's model is intact and takes what its
+    preprocessing yields), or artifact folders (loaded as the node loads them); print one line per error."""
+    import torch
     import yaml
 
     from plugin.config import ConfigError, load_config
-    from plugin.pipeline import PipelineError, load_pipeline_files, pipeline_files
+    from plugin.models.artifact import MANIFEST, ArtifactError, describe, load_artifact, serving_problem
+    from plugin.pipeline import PipelineError, load_pipeline_files, pipeline_files, read_pipeline
 
     destinations = set(load_config(args.config).destinations)
     pipelines: list[Path] = []
     failed = False
     for path in args.paths:
+        if (path / MANIFEST).is_file():
+            try:
+                print(f"{path}: ok ({describe(load_artifact(path, torch.device('cpu')).manifest)})")
+            except ArtifactError as e:
+                print(e)
+                failed = True
+            continue
         if path.is_dir():
             pipelines += pipeline_files(path)
             continue
@@ -81,7 +94,16 @@ def validate(args: argparse.Namespace) -> int:
             pipelines.append(path)
     try:
         for pipeline in load_pipeline_files(pipelines, destinations):
-            print(f"{pipeline.source}: ok ({pipeline.name} v{pipeline.version})")
+            problem = serving_problem(pipeline)
+            if problem is None:
+                print(f"{pipeline.source}: ok ({pipeline.name} v{pipeline.version})")
+            else:
+                assert pipeline.source is not None  # read from a file just now
+                _, source, _ = read_pipeline(pipeline.source)  # again, for the line and column
+                print(
+                    f"{source.where(('model', 'artifact')) if source else pipeline.source}: model.artifact: {problem}"
+                )
+                failed = True
     except PipelineError as e:
         print(e)
         failed = True
@@ -192,6 +214,63 @@ def demo(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as work:
         return run_demo(args.host, args.port, args.called_ae, args.results, Path(work), args.timeout, args.seed)
+
+
+def _input_shape(text: str) -> object:
+    from plugin.models.inputspec import InputSpec
+
+    try:
+        return InputSpec.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object of keyword arguments, e.g. '{\"width\": 16}'")
+    return value
+
+
+@command(
+    arg("source", help="a .pt2 (torch.export.save), an .onnx file, or an architecture id (with --weights)"),
+    arg("--out", type=Path, required=True, help="the artifact folder to write, e.g. pipelines/models/NAME"),
+    arg("--name", help="the model's name in the manifest and the metrics (default: the folder's name)"),
+    arg("--classes", type=lambda text: [c.strip() for c in text.split(",")], help="class names in output order: C1,C2"),
+    arg("--input", type=_input_shape, help="CxHxW or CxDxHxW (? for any size) where the source does not record it"),
+    arg("--weights", type=Path, help="for an architecture id: safetensors, or a state dict saved with torch.save"),
+    arg("--params", type=_json_object, default={}, help="for an architecture id: its keyword arguments, as JSON"),
+    arg("--force", action="store_true", help="replace --out if it exists"),
+)
+def import_(args: argparse.Namespace) -> int:
+    """Turn a model into an artifact: checked, every file hashed, loaded and run once as the node will."""
+    from plugin.models.artifact import describe
+    from plugin.models.importer import ImportRefused, ImportRequest, import_model
+
+    request = ImportRequest(
+        source=args.source,
+        out=args.out,
+        name=args.name,
+        classes=args.classes,
+        input=args.input,
+        weights=args.weights,
+        params=args.params,
+        force=args.force,
+    )
+    try:
+        target, imported = import_model(request)
+    except ImportRefused as e:
+        print(f"radpipe import: {e}")
+        return 1
+    print(f"wrote {target}: {describe(imported.manifest)}")
+    for note in imported.notes:
+        print(f"  note: {note}")
+    return 0
 
 
 @command(
