@@ -11,9 +11,19 @@ findings (``postprocess``), what to write (``outputs``) and where to send it
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydicom.datadict import tag_for_keyword
 
 from plugin.accel.recipe import Recipe
@@ -47,16 +57,69 @@ class Completion(_Strict):
     _check_tag = field_validator("expected_count_tag")(_keyword)
 
 
+class SlidingWindow(_Strict):
+    """Run a volume model on windows of ``roi_size`` ``[depth, height, width]`` voxels,
+    laid out as MONAI's ``sliding_window_inference`` lays them out: neighbours share
+    ``overlap`` of a window along each axis, the last window ends flush with the volume, and
+    a volume smaller than the window is padded with zeros. ``sw_batch_size`` windows go to
+    the model per call. Each window gets its own class logits, and
+    ``postprocess.aggregate`` turns the windows' probabilities into the series' (as it does
+    slices')."""
+
+    roi_size: tuple[
+        Annotated[int, Field(gt=0, le=4096)], Annotated[int, Field(gt=0, le=4096)], Annotated[int, Field(gt=0, le=4096)]
+    ]
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    sw_batch_size: int = Field(default=1, ge=1, le=1024)
+
+
+_AXES = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
+_Millimetres = Annotated[float, Field(gt=0, le=1000)]
+
+
 class InputSelection(_Strict):
     """Which images the model sees. For ``level: study``, ``series`` is a match block
     that picks the study's series to use; among several, ``choose`` decides. Images are
-    ordered by ``sort``: position along the slice normal, or InstanceNumber."""
+    ordered by ``sort``: position along the slice normal, or InstanceNumber.
+
+    ``kind``: ``slice`` feeds the model one image at a time; ``volume`` stacks the series
+    into one volume in modality units (see plugin/volume.py), reoriented to
+    ``orientation`` (one letter per axis of ``[D, H, W]``: the direction its index grows
+    towards, e.g. ``SPL`` for axial slices from the feet up, ``RAS`` as MONAI's
+    ``Orientation(axcodes="RAS")``; none keeps the series' axes) and resampled to
+    ``spacing`` mm per axis (none keeps the series' spacing). Preprocessing then runs on the
+    volume, and the model gets it whole or by ``sliding_window``. A series whose slices do
+    not fill one grid (uneven spacing, gantry tilt, mixed orientations) fails its job with
+    that reason."""
 
     series: dict[str, Any] | None = None
     choose: Literal["most_instances", "first", "last"] = "most_instances"
     sort: Literal["position", "instance_number"] = "position"
+    kind: Literal["slice", "volume"] = "slice"
+    orientation: str | None = None
+    spacing: tuple[_Millimetres, _Millimetres, _Millimetres] | None = None
+    sliding_window: SlidingWindow | None = None
 
     _series_rule: Rule | None = PrivateAttr(default=None)
+
+    @field_validator("orientation", "spacing", "sliding_window")
+    @classmethod
+    def _volume_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("kind") != "volume":
+            raise ValueError(f"{info.field_name} is for volumes: set input.kind: volume")
+        return value
+
+    @field_validator("orientation")
+    @classmethod
+    def _orientation_code(cls, value: str | None) -> str | None:
+        if value is not None and (
+            len(value) != 3 or not set(value) <= _AXES.keys() or sorted(_AXES[c] for c in value) != [0, 1, 2]
+        ):
+            raise ValueError(
+                f"{value!r} is not an orientation code: one letter per axis from R/L, A/P, S/I, "
+                "each pair once (e.g. RAS, LPS, SPL)"
+            )
+        return value
 
     @property
     def series_rule(self) -> Rule | None:
@@ -123,16 +186,39 @@ class Output(_Strict):
         return self
 
 
+def _fits_input(value: Any, info: ValidationInfo) -> Any:
+    """A preprocessing step or output that the pipeline's ``input.kind`` can use (checked
+    item by item, so that an error points at the item)."""
+    selection = info.data.get("input")
+    if selection is None:  # input itself is invalid, and reported
+        return value
+    if isinstance(value, PreprocessStep):
+        dims = value.step.spatial_dims
+        if selection.kind == "volume" and dims == 2:
+            raise ValueError(
+                f"{value.name}: [height, width] works on each slice; a volume (input.kind: volume) "
+                "needs [depth, height, width]"
+            )
+        if selection.kind == "slice" and dims == 3:
+            raise ValueError(f"{value.name}: [depth, height, width] is for volumes: set input.kind: volume")
+    if isinstance(value, Output) and value.kos and selection.kind == "volume" and not selection.sliding_window:
+        raise ValueError(
+            "kos: a volume scored whole has no key image; with input.sliding_window the key image is "
+            "the slice through the centre of the highest-scoring window"
+        )
+    return value
+
+
 class Pipeline(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     version: str = Field(min_length=1, max_length=32)
     match: dict[str, Any] = Field(min_length=1)
     completion: Completion = Completion()
     input: InputSelection = InputSelection()
-    preprocess: list[PreprocessStep] = []
+    preprocess: list[Annotated[PreprocessStep, AfterValidator(_fits_input)]] = []
     model: ModelSpec
     postprocess: Postprocess
-    outputs: list[Output] = Field(default=[Output(sr=SROutput())], min_length=1)
+    outputs: list[Annotated[Output, AfterValidator(_fits_input)]] = Field(default=[Output(sr=SROutput())], min_length=1)
     destinations: list[str] | None = None
     priority: int = Field(default=0, ge=-100, le=100)
 

@@ -7,12 +7,18 @@ journal (job done + one pending delivery per destination) in one transaction.
 Batches cross job boundaries: when a series' last batch is short, the next queued job of
 the same pipeline version (waiting up to ``model.batch_window_ms`` for one) fills it, so
 a stream of small series keeps the model at its batch size.
+
+A volume pipeline (``input.kind: volume``) runs each series on its own: its slices are
+decoded into one volume, resampled and preprocessed (plugin/volume.py), and the model
+gets the volume whole or window by window.
 Runs in its own thread, never in an association's (invariant 4).
 """
 
 import io
 import logging
 import time
+from collections.abc import Generator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,11 +38,13 @@ from plugin.outputs.conformance import referenceable
 from plugin.outputs.kos import key_images, key_object_selection
 from plugin.outputs.sr import AlgorithmIdentity, measurement_report
 from plugin.pipeline import Pipeline
-from plugin.postprocess import findings
-from plugin.prepare import Preparer, WorkerDied
+from plugin.postprocess import ModelOutput, findings
+from plugin.prepare import Prepared, Preparer, WorkerDied
+from plugin.preprocess import PreprocessStep, preprocess_volume
 from plugin.quarantine import Quarantine
 from plugin.router import Router
 from plugin.spool import write_durably
+from plugin.volume import Placement, Resampling, VolumeError, infer_volume, series_grid
 from plugin.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -151,6 +159,9 @@ class Runner(Worker):
         batcher: Batcher | None = None
         fed: list[Work] = []  # every image handed to the batcher; waiting for the last logits
         while work is not None:
+            if work.pipeline.input.kind == "volume":  # a volume is a batch of its own
+                self._run_volume(work)
+                break
             if batcher is None or work.artifact is not batcher.artifact:
                 if batcher is not None:
                     batcher.flush()
@@ -256,37 +267,109 @@ class Runner(Worker):
                 self._fail(job, e)
                 return None
 
+    def _prepared(self, work: Work, steps: list[PreprocessStep]) -> Generator[Prepared, None, None]:
+        """The job's instances decoded and preprocessed with ``steps`` (ahead, on the
+        preparer's workers), in order; a decode failure is a :class:`JobError`."""
+        images = self._preparer.images(work.sources, steps)
+        try:
+            while True:
+                try:
+                    item = next(images, None)
+                except PixelDataError as e:
+                    uid = str(e.source.header.SOPInstanceUID)
+                    kept = self._quarantine.keep_file(
+                        Path(e.source.path), "decode_failed", str(e), f"job {work.job.id}", uid
+                    )
+                    raise JobError("decode_failed", f"{e}; kept as quarantine/decode_failed/{kept.name}") from e
+                except WorkerDied as e:  # a decoder crashed on this input and took its process down
+                    raise JobError("worker_died", str(e)) from e
+                if item is None:
+                    return
+                work.timer.add("load", item[1].decode_seconds)
+                work.timer.add("preprocess", item[1].preprocess_seconds)
+                yield item[1]
+        finally:
+            images.close()
+
     def _feed(self, work: Work, batcher: Batcher) -> bool:
-        """Decode and preprocess the job's images (ahead, on the preparer's workers) into
-        the batcher; False (job failed, its images dropped) on a decode error."""
-        job, timer = work.job, work.timer
-        with log_context(f"job-{job.id}"), redacting(work.identity):
-            images = self._preparer.images(work.sources, work.pipeline.preprocess)
+        """Decode and preprocess the job's images into the batcher; False (job failed, its
+        images dropped) on a decode error."""
+        with (
+            log_context(f"job-{work.job.id}"),
+            redacting(work.identity),
+            closing(self._prepared(work, work.pipeline.preprocess)) as prepared,
+        ):
             try:
-                while work.error is None:
-                    try:
-                        item = next(images, None)
-                    except PixelDataError as e:
-                        uid = str(e.source.header.SOPInstanceUID)
-                        kept = self._quarantine.keep_file(
-                            Path(e.source.path), "decode_failed", str(e), f"job {job.id}", uid
-                        )
-                        raise JobError("decode_failed", f"{e}; kept as quarantine/decode_failed/{kept.name}") from e
-                    except WorkerDied as e:  # a decoder crashed on this input and took its process down
-                        raise JobError("worker_died", str(e)) from e
-                    if item is None:
-                        return True
-                    prepared = item[1]
-                    timer.add("load", prepared.decode_seconds)
-                    timer.add("preprocess", prepared.preprocess_seconds)
-                    batcher.add(work, torch.from_numpy(prepared.images))
-                return True  # the model failed on a batch; reported when the job finishes
+                for item in prepared:
+                    batcher.add(work, torch.from_numpy(item.images))
+                    if work.error is not None:
+                        break  # the model failed on a batch; reported when the job finishes
+                return True
             except Exception as e:
                 batcher.drop(work)
-                self._fail(job, e)
+                self._fail(work.job, e)
                 return False
-            finally:
-                images.close()
+
+    def _run_volume(self, work: Work) -> None:
+        """One volume job: check the series' geometry (before decoding a pixel), stack its
+        slices, resample and preprocess the volume, run the model on it and write the result.
+        The model's calls hold this volume's windows only."""
+        job, pipeline, timer = work.job, work.pipeline, work.timer
+        selection = pipeline.input
+        window = selection.sliding_window
+
+        def predict(batch: torch.Tensor) -> torch.Tensor:
+            logits = self._pool.infer(work.artifact, batch)
+            self._metrics.inference_batch_size.observe(len(batch))
+            return logits
+
+        with log_context(f"job-{job.id}"), redacting(work.identity):
+            try:
+                try:
+                    source = series_grid([s.header for s in work.sources])
+                    resampling = Resampling(source, selection.orientation, selection.spacing)
+                except VolumeError as e:
+                    raise JobError(e.reason, str(e)) from e
+                stack = self._stack(work, resampling)
+                with timer.stage("preprocess"):
+                    volume = resampling.finish(stack)
+                    del stack
+                    image, grid = preprocess_volume(pipeline.preprocess, volume[None, None], resampling.target)
+                    del volume
+                log.info(
+                    "job %d: volume %s %s of %s mm -> model input %s %s of %s mm",
+                    job.id,
+                    "x".join(map(str, source.shape)),
+                    source.orientation,
+                    "x".join(f"{s:.3g}" for s in source.spacing),
+                    "x".join(map(str, image.shape[1:])),
+                    grid.orientation,
+                    "x".join(f"{s:.3g}" for s in grid.spacing),
+                )
+                with timer.stage("infer"):
+                    if window is None:
+                        logits, centres = infer_volume(predict, image)
+                    else:
+                        logits, centres = infer_volume(
+                            predict, image, window.roi_size, window.overlap, window.sw_batch_size
+                        )
+                del image
+                self._finish(work, ModelOutput(logits, Placement(source, grid, centres)))
+            except Exception as e:
+                self._fail(job, e)
+
+    def _stack(self, work: Work, resampling: Resampling) -> torch.Tensor:
+        """The job's slices, decoded in modality units and resampled in their plane as they
+        come, as one ``[D, H', W']`` float32 stack: only the stack and a few slices are held."""
+        stack = torch.empty(resampling.stack_shape)
+        seconds = 0.0
+        with closing(self._prepared(work, [])) as prepared:
+            for index, item in enumerate(prepared):
+                start = time.perf_counter()
+                stack[index] = resampling.plane(torch.from_numpy(item.images)[0])[0]
+                seconds += time.perf_counter() - start
+        work.timer.add("preprocess", seconds)
+        return stack
 
     def _finish_inferred(self, fed: list[Work]) -> list[Work]:
         """Write the results of every job whose images are all inferred; return the rest."""
@@ -295,7 +378,7 @@ class Runner(Worker):
                 try:
                     if work.error is not None:
                         raise work.error
-                    self._finish(work)
+                    self._finish(work, ModelOutput(torch.cat(work.logits)))
                 except Exception as e:
                     self._fail(work.job, e)
         return [w for w in fed if w.waiting]
@@ -307,17 +390,17 @@ class Runner(Worker):
         write_durably(target, buffer.getvalue())
         return str(target)
 
-    def _finish(self, work: Work) -> None:
+    def _finish(self, work: Work, model_output: ModelOutput) -> None:
         job, pipeline, artifact, timer = work.job, work.pipeline, work.artifact, work.timer
         name = pipeline.name
-        result = findings(pipeline.postprocess, artifact.classes, torch.cat(work.logits))
+        result = findings(pipeline.postprocess, artifact.classes, model_output)
         algorithm = AlgorithmIdentity(
             pipeline=name,
             pipeline_version=pipeline.version,
             pipeline_sha256=pipeline.sha256,
             model_sha256=artifact.sha256,
             precision=artifact.precision,
-            device=str(next(artifact.module.parameters()).device.type),
+            device=artifact.device.type,
         )
         headers = [s.header for s in work.sources]
         written: list[tuple[str, str, str]] = []

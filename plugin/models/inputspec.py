@@ -123,8 +123,14 @@ def preprocessed_shape(steps: Sequence[PreprocessStep], spatial_dims: int = 2) -
 
 
 def fed_shape(pipeline: Pipeline) -> tuple[int | None, ...]:
-    """``(C, H, W)`` of what ``pipeline`` gives its model: its preprocessing's output for a slice."""
-    return preprocessed_shape(pipeline.preprocess)
+    """``(C, *spatial)`` of what ``pipeline`` gives its model: the preprocessing's output
+    for a slice or a volume, or, with a sliding window, the window's size."""
+    selection = pipeline.input
+    volume = selection.kind == "volume"
+    shape = preprocessed_shape(pipeline.preprocess, 3 if volume else 2)
+    if volume and selection.sliding_window is not None:
+        return (shape[0], *selection.sliding_window.roi_size)
+    return shape
 
 
 def input_mismatch(spec: InputSpec | None, pipeline: Pipeline) -> str | None:
