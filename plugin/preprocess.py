@@ -135,8 +135,12 @@ class CropOrPad(_Size):
     value: float = 0.0
 
     def _before(self, shape: Sequence[int]) -> list[int]:
-        """Per axis, where the output starts in the input (negative: padding)."""
-        return [(n - target) // 2 for n, target in zip(shape[-len(self.size) :], self.size, strict=True)]
+        """Per axis, where the output starts in the input (negative: padding). Where the
+        difference is odd, the extra voxel goes where MONAI's ``ResizeWithPadOrCrop`` puts
+        it (cropped at the start, padded at the end), so a model trained behind MONAI's
+        CenterSpatialCrop or SpatialPad sees the same pixels."""
+        pairs = zip(shape[-len(self.size) :], self.size, strict=True)
+        return [n // 2 - target // 2 if n >= target else -((target - n) // 2) for n, target in pairs]
 
     def __call__(self, images: Tensor) -> Tensor:
         shape = images.shape[-len(self.size) :]
@@ -177,6 +181,20 @@ class Normalize(_Step):
         return images.sub(self.mean).div_(self.std)
 
 
+class Standardize(_Step):
+    """``(x - mean) / std`` with each image's own mean and standard deviation, over all its
+    channels or, with ``channel_wise``, each channel's: MONAI's ``NormalizeIntensity``
+    without ``subtrahend`` and ``divisor``. An image of one value is only shifted."""
+
+    channel_wise: bool = False
+
+    def __call__(self, images: Tensor) -> Tensor:
+        std, mean = torch.std_mean(
+            images, dim=tuple(range(2 if self.channel_wise else 1, images.dim())), keepdim=True, correction=0
+        )
+        return images.sub(mean).div_(std.masked_fill_(std == 0, 1.0))
+
+
 class PreprocessStep(BaseModel):
     """One list item of ``preprocess:``; exactly one of its keys is set."""
 
@@ -188,6 +206,7 @@ class PreprocessStep(BaseModel):
     resize: Resize | None = None
     crop_or_pad: CropOrPad | None = None
     normalize: Normalize | None = None
+    standardize: Standardize | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "PreprocessStep":
