@@ -1,10 +1,13 @@
 """Optimized artifacts, for real: pruning removes channels, int8 runs in the node, the
-gate refuses what it must, and the SR says exactly which model and precision ran.
+gate refuses what it must, and the SR says exactly which model and precision ran. The
+same for imported models: a torch.export program gets torchao int8 on its own graph, an
+ONNX graph gets ONNX Runtime's int8, and what does not apply to a format is refused.
 
 Data sets are tiny (tens of phantom slices, a fraction of an epoch) so the file runs in
 a couple of minutes on two cores; what is checked is behaviour, not accuracy.
 """
 
+import copy
 import importlib.metadata
 import json
 import shutil
@@ -17,19 +20,24 @@ import pydicom
 import pytest
 import torch
 import yaml
-from torch import nn
+from safetensors.torch import load_file
+from torch import Tensor, nn
 
 from plugin.accel.bench import fp32_module
 from plugin.accel.data import DataSets, Split, phantom_split
+from plugin.accel.export import export_onnx
 from plugin.accel.optimize import optimize, optimize_artifact
 from plugin.accel.recipe import Recipe
+from plugin.cli import main
 from plugin.demo.train import PREPROCESS
 from plugin.models.artifact import ArtifactError, load_artifact, read_manifest, save_artifact
+from plugin.models.importer import ImportRequest, import_model
+from plugin.models.onnx_model import OnnxModule
 from plugin.models.registry import build
 from plugin.models.serving import BucketedModule
 from plugin.outputs.sr import read_measurement_report
 from plugin.pipeline import PipelineError, load_pipeline
-from tests.conftest import DEMO_PIPELINE, results, storescu, wait_for, write_pipeline
+from tests.conftest import DEMO_ARTIFACT, DEMO_PIPELINE, results, storescu, wait_for, write_pipeline
 
 CLASSES = ["normal", "nodule"]
 LOOSE = {"max_auc_drop": 1.0, "max_per_class_auc_drop": 1.0}  # behaviour under test, not accuracy
@@ -81,7 +89,7 @@ def _assert_serves(start_node, tmp_path, artifact: Path, demo_study, loaded, man
     assert f"precision={precision}" in finding.algorithm_parameters
     labels = {"pipeline": "lung-nodule-demo", "model": manifest["name"], "precision": precision, "device": "cpu"}
     assert node.metrics.registry.get_sample_value(
-        "radpipe_model_info", {**labels, "sparsity": str(manifest["sparsity"])}
+        "radpipe_model_info", {**labels, "sparsity": str(manifest.get("sparsity", 0.0))}
     )
 
 
@@ -186,17 +194,39 @@ def test_recipe_keys_are_validated_with_their_location(tmp_path):
     assert f"{pipeline}:" in message
 
 
+MONAI_DENSENET = "monai.networks.nets.DenseNet"
+
+
 @pytest.mark.parametrize(
     ("arch", "importance", "cpu"),
-    [("resnet", "taylor", "int8_static"), ("densenet", "slimming", "int8_static"), ("demo-cnn", "l2", "int8_qat")],
+    [
+        ("resnet", "taylor", "int8_static"),
+        ("densenet", "slimming", "int8_static"),
+        ("demo-cnn", "l2", "int8_qat"),
+        (MONAI_DENSENET, "l1", "none"),
+    ],
 )
 def test_architectures_prune_finetune_quantize_and_load(tmp_path, data, arch, importance, cpu):
     """ResNet (residual sums, Taylor importance) and DenseNet (concatenations, network
-    slimming) through the whole recipe; quantization-aware training on the demo CNN. Each
-    ends as an artifact the node loads."""
+    slimming) through the whole recipe; quantization-aware training on the demo CNN; a
+    MONAI network named by its ``monai.networks.nets`` id, as a bundle or an import names
+    it, pruned (its int8 is the densenet case's: the same network). Each ends as an
+    artifact the node loads."""
     torch.manual_seed(0)
-    small = {"resnet": {"layers": [1, 1], "widths": [16, 32]}, "densenet": {"block_config": [1, 1]}}
-    params = {"in_channels": 1, "num_classes": 2, **small.get(arch, {})}
+    common = {"in_channels": 1, "num_classes": 2}
+    params = {
+        "resnet": {**common, "layers": [1, 1], "widths": [16, 32]},
+        "densenet": {**common, "block_config": [1, 1]},
+        MONAI_DENSENET: {
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 2,
+            "init_features": 16,
+            "growth_rate": 8,
+            "block_config": [1, 1],
+            "bn_size": 2,
+        },
+    }.get(arch, common)
     module = build({"id": arch, "params": params})
     source = save_artifact(
         tmp_path / arch,
@@ -219,7 +249,8 @@ def test_architectures_prune_finetune_quantize_and_load(tmp_path, data, arch, im
     assert sum(_conv_widths(fp32_module(outcome.target))) < sum(widths)
     # the gate scored the candidate as the node loads it (int8 lowered and compiled):
     # the same weights file, byte for byte, as the one written
-    assert manifest["evaluation"]["variants"][f"served pruned+{cpu} (int8, cpu)"]["passed"]
+    served = "served pruned (fp32, cpu)" if cpu == "none" else f"served pruned+{cpu} (int8, cpu)"
+    assert manifest["evaluation"]["variants"][served]["passed"]
 
 
 def test_user_data_set_is_a_dicom_folder_with_a_labels_csv(tmp_path, demo_study):
@@ -250,3 +281,159 @@ def test_user_data_set_is_a_dicom_folder_with_a_labels_csv(tmp_path, demo_study)
     (folder / "labels.csv").write_text("file,label\nnodule/x.dcm,tumour\n")
     with pytest.raises(ValueError, match=r"labels\.csv:2: label 'tumour' is not a class"):
         load_data(PREPROCESS, source, Calibration(samples=4), CLASSES, tmp_path)
+
+
+# --- imported models: a torch.export program and an ONNX graph --------------------------
+
+
+def _int8(accept: dict | None = None) -> Recipe:
+    """Static int8 alone, under the default accuracy gate unless told otherwise."""
+    return Recipe.model_validate({"quantize": {"cpu": "int8_static", "buckets": [8]}, "accept": accept or {}})
+
+
+def _demo() -> nn.Module:
+    return load_artifact(DEMO_ARTIFACT, torch.device("cpu")).module.eval()
+
+
+def _import_program(model: nn.Module, folder: Path) -> Path:
+    """``model`` exported with a dynamic batch, saved as a .pt2 and imported."""
+    program = torch.export.export(model, (torch.zeros(2, 1, 128, 128),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(program, folder / "model.pt2")
+    return import_model(ImportRequest(str(folder / "model.pt2"), folder / "artifact", classes=CLASSES))[0]
+
+
+@pytest.fixture(scope="module")
+def program_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's trained classifier as users bring it: a .pt2, imported."""
+    return _import_program(_demo(), tmp_path_factory.mktemp("program"))
+
+
+@pytest.fixture(scope="module")
+def onnx_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's trained classifier as an ONNX graph, imported."""
+    folder = tmp_path_factory.mktemp("onnx")
+    graph = export_onnx(_demo(), torch.zeros(2, 1, 128, 128), folder / "model.onnx")
+    return import_model(ImportRequest(str(graph), folder / "artifact", classes=CLASSES))[0]
+
+
+def _source_pipeline(folder: Path, artifact: Path, optimize: dict | None = None) -> Path:
+    model = {"artifact": str(artifact), **({"optimize": optimize} if optimize else {})}
+    return write_pipeline(folder, model=model)
+
+
+def test_an_imported_program_optimized_to_int8_passes_the_gate_and_serves(
+    start_node, tmp_path, program_artifact, data, demo_study, dcmtk
+):
+    target = tmp_path / "program-int8"
+    pipeline = load_pipeline(_source_pipeline(tmp_path / "source", program_artifact))
+    outcome = optimize(pipeline, _int8(), target, data=data)
+    assert outcome.target == target, outcome.failures
+    manifest = read_manifest(target)
+    assert manifest["format"] == "torch-export" and manifest["precision"] == "int8"
+    assert manifest["quantization"]["scheme"] == "int8_static" and manifest["quantization"]["buckets"] == [8]
+    assert manifest["evaluation"]["accept"] == {"max_auc_drop": 0.01, "max_per_class_auc_drop": 0.02}
+    assert manifest["evaluation"]["variants"]["served int8_static (int8, cpu)"]["passed"]
+    # the program is kept as imported; beside it only observer statistics, no weights of its own
+    assert (target / "model.pt2").read_bytes() == (program_artifact / "model.pt2").read_bytes()
+    observers = load_file(str(target / "weights.safetensors"))
+    assert observers and all(key.startswith("observer.activation_post_process_") for key in observers)
+
+    loaded = load_artifact(target, torch.device("cpu"))
+    source = load_artifact(program_artifact, torch.device("cpu"))
+    assert isinstance(loaded.module.run, BucketedModule) and loaded.precision == "int8"
+    assert loaded.sha256 not in (source.sha256, manifest["files"]["weights.safetensors"])  # both files make it
+    with torch.inference_mode():
+        images = data.heldout.images[:11]  # not a bucket size: padded and sliced back
+        int8, fp32 = loaded.module(images), source.module(images)
+    assert int8.shape == (11, 2) and (int8.softmax(1) - fp32.softmax(1)).abs().max() < 0.1
+
+    _assert_serves(start_node, tmp_path, target, demo_study, loaded, manifest)
+
+
+def test_an_onnx_source_gets_an_onnx_runtime_int8_artifact_that_serves(
+    start_node, tmp_path, onnx_artifact, data, demo_study, dcmtk
+):
+    target = tmp_path / "onnx-int8"
+    pipeline = load_pipeline(_source_pipeline(tmp_path / "source", onnx_artifact))
+    outcome = optimize(pipeline, _int8(), target, data=data)
+    assert outcome.target == target, outcome.failures
+    manifest = read_manifest(target)
+    assert manifest["format"] == "onnx" and manifest["precision"] == "int8"
+    assert manifest["quantization"]["quantizer"].startswith("ONNX Runtime quantize_static (QDQ")
+    assert manifest["quantization"]["calibration"]["samples"] == 16
+    assert b"QuantizeLinear" in (target / "model.onnx").read_bytes()
+
+    loaded = load_artifact(target, torch.device("cpu"))
+    assert isinstance(loaded.module.run, OnnxModule) and loaded.sha256 == manifest["files"]["model.onnx"]
+    with torch.inference_mode():
+        images = data.heldout.images[:11]
+        int8, fp32 = loaded.module(images), load_artifact(onnx_artifact, torch.device("cpu")).module(images)
+    assert (int8.softmax(1) - fp32.softmax(1)).abs().max() < 0.1
+
+    _assert_serves(start_node, tmp_path, target, demo_study, loaded, manifest)
+
+
+REFUSED = {
+    "prune a program": (
+        "program_artifact",
+        {"prune": {"ratio": 0.5}},
+        "cannot prune it: pruning removes channels from an nn.Module's layers, which the node rebuilds from a "
+        "registered architecture, but this torch-export artifact holds a fixed graph; prune before exporting, "
+        "or import the architecture with its weights (radpipe import ID --weights FILE)",
+    ),
+    "prune an ONNX graph": ("onnx_artifact", {"prune": {"ratio": 0.5}}, "cannot prune it: "),
+    "QAT of a program": (
+        "program_artifact",
+        {"quantize": {"cpu": "int8_qat"}},
+        "quantize.cpu int8_qat does not apply to this torch-export model, which radpipe optimizes by int8 "
+        "quantization (int8_static or int8_dynamic) only; QAT would fine-tune the weights, which the program "
+        "holds as imported",
+    ),
+    "torchao int8 of an ONNX graph": (
+        "onnx_artifact",
+        {"quantize": {"cpu": "int8_dynamic"}},
+        "quantize.cpu int8_dynamic does not apply to this onnx model, which radpipe optimizes by int8 "
+        "quantization (int8_static) only",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_what_does_not_apply_to_an_imported_format_is_refused_in_one_line(case, request, tmp_path, capsys):
+    fixture, recipe, reason = REFUSED[case]
+    artifact = request.getfixturevalue(fixture)
+    pipeline = _source_pipeline(tmp_path, artifact, recipe)
+    assert main(["optimize", str(pipeline), "--out", str(tmp_path / "out")]) == 2
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"{artifact}: {reason}")
+    assert not (tmp_path / "out").exists()
+
+
+class _ZeroChannel(nn.Module):
+    def forward(self, images: Tensor) -> Tensor:
+        return torch.cat([images, torch.zeros_like(images)], 1)
+
+
+def test_a_program_whose_int8_fails_the_gate_writes_nothing(tmp_path, capsys):
+    """The demo classifier with a second, all-zero input channel whose first-layer weights
+    are huge: fp32 is the demo's (zero times anything adds nothing), but each filter's int8
+    scale follows its largest weight, so every real weight rounds to zero."""
+    fragile = copy.deepcopy(_demo())
+    first = fragile.features[0]
+    wide = nn.Conv2d(2, first.out_channels, 3, padding=1, bias=False)
+    wide.weight.data = torch.cat([first.weight.data, torch.full_like(first.weight.data, 1e4)], 1)
+    fragile.features[0] = wide
+    artifact = _import_program(nn.Sequential(_ZeroChannel(), fragile).eval(), tmp_path)
+    recipe = {
+        "quantize": {"cpu": "int8_static", "buckets": [8]},
+        "calibration": {"samples": 16},
+        "data": {"train_samples": 16, "heldout_samples": 32},
+    }
+    target = tmp_path / "pipelines" / "out"
+    assert (
+        main(["optimize", str(_source_pipeline(tmp_path / "pipelines", artifact, recipe)), "--out", str(target)]) == 1
+    )
+    out = capsys.readouterr().out
+    assert "accuracy gate failed; nothing written" in out and "> max_auc_drop 0.01" in out
+    assert "served int8_static (int8, cpu)" in out
+    assert not target.exists() and not any(p.name.startswith(".out") for p in target.parent.iterdir())

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -72,6 +73,18 @@ def model_file(manifest: dict[str, Any]) -> str:
     return MODEL_FILES[artifact_format(manifest)]
 
 
+def model_sha256(manifest: dict[str, Any]) -> str:
+    """The model's identity, as the SR records it: the model file's sha256. A program
+    quantized by ``radpipe optimize`` serves from ``model.pt2`` and the observer
+    statistics in ``weights.safetensors`` together: its identity is the hash of both
+    hashes, so that two calibrations of one program differ."""
+    files = manifest["files"]
+    own = str(files[model_file(manifest)])
+    if artifact_format(manifest) == TORCH_EXPORT and "quantization" in manifest:
+        return hashlib.sha256(f"{own} {files[WEIGHTS]}".encode()).hexdigest()
+    return own
+
+
 def versions() -> dict[str, str]:
     """The versions of what reads and runs the model, recorded in every manifest."""
     found = {"radpipe": __version__, "torch": str(torch.__version__)}
@@ -108,8 +121,8 @@ class Artifact:
     @property
     def sha256(self) -> str:
         """Hash of the model's file (weights, program or graph): what the SR records as
-        the model's identity."""
-        return str(self.manifest["files"][model_file(self.manifest)])
+        the model's identity (:func:`model_sha256`)."""
+        return model_sha256(self.manifest)
 
     @property
     def classes(self) -> list[str]:
@@ -221,9 +234,10 @@ def serving_problem(pipeline: Pipeline) -> str | None:
     return input_mismatch(InputSpec.from_manifest(manifest.get("input", {})), pipeline)
 
 
-def _checked_bytes(directory: Path, manifest: dict[str, Any]) -> bytes:
-    """The model file's bytes, hash-checked as read: the bytes checked are the bytes loaded."""
-    name = model_file(manifest)
+def checked_bytes(directory: Path, manifest: dict[str, Any], name: str | None = None) -> bytes:
+    """A file's bytes (the model file's by default), hash-checked as read: the bytes
+    checked are the bytes loaded."""
+    name = name or model_file(manifest)
     data = (directory / name).read_bytes()
     if hashlib.sha256(data).hexdigest() != manifest["files"][name]:
         raise ArtifactError(f"{directory / name}: changed since its hash was checked; refusing to load it")
@@ -273,8 +287,15 @@ def load_artifact(directory: Path, device: torch.device, manifest: dict[str, Any
             raise ArtifactError(f"{directory}: weights do not fit the manifest's architecture: {_one_line(e)}") from e
         return Artifact(directory, manifest, module, _device(module, device))
     spec = _spec(directory, manifest)
-    data = _checked_bytes(directory, manifest)
+    data = checked_bytes(directory, manifest)
     try:
+        if kind == TORCH_EXPORT and "quantization" in manifest:
+            # written by `radpipe optimize`: the program's int8 variant, rebuilt here
+            from plugin.models.serving import load_quantized_program
+
+            observers = load_safetensors(checked_bytes(directory, manifest, WEIGHTS))
+            program = load_quantized_program(load_program(data), observers, manifest, device)
+            return Artifact(directory, manifest, SpecAdapter(program, spec), _device(program, device))
         if kind == TORCH_EXPORT:
             program = program_module(load_program(data), device)
             return Artifact(directory, manifest, SpecAdapter(program, spec), _device(program, device))

@@ -39,6 +39,7 @@ def _session(data: bytes, providers: list[str]) -> Any:
     ort = _runtime()
     options = ort.SessionOptions()
     options.log_severity_level = 4  # its failures are raised, and reported once, by radpipe
+    options.intra_op_num_threads = torch.get_num_threads()  # one setting for both runtimes (radpipe bench --threads)
     try:
         return ort.InferenceSession(data, options, providers=providers)
     except Exception as e:  # ONNX Runtime raises its own exception types, one per failure kind
@@ -82,10 +83,10 @@ class OnnxModule(nn.Module):
         )
         self._session = _session(data, providers)
         graph_input, _ = _signature(self._session)
-        self._input = graph_input.name
+        self.input_name = graph_input.name
         self._dtype = DTYPES[_TYPES[graph_input.type]]
         self.device = device
 
     def forward(self, images: Tensor) -> Tensor:
         batch = images.detach().to("cpu", self._dtype).contiguous().numpy()
-        return torch.from_numpy(self._session.run(None, {self._input: batch})[0])
+        return torch.from_numpy(self._session.run(None, {self.input_name: batch})[0])

@@ -11,6 +11,10 @@ registered architecture, resizes its layers, exports it, re-runs torchao's
 statistics (instead of calibrating again) and converts; inductor then lowers the result
 once per batch bucket. Nothing is unpickled, and the lowered program is always the one
 this torch version would build.
+
+An imported program (``torch-export``) is already an exported graph: its int8 artifact
+keeps the checked ``model.pt2`` as it was imported and adds the observer statistics, and
+loading re-runs ``prepare_pt2e`` on that program's graph instead of exporting a module.
 """
 
 import logging
@@ -20,8 +24,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.export import ExportedProgram
 
 from plugin.models.artifact import ArtifactError
+from plugin.models.inputspec import InputSpec
+from plugin.models.pt2 import program_module
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +107,25 @@ def x86_quantizer(scheme: str) -> Any:
     return quantizer
 
 
-def prepare_int8(module: nn.Module, scheme: str, example: Tensor) -> nn.Module:
-    """Export ``module`` and insert the quantizer's observers (fake-quant modules for QAT).
+def exported_graph(module: nn.Module, scheme: str, example: Tensor) -> nn.Module:
+    """``module`` as the graph torchao's PT2E flow quantizes: ``torch.export``'s, with a
+    dynamic batch (in training mode for QAT, whose fine-tuning runs on it)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)  # one program for every batch size
+    module.train(scheme == "int8_qat")
+    return torch.export.export(module, (example,), dynamic_shapes=({0: batch},)).module()
 
-    The same call runs when calibrating and when loading, so the observers get the same
-    names and the recorded statistics fit them.
+
+def prepare_int8(graph: nn.Module, scheme: str) -> nn.Module:
+    """Insert the quantizer's observers (fake-quant modules for QAT) into an exported graph.
+
+    The same call runs when calibrating and when loading, on the same graph, so the
+    observers get the same names and the recorded statistics fit them.
     """
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
-    batch = torch.export.Dim("batch", min=1, max=4096)  # one program for every batch size
-    module.train(scheme == "int8_qat")
-    exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},)).module()
     if scheme == "int8_qat":
-        return prepare_qat_pt2e(exported, x86_quantizer(scheme))
-    return prepare_pt2e(exported, x86_quantizer(scheme))
+        return prepare_qat_pt2e(graph, x86_quantizer(scheme))
+    return prepare_pt2e(graph, x86_quantizer(scheme))
 
 
 def observer_state(prepared: nn.Module) -> dict[str, Tensor]:
@@ -134,9 +146,9 @@ def convert_int8(prepared: nn.Module, scheme: str) -> nn.Module:
     return convert_pt2e(prepared)
 
 
-def restore_int8(module: nn.Module, scheme: str, observers: dict[str, Tensor], example: Tensor) -> nn.Module:
-    """Rebuild the converted int8 program from fp32 weights and recorded observer statistics."""
-    prepared = prepare_int8(module, scheme, example)
+def restore_int8(graph: nn.Module, scheme: str, observers: dict[str, Tensor]) -> nn.Module:
+    """Rebuild the converted int8 program from an exported fp32 graph and recorded observer statistics."""
+    prepared = prepare_int8(graph, scheme)
     state = prepared.state_dict()
     missing = sorted(k for k in state if k.startswith("activation_post_process_") and k not in observers)
     unknown = sorted(k for k in observers if k not in state)
@@ -219,9 +231,18 @@ class BucketedModule(nn.Module):
                 self._run(torch.zeros((bucket, *input_shape), device=device))
 
 
-def input_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:
-    spec = manifest["input"]
-    return int(spec["channels"]), int(spec["height"]), int(spec["width"])
+def input_shape(manifest: dict[str, Any]) -> tuple[int, ...]:
+    """``(C, *spatial)`` that an optimized model is compiled for: the manifest's input, a
+    size it leaves open taken from the images the model was calibrated and scored on
+    (``preprocessing.shape``, recorded by ``radpipe optimize``)."""
+    spec = InputSpec.from_manifest(manifest["input"])
+    if spec is None:
+        raise ArtifactError(f"{manifest.get('name', 'this artifact')}: the manifest's input records no shape")
+    seen = manifest.get("preprocessing", {}).get("shape", [None] * (1 + len(spec.spatial)))
+    shape = [given if given is not None else fed for given, fed in zip(spec.spatial, seen[1:], strict=True)]
+    if None in shape:
+        raise ArtifactError(f"{manifest.get('name', 'this artifact')}: input {spec.text()} leaves a size open")
+    return (spec.channels, *shape)
 
 
 def check_quantization_versions(manifest: dict[str, Any]) -> None:
@@ -239,17 +260,38 @@ def check_quantization_versions(manifest: dict[str, Any]) -> None:
         )
 
 
-def serve_int8(module: nn.Module, tensors: dict[str, Tensor], manifest: dict[str, Any]) -> nn.Module:
-    """The int8 program of an optimized artifact, lowered by inductor for each bucket (CPU)."""
+def int8_precision(scheme: str) -> str:
+    """The precision a torchao int8 scheme serves in, as the manifest, the SR and the
+    metrics say it: dynamic quantization leaves the conv trunk in fp32."""
+    return "int8-dynamic" if scheme == "int8_dynamic" else "int8"
+
+
+def serve_int8(graph: nn.Module, source: nn.Module, tensors: dict[str, Tensor], manifest: dict[str, Any]) -> nn.Module:
+    """The int8 program of an optimized artifact, rebuilt from the exported fp32 ``graph``
+    and lowered by inductor for each bucket (CPU). ``source`` is the fp32 model it serves for."""
     check_quantization_versions(manifest)
     quantization = manifest["quantization"]
-    shape = input_shape(manifest)
     buckets = quantization.get("buckets", [1, 8, 32])
     observers = {k.removeprefix(OBSERVER_PREFIX): v for k, v in tensors.items() if k.startswith(OBSERVER_PREFIX)}
-    converted = restore_int8(module, quantization["scheme"], observers, torch.zeros((max(buckets), *shape)))
-    served = BucketedModule(module.eval(), compile_program(converted), buckets)
-    served.warm_up(shape, torch.device("cpu"))
+    converted = restore_int8(graph, quantization["scheme"], observers)
+    served = BucketedModule(source, compile_program(converted), buckets)
+    served.warm_up(input_shape(manifest), torch.device("cpu"))
     return served
+
+
+def load_quantized_program(
+    program: ExportedProgram, tensors: dict[str, Tensor], manifest: dict[str, Any], device: torch.device
+) -> nn.Module:
+    """The int8 module of an imported program quantized by ``radpipe optimize``:
+    ``prepare_pt2e`` runs again on the checked program's own graph, the recorded observer
+    statistics are restored by name, and the result is converted and compiled. int8
+    programs are x86-only: on CUDA it runs on the CPU (logged)."""
+    if device.type == "cuda":
+        log.warning("int8 artifacts run on x86 CPUs only; serving %s on the CPU", manifest.get("name", "model"))
+    cpu = torch.device("cpu")
+    # two graphs of the one program: prepare_pt2e rewrites the one it is given
+    graph, source = program_module(program, cpu), program_module(program, cpu)
+    return serve_int8(graph, source, tensors, manifest)
 
 
 def serve_gpu(module: nn.Module, manifest: dict[str, Any], device: torch.device) -> nn.Module:
@@ -293,9 +335,8 @@ def load_optimized(
             return module.to(device), "fp32"
         log.warning("int8 artifacts run on x86 CPUs only; serving %s on the CPU", manifest.get("name", "model"))
     if quantization is not None:
-        # dynamic quantization leaves the conv trunk in fp32: say so wherever precision shows
-        precision = "int8-dynamic" if quantization["scheme"] == "int8_dynamic" else "int8"
-        return serve_int8(module, tensors, manifest), precision
+        graph = exported_graph(module, quantization["scheme"], torch.zeros((2, *input_shape(manifest))))
+        return serve_int8(graph, module.eval(), tensors, manifest), int8_precision(quantization["scheme"])
     if "gpu" in manifest:
         log.info("no CUDA device: serving the %s GPU variant as fp32 on the CPU", manifest["gpu"].get("precision"))
     return module.to(device), "fp32"
