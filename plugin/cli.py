@@ -238,7 +238,7 @@ def _json_object(text: str) -> dict:
 
 
 @command(
-    arg("source", help="a .pt2 (torch.export.save), an .onnx file, or an architecture id (with --weights)"),
+    arg("source", help="a .pt2 (torch.export.save), an .onnx file, a MONAI bundle folder, or an architecture id"),
     arg("--out", type=Path, required=True, help="the artifact folder to write, e.g. pipelines/models/NAME"),
     arg("--name", help="the model's name in the manifest and the metrics (default: the folder's name)"),
     arg("--classes", type=lambda text: [c.strip() for c in text.split(",")], help="class names in output order: C1,C2"),
@@ -268,6 +268,12 @@ def import_(args: argparse.Namespace) -> int:
         print(f"radpipe import: {e}")
         return 1
     print(f"wrote {target}: {describe(imported.manifest)}")
+    if imported.pipeline:
+        import yaml
+
+        fragment = yaml.safe_dump(imported.pipeline, sort_keys=False, default_flow_style=None)
+        print("pipeline keys translated from the source (for the pipeline YAML):")
+        print("".join(f"  {line}\n" for line in fragment.splitlines()), end="")
     for note in imported.notes:
         print(f"  note: {note}")
     return 0

@@ -4,6 +4,10 @@ A source is read by the reader of its kind (:data:`SOURCES`, the first that clai
 
 - a ``.pt2`` file (``torch.export.save``): kept as it is, ``format: torch-export``;
 - a ``.onnx`` file: kept as it is, ``format: onnx`` (needs ``radpipe[onnx]``);
+- a folder: a MONAI bundle, read as data (plugin/models/monai_bundle.py): its
+  ``network_def`` becomes ``monai.networks.nets.<Name>``, ``models/model.pt`` safetensors,
+  ``network_data_format`` the input and classes, and its preprocessing pipeline keys,
+  ``format: module``;
 - otherwise an architecture id (plugin/models/registry.py: a built-in, an installed
   package's ``radpipe.architectures`` entry point, or ``monai.networks.nets.<Name>``) with
   ``--weights`` (safetensors, or a state dict that ``torch.load(weights_only=True)`` reads)
@@ -23,7 +27,7 @@ This module is for the command only; the node never imports it.
 import hashlib
 import io
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,7 @@ from plugin.models.artifact import (
     write_artifact,
 )
 from plugin.models.inputspec import InputSpec
+from plugin.models.monai_bundle import CHECKPOINT_KEYS, MODEL_PT, BundleError, read_bundle, translate
 from plugin.models.onnx_model import OnnxError
 from plugin.models.onnx_model import input_spec as onnx_input_spec
 from plugin.models.pt2 import ProgramError, load_program
@@ -77,13 +82,15 @@ class ImportRequest:
 class Imported:
     """What a reader makes of a source: the artifact's files, its manifest keys
     (``format`` at least), the input and classes the source records (None where it records
-    none), and notes for the user (what the node will do differently, what was left out)."""
+    none), notes for the user (what the node will do differently, what was left out), and
+    the pipeline keys the source's own preprocessing translates to (a MONAI bundle's)."""
 
     files: dict[str, FileContent]
     manifest: dict[str, Any]
     input: InputSpec | None = None
     classes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    pipeline: dict[str, Any] = field(default_factory=dict)
 
 
 Reader = Callable[[ImportRequest], Imported]
@@ -132,9 +139,10 @@ def read_onnx(request: ImportRequest) -> Imported:
     return Imported({MODEL_FILES[ONNX]: data}, manifest, spec, notes=_batch_note(spec))
 
 
-def read_state_dict(path: Path) -> dict[str, Tensor]:
+def read_state_dict(path: Path, wrappers: Sequence[str] = ()) -> dict[str, Tensor]:
     """Tensors by name from a safetensors file or a ``torch.save``'d state dict, read
-    with ``weights_only=True``: a pickled object other than tensors is refused, never run."""
+    with ``weights_only=True``: a pickled object other than tensors is refused, never run.
+    ``wrappers``: keys under which a checkpoint may hold the state dict (``{"model": ...}``)."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -154,6 +162,8 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             f"{path}: holds a pickled {refused[1]}, not only tensors; radpipe reads weights as tensors alone "
             "(torch.load weights_only=True): save model.state_dict(), or safetensors"
         ) from e
+    if isinstance(loaded, Mapping) and not all(isinstance(v, Tensor) for v in loaded.values()):
+        loaded = next((loaded[key] for key in wrappers if isinstance(loaded.get(key), Mapping)), loaded)
     if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
         keys = list(loaded)[:5] if isinstance(loaded, Mapping) else type(loaded).__name__
         raise ImportRefused(f"{path}: not a state dict of tensors ({keys}): save model.state_dict()")
@@ -177,11 +187,47 @@ def read_architecture(request: ImportRequest) -> Imported:
     return Imported({WEIGHTS: tensors}, manifest)
 
 
-# Source kinds, most specific first: the first whose test accepts SOURCE reads it. A new
-# kind (a MONAI bundle folder) goes before the architecture id, which takes the rest.
+def read_monai_bundle(request: ImportRequest) -> Imported:
+    """A MONAI bundle folder: nothing in it is built or evaluated but the weights, read as
+    tensors; the network is MONAI's own class, installed here."""
+    folder = Path(request.source)
+    try:
+        bundle = read_bundle(folder)
+        architecture = bundle.network()
+        spec = bundle.input_spec()
+        classes = bundle.classes()
+        translation = translate(bundle, len(spec.spatial))
+    except BundleError as e:
+        raise ImportRefused(str(e)) from e
+    dims = architecture["params"].get("spatial_dims", len(spec.spatial))
+    if dims != len(spec.spatial):
+        raise ImportRefused(
+            f"{bundle.config_path}: network_def.spatial_dims is {dims}, but network_data_format's input has "
+            f"{len(spec.spatial)} spatial dimensions"
+        )
+    tensors = read_state_dict(bundle.weights, CHECKPOINT_KEYS)
+    manifest = {
+        "format": MODULE,
+        "architecture": architecture,
+        "imported_from": {
+            "monai_bundle": folder.resolve().name,
+            "name": bundle.metadata.get("name"),
+            "version": bundle.metadata.get("version"),
+            "file": str(MODEL_PT),
+            "sha256": sha256_file(bundle.weights),
+            "pipeline": translation.pipeline,
+            "notes": translation.notes,
+        },
+    }
+    return Imported({WEIGHTS: tensors}, manifest, spec, classes, translation.notes, translation.pipeline)
+
+
+# Source kinds, most specific first: the first whose test accepts SOURCE reads it; the
+# architecture id takes the rest.
 SOURCES: list[tuple[Callable[[str], bool], Reader]] = [
     (lambda source: source.endswith(".pt2"), read_program),
     (lambda source: source.endswith(".onnx"), read_onnx),
+    (lambda source: Path(source).is_dir(), read_monai_bundle),
     (lambda source: True, read_architecture),
 ]
 
