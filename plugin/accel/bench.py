@@ -1,11 +1,14 @@
 """``radpipe bench``: every way to run the model, side by side, on one machine.
 
-Rows: fp32 eager (what the node runs without optimization), fp32 compiled (inductor),
-pruned fp32, int8 (static PTQ of the unpruned model), pruned+int8 (the optimized artifact,
-loaded as the node loads it), and what a user would otherwise pick: ONNX Runtime fp32
-and ONNX Runtime static int8 (QDQ, per-channel weights) of the original. For batch sizes
-1, 8 and 32: latency p50/p95, images/s (batch / median latency), size on disk, and AUC on
-the same held-out images. Prints a table, writes ``bench.json`` and draws ``bench.png``.
+Rows, where they apply to the original's format: fp32 eager (what the node runs without
+optimization: the module, or an imported program's graph), fp32 compiled (inductor),
+pruned fp32, int8 (torchao static PTQ of the unpruned model), the optimized artifact
+(e.g. pruned+int8), and what a user would otherwise pick: ONNX Runtime fp32 and ONNX
+Runtime static int8 of the original (for an ONNX original, its own graph and its int8).
+Every int8 row is made by ``radpipe optimize``'s own code and loaded as the node loads
+it. For batch sizes 1, 8 and 32: latency p50/p95, images/s (batch / median latency),
+size on disk, and AUC on the same held-out images. Prints a table, writes ``bench.json``
+and draws ``bench.png``.
 """
 
 import json
@@ -23,11 +26,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from plugin.accel.data import DataSets, Split, phantom_split
+from plugin.accel.data import DataSets, phantom_split
 from plugin.accel.evaluate import evaluate
 from plugin.accel.export import export_onnx
+from plugin.accel.optimize import fixed_batch, optimize, optimize_artifact, report, torch_model
 from plugin.accel.recipe import Recipe
-from plugin.models.artifact import WEIGHTS, ArtifactError, load_artifact, read_manifest
+from plugin.models.artifact import (
+    MODEL_FILES,
+    ONNX,
+    WEIGHTS,
+    Artifact,
+    ArtifactError,
+    load_artifact,
+    read_manifest,
+    versions,
+    write_artifact,
+)
 from plugin.models.registry import build
 from plugin.models.serving import OBSERVER_PREFIX, BucketedModule, apply_layer_shapes, compile_program
 from plugin.preprocess import PreprocessStep
@@ -79,57 +93,25 @@ def fp32_module(optimized: Path) -> nn.Module:
     return module.eval()
 
 
-def _compiled(module: nn.Module, buckets: list[int]) -> nn.Module:
+def _compiled(module: nn.Module, buckets: list[int], shape: tuple[int, ...]) -> nn.Module:
     served = BucketedModule(module, compile_program(module), buckets)
-    served.warm_up(tuple(module_input(module)), torch.device("cpu"))
+    served.warm_up(shape, torch.device("cpu"))
     return served
 
 
-def module_input(module: nn.Module) -> tuple[int, int, int]:
-    first = next(m for m in module.modules() if isinstance(m, nn.Conv2d))
-    return (first.in_channels, 128, 128)
+def _as_onnx(original: Artifact, example: Tensor, target: Path) -> Artifact:
+    """The original exported to ONNX (fp32) and written as an ``onnx`` artifact with its
+    input and classes, loaded as the node loads one (ONNX Runtime)."""
+    exported = export_onnx(torch_model(original), example, target.with_suffix(".onnx"))
+    manifest = {"format": ONNX, "name": f"{original.path.name}-onnx", "input": original.manifest["input"]}
+    files = {MODEL_FILES[ONNX]: exported.read_bytes()}
+    return load_artifact(write_artifact(target, files, {**manifest, "classes": original.classes}), torch.device("cpu"))
 
 
-def _ort_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the same threads as torch gets
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _ort_runner(session: Any) -> Runner:
-    def run(x: Tensor) -> Tensor:
-        return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-
-    return run
-
-
-def _ort_int8(fp32_path: Path, calibration: Split, out: Path) -> Path:
-    """ONNX Runtime's static int8 recipe: QDQ, per-channel int8 weights, uint8 activations."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._batches = iter([{"images": b.numpy()} for b in calibration.images.split(32)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._batches, None)
-
-    prepared = out.with_name("original-prep.onnx")
-    quant_pre_process(str(fp32_path), str(prepared))
-    quantize_static(
-        str(prepared),
-        str(out),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-    return out
+def _row_name(optimized: Artifact) -> str:
+    """An optimized artifact's row: the name a variant made here of the original would have."""
+    base = "ORT int8 static" if optimized.format == ONNX else optimized.precision
+    return f"pruned+{base}" if optimized.manifest.get("recipe", {}).get("prune") else base
 
 
 def _resolve(target: Path, optimized: Path | None) -> tuple[Path, Path | None, Any]:
@@ -181,7 +163,7 @@ def table(rows: list[Row]) -> str:
 
 def bench(
     original_dir: Path,
-    optimized_dir: Path,
+    optimized_dir: Path | None,
     steps: list[PreprocessStep],
     findings: list[str],
     data: DataSets,
@@ -189,38 +171,50 @@ def bench(
     seconds: float,
     work: Path,
 ) -> tuple[list[Row], dict[str, Any]]:
-    """Measure every variant; returns the rows and the summary ratios."""
-    from plugin.accel.optimize import optimize_artifact
-
+    """Measure every variant that applies to the original's format; returns the rows and
+    the summary ratios. ``optimized_dir``: an optimized artifact to show beside them."""
     cpu = torch.device("cpu")
     original = load_artifact(original_dir, cpu)
-    classes = original.classes
-    optimized_manifest = read_manifest(optimized_dir)
+    optimized = load_artifact(optimized_dir, cpu) if optimized_dir is not None else None
+    best = _row_name(optimized) if optimized is not None else ""
     buckets = sorted(set(batch_sizes))
-
-    variants: dict[str, tuple[Runner, int]] = {}
-    variants["fp32 eager"] = (original.module, _dir_size(original_dir))
-    variants["fp32 compiled"] = (_compiled(original.module, buckets), _dir_size(original_dir))
-    pruned = fp32_module(optimized_dir)
-    save_file({k: v.contiguous() for k, v in pruned.state_dict().items()}, str(work / "pruned.safetensors"))
-    variants["pruned fp32"] = (pruned, _dir_size(work / "pruned.safetensors"))
     recipe = Recipe.model_validate(
         {
             "quantize": {"cpu": "int8_static", "buckets": buckets},
             "accept": {"max_auc_drop": 1, "max_per_class_auc_drop": 1},
         }
     )
-    int8_dir = optimize_artifact(original, recipe, data, steps, findings, "softmax", work / "int8").target
-    assert int8_dir is not None  # nothing to refuse with these limits
-    variants["int8"] = (load_artifact(int8_dir, cpu).module, _dir_size(int8_dir))
-    served = load_artifact(optimized_dir, cpu)
-    variants[f"pruned+{served.precision}"] = (served.module, _dir_size(optimized_dir))
-    onnx_fp32 = export_onnx(original.module, data.heldout.images[:2], work / "original.onnx")
-    variants["ORT fp32"] = (_ort_runner(_ort_session(onnx_fp32)), _dir_size(onnx_fp32))
-    onnx_int8 = _ort_int8(onnx_fp32, data.calibration, work / "original-int8.onnx")
-    variants["ORT int8 static"] = (_ort_runner(_ort_session(onnx_int8)), _dir_size(onnx_int8))
+
+    def served(artifact: Artifact) -> tuple[Runner, int]:
+        return artifact.module, _dir_size(artifact.path)
+
+    def int8(name: str, source: Artifact) -> tuple[Runner, int]:
+        """The optimized artifact where it is this variant, else the variant made here."""
+        if optimized is not None and name == best:
+            return served(optimized)
+        made = optimize_artifact(source, recipe, data, steps, findings, "softmax", work / name.replace(" ", "-"))
+        assert made.target is not None  # nothing to refuse with these limits
+        return served(load_artifact(made.target, cpu))
+
+    variants: dict[str, tuple[Runner, int]] = {}
+    onnx = original
+    if original.format != ONNX:
+        variants["fp32 eager"] = served(original)
+        shape = tuple(data.heldout.images.shape[1:])
+        variants["fp32 compiled"] = (_compiled(original.module, buckets, shape), _dir_size(original_dir))
+        if optimized is not None and best.startswith("pruned+") and best != "pruned+fp32":
+            pruned = fp32_module(optimized.path)
+            save_file({k: v.contiguous() for k, v in pruned.state_dict().items()}, str(work / "pruned.safetensors"))
+            variants["pruned fp32"] = (pruned, _dir_size(work / "pruned.safetensors"))
+        variants["int8"] = int8("int8", original)
+        onnx = _as_onnx(original, data.heldout.images[: fixed_batch(original) or 2], work / "onnx")
+    if optimized is not None and best not in ("int8", "ORT int8 static"):
+        variants[best] = served(optimized)
+    variants["ORT fp32"] = served(onnx)
+    variants["ORT int8 static"] = int8("ORT int8 static", onnx)
 
     rows: list[Row] = []
+    classes = original.classes
     for name, (run, size) in variants.items():
         scores = evaluate(run, data.heldout, classes, findings, batch=max(buckets), what=f"AUC of {name}")
         for batch in batch_sizes:
@@ -234,15 +228,15 @@ def bench(
     def auc_of(variant: str) -> float:
         return next(r.auc for r in rows if r.variant == variant)
 
-    best = f"pruned+{served.precision}"
+    shown = best or ("ORT int8 static" if original.format == ONNX else "int8")
+    baseline = next(iter(variants))  # the original as the node serves it unoptimized
     top = max(batch_sizes)
-    summary = {
-        "batch": top,
-        f"{best} / fp32 eager (images/s)": round(speed(best, top) / speed("fp32 eager", top), 2),
-        f"{best} / ORT int8 static (images/s)": round(speed(best, top) / speed("ORT int8 static", top), 2),
-        f"AUC drop of {best}": round(auc_of("fp32 eager") - auc_of(best), 4),
-        "optimized": optimized_manifest.get("name"),
-    }
+    summary: dict[str, Any] = {"batch": top, "original format": original.format}
+    for other in dict.fromkeys((baseline, "ORT int8 static")):
+        if other != shown:
+            summary[f"{shown} / {other} (images/s)"] = round(speed(shown, top) / speed(other, top), 2)
+    summary[f"AUC drop of {shown}"] = round(auc_of(baseline) - auc_of(shown), 4)
+    summary["optimized"] = optimized.manifest.get("name") if optimized is not None else None
     return rows, summary
 
 
@@ -260,7 +254,6 @@ def run(
     on a shared machine one thread per run is the figure that other load disturbs least."""
     if threads:
         torch.set_num_threads(threads)
-    from plugin.accel.optimize import optimize, report
     from plugin.preprocess import PreprocessStep
 
     try:
@@ -291,16 +284,19 @@ def run(
         calibration = phantom_split(steps, train_seed, recipe.calibration.samples, classes, workers)
         held = phantom_split(steps, heldout_seed, heldout, classes, workers)
         data = DataSets(train=calibration, heldout=held, calibration=calibration)
-        if optimized_dir is None:
-            if pipeline is None or pipeline.model.optimize is None:
-                raise ValueError("give --optimized DIR, or a pipeline with a model.optimize recipe")
-            print("running the pipeline's recipe first (radpipe optimize) ...", flush=True)
-            outcome = optimize(pipeline, pipeline.model.optimize, work / "optimized")
-            if outcome.target is None:
-                print(report(outcome))
-                raise ValueError("the pipeline's recipe fails its accuracy gate: " + "; ".join(outcome.failures))
-            optimized_dir = outcome.target
-        rows, summary = bench(original_dir, optimized_dir, steps, findings, data, batch_sizes, seconds, work)
+        try:
+            if optimized_dir is None and pipeline is not None and pipeline.model.optimize is not None:
+                print("running the pipeline's recipe first (radpipe optimize) ...", flush=True)
+                outcome = optimize(pipeline, pipeline.model.optimize, work / "optimized")
+                if outcome.target is None:
+                    print(report(outcome))
+                    print("the pipeline's recipe fails its accuracy gate: " + "; ".join(outcome.failures))
+                    return 1
+                optimized_dir = outcome.target
+            rows, summary = bench(original_dir, optimized_dir, steps, findings, data, batch_sizes, seconds, work)
+        except (ValueError, ArtifactError) as e:  # a recipe that does not apply to the model's format
+            print(e)
+            return 2
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "machine": {
@@ -309,7 +305,7 @@ def run(
             "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],  # other work skews every figure
         },
         "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__},
+        "versions": versions(),
         "heldout": held.description,
         "rows": [asdict(r) for r in rows],
         "summary": summary,
