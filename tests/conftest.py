@@ -1,5 +1,6 @@
 """Shared fixtures: a node on free loopback ports, real DICOM files, dcmtk helpers."""
 
+import logging
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from plugin.app import Node
+from plugin.cli import main
 from plugin.config import NodeConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +51,31 @@ def no_leaked_threads() -> Iterator[None]:
             return
         time.sleep(0.1)
     pytest.fail(f"threads left running: {[t.name for t in leaked]}")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_log_handlers() -> Iterator[None]:
+    """A test must not leave handlers on the root logger: one that points at a test's
+    captured stderr turns every later record into a "--- Logging error ---" traceback."""
+    before = list(logging.getLogger().handlers)
+    yield
+    after = list(logging.getLogger().handlers)
+    if after != before:
+        logging.getLogger().handlers[:] = before
+        pytest.fail(f"root logger handlers changed: {before} -> {after}")
+
+
+@pytest.fixture
+def radpipe(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]]:
+    """``radpipe ARGS`` in this process: exit status and what it printed. Logging is left to
+    pytest (main would point the process's handlers at this test's soon closed stderr)."""
+    monkeypatch.setattr("plugin.cli.configure_logging", lambda level, log_format: None)
+
+    def run(*argv: str) -> tuple[int, str]:
+        code = main(["--log-level", "DEBUG", *argv])
+        return code, capsys.readouterr().out
+
+    return run
 
 
 _PORTS_GIVEN: set[int] = set()

@@ -28,7 +28,6 @@ from plugin.accel.data import DataSets, Split, phantom_split
 from plugin.accel.export import export_onnx
 from plugin.accel.optimize import optimize, optimize_artifact
 from plugin.accel.recipe import Recipe
-from plugin.cli import main
 from plugin.demo.train import PREPROCESS
 from plugin.models.artifact import ArtifactError, load_artifact, read_manifest, save_artifact
 from plugin.models.importer import ImportRequest, import_model
@@ -399,12 +398,13 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
-def test_what_does_not_apply_to_an_imported_format_is_refused_in_one_line(case, request, tmp_path, capsys):
+def test_what_does_not_apply_to_an_imported_format_is_refused_in_one_line(case, request, tmp_path, radpipe):
     fixture, recipe, reason = REFUSED[case]
     artifact = request.getfixturevalue(fixture)
     pipeline = _source_pipeline(tmp_path, artifact, recipe)
-    assert main(["optimize", str(pipeline), "--out", str(tmp_path / "out")]) == 2
-    [line] = capsys.readouterr().out.splitlines()
+    code, out = radpipe("optimize", str(pipeline), "--out", str(tmp_path / "out"))
+    assert code == 2
+    [line] = out.splitlines()
     assert line.startswith(f"{artifact}: {reason}")
     assert not (tmp_path / "out").exists()
 
@@ -414,7 +414,7 @@ class _ZeroChannel(nn.Module):
         return torch.cat([images, torch.zeros_like(images)], 1)
 
 
-def test_a_program_whose_int8_fails_the_gate_writes_nothing(tmp_path, capsys):
+def test_a_program_whose_int8_fails_the_gate_writes_nothing(tmp_path, radpipe):
     """The demo classifier with a second, all-zero input channel whose first-layer weights
     are huge: fp32 is the demo's (zero times anything adds nothing), but each filter's int8
     scale follows its largest weight, so every real weight rounds to zero."""
@@ -430,10 +430,9 @@ def test_a_program_whose_int8_fails_the_gate_writes_nothing(tmp_path, capsys):
         "data": {"train_samples": 16, "heldout_samples": 32},
     }
     target = tmp_path / "pipelines" / "out"
-    assert (
-        main(["optimize", str(_source_pipeline(tmp_path / "pipelines", artifact, recipe)), "--out", str(target)]) == 1
-    )
-    out = capsys.readouterr().out
+    pipeline = _source_pipeline(tmp_path / "pipelines", artifact, recipe)
+    code, out = radpipe("optimize", str(pipeline), "--out", str(target))
+    assert code == 1
     assert "accuracy gate failed; nothing written" in out and "> max_auc_drop 0.01" in out
     assert "served int8_static (int8, cpu)" in out
     assert not target.exists() and not any(p.name.startswith(".out") for p in target.parent.iterdir())

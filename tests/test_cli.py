@@ -8,7 +8,6 @@ import time
 import pytest
 import yaml
 
-from plugin.cli import main
 from tests.conftest import DEID_HUMANS, PYDICOM_FILES, REPO, free_port, node_config, write_pipeline
 
 RADPIPE = [os.path.join(os.path.dirname(sys.executable), "radpipe")]
@@ -187,21 +186,12 @@ def test_route_reports_each_unreadable_file_in_one_line_and_explains_the_others(
     ]
 
 
-@pytest.fixture
-def radpipe(monkeypatch):
-    """``plugin.cli.main`` in this process. It would set up logging for the whole process
-    (handlers, warnings, quieter library loggers below DEBUG): that is left to pytest."""
-    monkeypatch.setattr("plugin.cli.configure_logging", lambda level, log_format: None)
-    return lambda *argv: main(["--log-level", "DEBUG", *argv])
-
-
-def test_route_in_process_returns_1_for_an_unreadable_file(tmp_path, capsys, radpipe):
+def test_route_in_process_returns_1_for_an_unreadable_file(tmp_path, radpipe):
     write_pipeline(tmp_path / "pipelines")
     config = tmp_path / "radpipe.yaml"
     config.write_text(yaml.safe_dump({"pipelines": {"dir": str(tmp_path / "pipelines")}}))
     for path, reason in _unreadable(tmp_path).items():
-        assert radpipe("route", "--config", str(config), str(path)) == 1
-        assert capsys.readouterr().out == f"{path}: {reason}\n"
+        assert radpipe("route", "--config", str(config), str(path)) == (1, f"{path}: {reason}\n")
 
 
 CONFIG_WITH_ERRORS = """\
@@ -226,16 +216,16 @@ def test_validate_reports_config_errors_at_line_and_column(tmp_path):
     ]
 
 
-def test_config_errors_in_process_name_the_line_or_the_variable(tmp_path, capsys, monkeypatch, radpipe):
+def test_config_errors_in_process_name_the_line_or_the_variable(tmp_path, monkeypatch, radpipe):
     config = tmp_path / "radpipe.yaml"
     config.write_text("metrics:\n  port: 9400\n  port: 9401\n")
-    assert radpipe("validate", str(config)) == 1
-    assert capsys.readouterr().out == f"{config}:3:3: duplicate key 'port'\n"
+    assert radpipe("validate", str(config)) == (1, f"{config}:3:3: duplicate key 'port'\n")
 
     config.write_text("node:\n  port: 11112\n  max_associations: 0\n")
     monkeypatch.setenv("RADPIPE_NODE_PORT", "eleven")  # wins over the file, so the error is the variable's
-    assert radpipe("status", "--config", str(config)) == 1
-    assert capsys.readouterr().out.splitlines() == [
+    code, out = radpipe("status", "--config", str(config))
+    assert code == 1
+    assert out.splitlines() == [
         "RADPIPE_NODE_PORT: node.port: Input should be a valid integer, unable to parse string as an integer",
         f"{config}:3:3: node.max_associations: Input should be greater than or equal to 1",
     ]

@@ -26,7 +26,6 @@ from prometheus_client import CollectorRegistry
 from safetensors.torch import save_file
 from torch import nn
 
-from plugin.cli import main
 from plugin.demo.series import NEGATIVE_DESCRIPTION, POSITIVE_DESCRIPTION
 from plugin.metrics import Metrics
 from plugin.models.artifact import ArtifactError, load_artifact, sha256_file
@@ -280,18 +279,13 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _radpipe(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
-    return code, capsys.readouterr().out
-
-
 @pytest.mark.parametrize("marker", list(VECTORS))
 def test_a_program_that_loading_would_execute_is_refused_at_import_and_at_load(
-    hostile, marker, tmp_path, monkeypatch, capsys
+    hostile, marker, tmp_path, monkeypatch, radpipe
 ):
     monkeypatch.chdir(hostile)  # where a payload would create its marker
     program = hostile / f"{marker}.pt2"
-    code, out = _radpipe(capsys, "import", str(program), "--out", str(tmp_path / "out"), "--classes", "a,b")
+    code, out = radpipe("import", str(program), "--out", str(tmp_path / "out"), "--classes", "a,b")
     assert code == 1 and not (tmp_path / "out").exists()
     [line] = out.splitlines()
     assert line.startswith(f"radpipe import: {program}: refused: ") and VECTORS[marker][1] in line
@@ -311,11 +305,11 @@ def test_a_program_that_loading_would_execute_is_refused_at_import_and_at_load(
     assert not (hostile / marker).exists()
 
 
-def test_weights_with_a_pickled_payload_are_refused(hostile, tmp_path, monkeypatch, capsys):
+def test_weights_with_a_pickled_payload_are_refused(hostile, tmp_path, monkeypatch, radpipe):
     monkeypatch.chdir(hostile)
     weights = hostile / "marker-weights.pt"
     argv = ["import", "demo-cnn", "--weights", str(weights), "--input", "1x128x128", "--classes", "a,b"]
-    code, out = _radpipe(capsys, *argv, "--out", str(tmp_path / "out"))
+    code, out = radpipe(*argv, "--out", str(tmp_path / "out"))
     assert code == 1 and not (tmp_path / "out").exists()
     assert out == (
         f"radpipe import: {weights}: holds a pickled posix.mkdir, not only tensors; radpipe reads weights as "
@@ -324,31 +318,31 @@ def test_weights_with_a_pickled_payload_are_refused(hostile, tmp_path, monkeypat
     assert not (hostile / "marker-weights").exists()
 
 
-def test_a_file_that_is_not_onnx_is_refused(tmp_path, capsys):
+def test_a_file_that_is_not_onnx_is_refused(tmp_path, radpipe):
     fake = tmp_path / "model.onnx"
     fake.write_bytes(b"GIF89a: a picture, not a graph")
-    code, out = _radpipe(capsys, "import", str(fake), "--out", str(tmp_path / "out"), "--classes", "a,b")
+    code, out = radpipe("import", str(fake), "--out", str(tmp_path / "out"), "--classes", "a,b")
     assert code == 1 and not (tmp_path / "out").exists()
     assert re.fullmatch(rf"radpipe import: {fake}: not an ONNX model ONNX Runtime can run: .*INVALID_PROTOBUF.*\n", out)
 
 
-def test_onnx_without_onnx_runtime_names_the_extra(tmp_path, model, monkeypatch, capsys):
+def test_onnx_without_onnx_runtime_names_the_extra(tmp_path, model, monkeypatch, radpipe):
     graph = tmp_path / "model.onnx"
     with pytest.warns(DeprecationWarning, match=LEGACY_ONNX_EXPORTER):
         torch.onnx.export(model, (torch.zeros(1, 1, 128, 128),), str(graph), dynamo=False)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
-    code, out = _radpipe(capsys, "import", str(graph), "--out", str(tmp_path / "out"), "--classes", "a,b")
+    code, out = radpipe("import", str(graph), "--out", str(tmp_path / "out"), "--classes", "a,b")
     assert code == 1
     assert out == (
         f"radpipe import: {graph}: ONNX models need ONNX Runtime, which is not installed: pip install 'radpipe[onnx]'\n"
     )
 
 
-def test_an_unknown_architecture_is_refused_and_the_known_ones_listed(package_site, tmp_path, monkeypatch, capsys):
+def test_an_unknown_architecture_is_refused_and_the_known_ones_listed(package_site, tmp_path, monkeypatch, radpipe):
     monkeypatch.syspath_prepend(str(package_site))
     weights = tmp_path / "w.safetensors"
     save_file({"w": torch.zeros(1)}, str(weights))
-    code, out = _radpipe(capsys, "import", "nodule-nett", "--weights", str(weights), "--out", str(tmp_path / "out"))
+    code, out = radpipe("import", "nodule-nett", "--weights", str(weights), "--out", str(tmp_path / "out"))
     assert code == 1
     assert out == (
         "radpipe import: nodule-nett: neither a .pt2 or .onnx file nor a known architecture: unknown architecture "
@@ -357,7 +351,7 @@ def test_an_unknown_architecture_is_refused_and_the_known_ones_listed(package_si
 
 
 @pytest.mark.parametrize("kind", ["pt2", "onnx"])
-def test_a_tampered_imported_artifact_is_refused(kind, tmp_path, model, capsys):
+def test_a_tampered_imported_artifact_is_refused(kind, tmp_path, model, radpipe):
     source = tmp_path / f"model.{kind}"
     if kind == "pt2":
         _tiny_program(source)
@@ -365,12 +359,12 @@ def test_a_tampered_imported_artifact_is_refused(kind, tmp_path, model, capsys):
         with pytest.warns(DeprecationWarning, match=LEGACY_ONNX_EXPORTER):
             torch.onnx.export(model, (torch.zeros(1, 1, 128, 128),), str(source), dynamo=False)
     artifact, _ = import_model(ImportRequest(str(source), tmp_path / "artifact", classes=["a", "b"]))
-    assert _radpipe(capsys, "validate", str(artifact))[0] == 0
+    assert radpipe("validate", str(artifact))[0] == 0
     model_file = artifact / f"model.{kind}"
     data = bytearray(model_file.read_bytes())
     data[len(data) // 2] ^= 1
     model_file.write_bytes(bytes(data))
-    code, out = _radpipe(capsys, "validate", str(artifact))
+    code, out = radpipe("validate", str(artifact))
     assert code == 1
     assert re.fullmatch(
         rf"{model_file}: sha256 \w+ does not match the manifest's \w+; refusing to load a modified artifact\n", out
@@ -379,11 +373,11 @@ def test_a_tampered_imported_artifact_is_refused(kind, tmp_path, model, capsys):
         load_artifact(artifact, torch.device("cpu"))
 
 
-def test_a_model_whose_input_the_preprocessing_does_not_yield_is_refused(tmp_path, capsys):
+def test_a_model_whose_input_the_preprocessing_does_not_yield_is_refused(tmp_path, radpipe):
     program = _tiny_program(tmp_path / "rgb.pt2", channels=3, size=224)
     artifact, _ = import_model(ImportRequest(str(program), tmp_path / "rgb", classes=["normal", "nodule"]))
     path = write_pipeline(tmp_path / "pipelines", model={"artifact": str(artifact)})  # window + resize to 128 x 128
-    code, out = _radpipe(capsys, "validate", str(path))
+    code, out = radpipe("validate", str(path))
     assert code == 1
     problem = "the model takes 3x224x224 input but the pipeline's preprocessing yields 1x128x128"
     assert re.fullmatch(rf"{path}:\d+:\d+: model.artifact: {problem}\n", out)

@@ -15,7 +15,6 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from torch import nn
 
-from plugin.cli import main
 from plugin.demo.phantom import PIXEL_SPACING_MM
 from plugin.demo.series import NEGATIVE_DESCRIPTION, POSITIVE_DESCRIPTION, SLICE_THICKNESS_MM
 from plugin.models.monai_bundle import Bundle, network_id, translate
@@ -63,19 +61,6 @@ def _write_bundle(folder: Path, metadata: dict, inference: dict, weights: object
     (folder / "configs" / "inference.json").write_text(json.dumps(inference))
     torch.save(weights, folder / "models" / "model.pt")
     return folder
-
-
-@pytest.fixture
-def radpipe(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]]:
-    """``radpipe ARGS`` in this process: exit status and output. Logging is left to pytest
-    (main would point the process's handlers at this test's captured, soon closed, stderr)."""
-    monkeypatch.setattr("plugin.cli.configure_logging", lambda level, log_format: None)
-
-    def run(*argv: str) -> tuple[int, str]:
-        code = main(["--log-level", "DEBUG", *argv])
-        return code, capsys.readouterr().out
-
-    return run
 
 
 def _trained(config: dict, inputs: torch.Tensor, labels: torch.Tensor, steps: int) -> nn.Module:
