@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
 from pydicom import Dataset
 from torch import Tensor
 
@@ -357,3 +358,29 @@ def infer_volume(
         outputs.append(predict(torch.stack(windows)))
     centres = starts - np.array(before) + (np.array(roi) - 1) / 2
     return torch.cat(outputs), centres
+
+
+def segment_volume(
+    predict: Callable[[Tensor], Tensor],
+    image: Tensor,
+    roi: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    batch: int = 1,
+) -> Tensor:
+    """A segmentation model's per-voxel output ``[1, K, D, H, W]`` for a preprocessed volume
+    ``image`` ``[1, C, D, H, W]``, on the image's own voxels. Without ``roi``: one model call.
+    With it: MONAI's ``sliding_window_inference`` lays out the windows as
+    :func:`infer_volume` does and stitches their outputs, each voxel the mean of the
+    windows that cover it (``mode="constant"``, MONAI's default), so a model trained with
+    MONAI's inferer gets here what it got there."""
+    if roi is None:
+        output = predict(image)
+    else:
+        output = sliding_window_inference(image, roi, batch, predict, overlap=overlap, mode="constant")
+    if not isinstance(output, Tensor) or output.ndim != 5 or output.shape[2:] != image.shape[2:]:
+        got = list(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise ValueError(
+            f"a segmentation model must give one value per voxel of its input {list(image.shape[2:])} "
+            f"([batch, classes, depth, height, width]); this one gave {got}"
+        )
+    return output

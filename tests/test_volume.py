@@ -12,6 +12,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Spacing
 from pydicom.uid import KeyObjectSelectionDocumentStorage
+from torch import nn
 
 from plugin.demo.phantom import PIXEL_SPACING_MM
 from plugin.demo.series import SLICE_THICKNESS_MM
@@ -20,7 +21,7 @@ from plugin.models.artifact import save_artifact
 from plugin.outputs.sr import read_measurement_report
 from plugin.pipeline import PipelineError, load_pipeline, load_pipeline_files
 from plugin.preprocess import PreprocessStep, preprocess_volume
-from plugin.volume import Grid, Resampling, VolumeError, infer_volume, series_grid
+from plugin.volume import Grid, Resampling, VolumeError, infer_volume, segment_volume, series_grid
 from tests.conftest import results, storescu, wait_for, with_new_uids
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # MONAI's world is RAS, DICOM's LPS
@@ -234,6 +235,31 @@ def test_sliding_window_equals_direct_inference():
     assert centres.tolist() == [[7.5, 19.5, 23.5]]
     torch.testing.assert_close(windows, crops, rtol=0, atol=1e-6)
     assert window_centres.tolist() == [[7.5, h + 15.5, w + 15.5] for h in (0, 8) for w in (0, 16)]
+
+
+def test_a_per_voxel_output_is_stitched_from_windows_onto_the_image_voxels():
+    """A voxel-wise model gives each voxel the same value in every window that covers it,
+    so the stitched output equals the whole volume's, a volume smaller than the window
+    included (MONAI pads it and crops the output back)."""
+    torch.manual_seed(0)
+    model = nn.Conv3d(1, 2, 1).eval()
+    with torch.inference_mode():
+        for shape in [(16, 40, 48), (10, 20, 24)]:
+            image = torch.rand((1, 1, *shape))
+            stitched = segment_volume(model, image, roi=(12, 32, 32), overlap=0.5, batch=3)
+            torch.testing.assert_close(stitched, model(image), rtol=0, atol=1e-6)
+        torch.testing.assert_close(segment_volume(model, image), model(image), rtol=0, atol=0)
+
+
+def test_a_model_without_per_voxel_output_is_refused_for_segmentation():
+    torch.manual_seed(0)
+    model = densenet3d(**PARAMS).eval()
+    with torch.inference_mode(), pytest.raises(ValueError) as refused:
+        segment_volume(model, torch.rand((1, 1, 16, 32, 32)))
+    assert str(refused.value) == (
+        "a segmentation model must give one value per voxel of its input [16, 32, 32] "
+        "([batch, classes, depth, height, width]); this one gave [1, 2]"
+    )
 
 
 # --- pipeline files -------------------------------------------------------------------------------
