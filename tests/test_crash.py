@@ -88,6 +88,7 @@ def small_series(tmp_path_factory) -> list[Path]:
     )
 
 
+@pytest.mark.timeout(600)  # ten kill-and-restart trials: twice the suite's per-test limit
 def test_sigkill_at_varied_points_loses_nothing(tmp_path, small_series, dcmtk):
     received: list[pydicom.Dataset] = []
     pacs, pacs_port = start_pacs(received)
