@@ -3,13 +3,14 @@
 A pipeline says which series it wants (``match``), when a series or study is complete
 (``completion``), which series of a study to use (``input``), how to turn pixels into
 model input (``preprocess``), which model (``model``), how to turn model output into
-findings (``postprocess``), what to write (``outputs``) and where to send it
-(``destinations``). ``pipelines/README.md`` teaches the format; errors are reported as
-``file:line:column: location: message``, every one of them at once.
+findings or outlined lesions (``task``, ``postprocess``), what to write (``outputs``) and
+where to send it (``destinations``). ``pipelines/README.md`` teaches the format; errors
+are reported as ``file:line:column: location: message``, every one of them at once.
 """
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,12 +25,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydicom.datadict import tag_for_keyword
 
 from plugin.accel.recipe import Recipe
 from plugin.match import Rule, parse_match
 from plugin.preprocess import PreprocessStep
-from plugin.yamlfile import YAMLError, YAMLFile, read_yaml, validation_errors
+from plugin.yamlfile import Location, YAMLError, YAMLFile, read_yaml, validation_errors
 
 
 class _Strict(BaseModel):
@@ -141,6 +143,19 @@ class ModelSpec(_Strict):
 
 
 CODING_SCHEMES = ("SCT", "DCM", "LN")
+_Code = tuple[Literal["SCT", "DCM", "LN"], str, str]
+
+
+def _located(title: str, errors: Sequence[tuple[Location, str]]) -> ValidationError:
+    """A validation error at each given location (relative to the validated object), so
+    that a check across keys points at the key to fix rather than at their parent."""
+    return ValidationError.from_exception_data(
+        title,
+        [
+            InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=None)
+            for loc, message in errors
+        ],
+    )
 
 
 class FindingSpec(_Strict):
@@ -148,19 +163,50 @@ class FindingSpec(_Strict):
     is ``[scheme, value, meaning]`` with scheme SCT (SNOMED CT), DCM or LN (LOINC)."""
 
     label: str = Field(min_length=1)
-    code: tuple[Literal["SCT", "DCM", "LN"], str, str]
+    code: _Code
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
+class SegmentSpec(_Strict):
+    """A segment outlined by a segmentation model: ``label`` names one of the model's
+    classes (an output channel); ``code`` is the segmented property type and ``category``
+    its category (``[scheme, value, meaning]``, as a finding's code), as DICOM SEG and the
+    SR record them. A voxel is in the segment when its probability is at least
+    ``threshold`` (see plugin/segment.py for softmax); connected parts smaller than
+    ``min_volume_mm3`` are dropped."""
+
+    label: str = Field(min_length=1)
+    code: _Code
+    category: _Code = ("SCT", "49755003", "Morphologically abnormal structure")
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    min_volume_mm3: float = Field(default=0.0, ge=0.0)
+
+
 class Postprocess(_Strict):
-    """``activation``: softmax (one class per image) or sigmoid (independent labels).
-    ``aggregate``: how slice probabilities become the series probability: max, mean, or
-    top_k_mean (mean of the ``top_k`` highest)."""
+    """``activation``: softmax (one class per image, or per voxel; for segmentation channel 0
+    is the background) or sigmoid (independent labels). ``aggregate``: how slice
+    probabilities become the series probability: max, mean, or top_k_mean (mean of the
+    ``top_k`` highest). A classification pipeline lists ``findings``, a segmentation
+    pipeline ``segments``."""
 
     activation: Literal["softmax", "sigmoid"] = "softmax"
     aggregate: Literal["max", "mean", "top_k_mean"] = "max"
     top_k: int = Field(default=3, ge=1)
-    findings: list[FindingSpec] = Field(min_length=1)
+    findings: list[FindingSpec] = []
+    segments: list[SegmentSpec] = []
+
+    @field_validator("segments")
+    @classmethod
+    def _unique_labels(cls, segments: list[SegmentSpec]) -> list[SegmentSpec]:
+        labels = [s.label for s in segments]
+        repeated = [
+            ((i, "label"), f"segment {s.label!r} is listed twice")
+            for i, s in enumerate(segments)
+            if s.label in labels[:i]
+        ]
+        if repeated:
+            raise _located("segments", repeated)
+        return segments
 
 
 class SROutput(_Strict):
@@ -175,20 +221,33 @@ class KOSOutput(_Strict):
     when: Literal["positive", "always"] = "positive"
 
 
+class SEGOutput(_Strict):
+    """A DICOM Segmentation of a segmentation pipeline's segments: ``binary`` masks, or
+    ``fractional`` ones that keep each voxel's probability (in 1/255 steps)."""
+
+    type: Literal["binary", "fractional"] = "binary"
+
+
 class Output(_Strict):
     sr: SROutput | None = None
     kos: KOSOutput | None = None
+    seg: SEGOutput | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "Output":
-        if (self.sr is None) == (self.kos is None):
-            raise ValueError("each output names exactly one of: sr, kos")
+        if sum(o is not None for o in (self.sr, self.kos, self.seg)) != 1:
+            raise ValueError("each output names exactly one of: sr, kos, seg")
         return self
 
 
 def _fits_input(value: Any, info: ValidationInfo) -> Any:
-    """A preprocessing step or output that the pipeline's ``input.kind`` can use (checked
-    item by item, so that an error points at the item)."""
+    """A preprocessing step or output that the pipeline's ``task`` and ``input.kind`` can use
+    (checked item by item, so that an error points at the item)."""
+    task = info.data.get("task")
+    if isinstance(value, Output) and value.kos and task == "segmentation":
+        raise ValueError("kos: key images are for task: classification; a segmentation pipeline writes seg and sr")
+    if isinstance(value, Output) and value.seg and task == "classification":
+        raise ValueError("seg: masks come from a segmentation model: set task: segmentation")
     selection = info.data.get("input")
     if selection is None:  # input itself is invalid, and reported
         return value
@@ -212,6 +271,7 @@ def _fits_input(value: Any, info: ValidationInfo) -> Any:
 class Pipeline(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     version: str = Field(min_length=1, max_length=32)
+    task: Literal["classification", "segmentation"] = "classification"
     match: dict[str, Any] = Field(min_length=1)
     completion: Completion = Completion()
     input: InputSelection = InputSelection()
@@ -230,6 +290,26 @@ class Pipeline(_Strict):
     @classmethod
     def _version_as_text(cls, value: Any) -> Any:
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _fits_task(self) -> "Pipeline":
+        """A classification lists findings; a segmentation lists segments and outlines a volume."""
+        errors: list[tuple[Location, str]] = []
+        if self.task == "classification":
+            if not self.postprocess.findings:
+                errors.append((("postprocess", "findings"), "a classification pipeline lists at least one finding"))
+            if self.postprocess.segments:
+                errors.append((("postprocess", "segments"), "segments are for task: segmentation"))
+        else:
+            if self.input.kind != "volume":
+                errors.append((("task",), "segmentation outlines in 3D: set input.kind: volume"))
+            if self.postprocess.findings:
+                errors.append((("postprocess", "findings"), "findings are for task: classification"))
+            if not self.postprocess.segments:
+                errors.append((("postprocess", "segments"), "a segmentation pipeline lists at least one segment"))
+        if errors:
+            raise _located("Pipeline", errors)
+        return self
 
     @property
     def rule(self) -> Rule:
@@ -262,7 +342,8 @@ class PipelineError(Exception):
 
 
 def _check_artifact(pipeline: Pipeline, source: YAMLFile) -> list[str]:
-    """The artifact exists and has every class a finding names (hashes are checked at load)."""
+    """The artifact exists and has every class a finding or segment names (hashes are
+    checked at load); with softmax, a segment is not the background (the first class)."""
     where = source.where(("model", "artifact"))
     manifest_path = pipeline.artifact_dir / "manifest.json"
     if not manifest_path.is_file():
@@ -271,12 +352,19 @@ def _check_artifact(pipeline: Pipeline, source: YAMLFile) -> list[str]:
         classes = json.loads(manifest_path.read_text())["classes"]
     except (ValueError, KeyError) as e:
         return [f"{where}: model.artifact: unreadable manifest {manifest_path}: {e}"]
-    return [
-        f"{source.where(('postprocess', 'findings', i, 'label'))}: postprocess.findings.{i}.label: "
-        f"{f.label!r} is not a class of the model (classes: {classes})"
-        for i, f in enumerate(pipeline.postprocess.findings)
-        if f.label not in classes
-    ]
+    errors = []
+    postprocess = pipeline.postprocess
+    for key, labels in (
+        ("findings", [f.label for f in postprocess.findings]),
+        ("segments", [s.label for s in postprocess.segments]),
+    ):
+        for i, label in enumerate(labels):
+            where = f"{source.where(('postprocess', key, i, 'label'))}: postprocess.{key}.{i}.label"
+            if label not in classes:
+                errors.append(f"{where}: {label!r} is not a class of the model (classes: {classes})")
+            elif key == "segments" and postprocess.activation == "softmax" and label == classes[0]:
+                errors.append(f"{where}: {label!r} is the background (the first class) of a softmax model")
+    return errors
 
 
 def _parse(source: YAMLFile, sha256: str) -> tuple[Pipeline | None, list[str]]:

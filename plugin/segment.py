@@ -1,0 +1,222 @@
+"""Segmentation: a model's per-voxel output -> masks on the series' own slices -> lesions.
+
+Contract (the extension point, as plugin/postprocess.py is for classification): given the
+pipeline's ``postprocess`` block, the model's class names and the job's
+:class:`ModelOutput` (``logits`` ``[1, K, D', H', W']`` on ``volume.grid``), return a
+:class:`Segmentation`: each segment's mask and probabilities on ``volume.source`` and its
+measured lesions. Raises ValueError for output that is not per-voxel, or a segment that is
+not a class of the model (the loader checks this too).
+
+Why on the source: DICOM SEG frames and SR references point at the series' own images, and
+a reader checks a volume or a diameter on them, not on the grid the model happened to see.
+
+- Probabilities are computed on the model's grid (softmax over channels, channel 0 the
+  background; or sigmoid per channel) and interpolated trilinearly at each source voxel
+  centre, whose index on the grid comes from the two affines. A model voxel stands for half
+  a step around its centre: a source voxel in that margin takes the edge value, one beyond
+  it probability 0 (the model did not see it).
+- Softmax: a voxel is in a segment when its probability is at least the segment's
+  threshold and its class is the most probable of the model's non-background classes (the
+  first wins a tie), so segments do not overlap. Sigmoid: each segment on its own.
+- A lesion is a 26-connected component of a segment's mask; one smaller than
+  ``min_volume_mm3`` is removed from the mask too.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+from scipy.spatial.distance import pdist
+
+from plugin.pipeline import Postprocess, SegmentSpec
+from plugin.postprocess import ModelOutput
+from plugin.volume import Grid
+
+_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # voxels that share a face, edge or corner are one lesion
+_CHUNK_VOXELS = 1 << 22  # source voxels x channels interpolated at once (16 MiB as float32)
+_SNAP = 1e-6  # a grid index this close to a voxel centre is that centre: a shared grid gives its values back exactly
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One connected part of a segment, measured on the source series."""
+
+    label: str  # the segment's label
+    segment_number: int  # 1-based: position of its SegmentSpec in postprocess.segments
+    number: int  # 1-based within the series: by segment, then volume descending
+    volume_mm3: float
+    diameter_mm: float  # longest in-plane diameter over the lesion's slices (see _longest_diameter)
+    centroid: tuple[float, float, float]  # patient coordinates (LPS, mm)
+    mean_probability: float
+    max_probability: float
+    slices: tuple[int, ...]  # source slice indices (job image order) it covers
+
+
+@dataclass(frozen=True, eq=False)
+class Segmentation:
+    """``masks`` ``[S, D, H, W]`` bool and ``probabilities`` ``[S, D, H, W]`` uint8
+    (``round(p * 255)``, a FRACTIONAL SEG's values) on the source series, one per segment
+    in segment-number order."""
+
+    segments: list[SegmentSpec]
+    masks: np.ndarray
+    probabilities: np.ndarray
+    lesions: list[Lesion]
+
+
+def _source_axes(source: Grid, grid: Grid) -> tuple[list[int], list[np.ndarray]]:
+    """For each source axis: the model grid axis it runs along, and the fractional index on
+    that axis of each of its voxels. radpipe's grids only permute, flip, scale and shift the
+    series' axes (plugin/volume.py), so trilinear interpolation is three linear ones; a
+    grid rotated against the series raises ValueError."""
+    to_grid = np.linalg.solve(grid.affine, source.affine)  # source index -> grid index
+    linear = to_grid[:3, :3]
+    axes = [int(a) for a in np.argmax(np.abs(linear), axis=0)]
+    across = linear.copy()
+    across[axes, [0, 1, 2]] = 0
+    if sorted(axes) != [0, 1, 2] or np.abs(across).max() > 1e-6 * np.abs(linear).max():
+        raise ValueError(
+            "the model's grid is rotated against the series; segmentation needs the axes of one along the other's"
+        )
+    positions = [linear[axes[a], a] * np.arange(n) + to_grid[axes[a], 3] for a, n in enumerate(source.shape)]
+    return axes, positions
+
+
+def _along(values: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
+    """``values`` interpolated linearly along ``axis`` at fractional ``positions``. A voxel
+    stands for half a step around its centre: a position in that margin beyond the first or
+    last voxel takes its value, one farther out gets 0."""
+    n = values.shape[axis]
+    nearest = np.rint(positions)
+    positions = np.where(np.abs(positions - nearest) < _SNAP, nearest, positions)
+    seen = (positions >= -0.5) & (positions <= n - 0.5)
+    positions = np.clip(positions, 0, n - 1)
+    low = np.minimum(np.floor(positions), max(n - 2, 0)).astype(np.int64)
+    high = np.minimum(low + 1, n - 1)
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    weight = torch.from_numpy((positions - low).astype(np.float32)).view(shape)
+    below, above = torch.from_numpy(values.take(low, axis)), torch.from_numpy(values.take(high, axis))
+    # lerp gives either end exactly (a grid shared with the source gives its values back)
+    return (torch.lerp(below, above, weight) * torch.from_numpy(seen).view(shape)).numpy()
+
+
+def _on_source(values: np.ndarray, positions: list[np.ndarray], box: tuple[slice, ...]) -> np.ndarray:
+    """The model's ``values`` ``[C, ...]`` (axes in source order) at the source voxels of ``box``."""
+    for axis, (where, part) in enumerate(zip(positions, box, strict=True), start=1):
+        values = _along(values, axis, where[part])
+    return values
+
+
+def _longest_diameter(inside: np.ndarray, in_plane: np.ndarray) -> float:
+    """The longest in-plane diameter over a lesion's slices: the largest distance between
+    two points of its outline in one slice, the outline drawn through the midpoints of its
+    outer pixel edges (halfway between a pixel in it and one outside, as marching squares
+    and pyradiomics draw it). Only a row's or a column's first and last pixel can give the
+    farthest points, so only their edges are compared. ``inside`` ``[D, H, W]``: the lesion
+    in its bounding box; ``in_plane``: the patient step (mm) of a row and of a column."""
+    longest = 0.0
+    for plane in inside:  # a connected lesion has pixels in every slice of its box
+        rows, columns = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+        left = plane[rows].argmax(axis=1) - 0.5
+        right = plane.shape[1] - plane[rows, ::-1].argmax(axis=1) - 0.5
+        top = plane[:, columns].argmax(axis=0) - 0.5
+        bottom = plane.shape[0] - plane[::-1, columns].argmax(axis=0) - 0.5
+        edges = [(rows, left), (rows, right), (top, columns), (bottom, columns)]
+        points = np.concatenate([np.column_stack(edge) for edge in edges])
+        longest = max(longest, float(pdist(points @ in_plane.T).max()))
+    return longest
+
+
+def _lesions(
+    mask: np.ndarray, spec: SegmentSpec, number: int, values: np.ndarray, positions: list[np.ndarray], source: Grid
+) -> list[Lesion]:
+    """The connected parts of segment ``number``'s ``mask``, measured; parts below
+    ``min_volume_mm3`` are cleared from the mask. ``values`` ``[1, ...]``: the segment's
+    probabilities on the model's grid."""
+    occupied = np.flatnonzero(mask.any(axis=(1, 2)))
+    if not len(occupied):
+        return []
+    first = int(occupied[0])  # only the slices that hold the segment are labelled
+    components, _ = ndimage.label(mask[first : occupied[-1] + 1], structure=_CONNECTIVITY)
+    voxel_mm3 = abs(float(np.linalg.det(source.affine[:3, :3])))
+    found = []
+    for component, (depth, rows, columns) in enumerate(ndimage.find_objects(components), start=1):
+        inside = components[depth, rows, columns] == component
+        box = (slice(depth.start + first, depth.stop + first), rows, columns)  # on the source
+        volume = int(inside.sum()) * voxel_mm3
+        if volume < spec.min_volume_mm3:
+            mask[box][inside] = False
+            continue
+        voxels = np.argwhere(inside) + [b.start for b in box]
+        probability = _on_source(values, positions, box)[0][inside]
+        centroid = source.to_patient(voxels.mean(axis=0, keepdims=True))[0]
+        found.append(
+            Lesion(
+                label=spec.label,
+                segment_number=number,
+                number=0,
+                volume_mm3=volume,
+                diameter_mm=_longest_diameter(inside, source.affine[:3, 1:3]),
+                centroid=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+                mean_probability=float(probability.mean()),
+                max_probability=float(probability.max()),
+                slices=tuple(range(box[0].start, box[0].stop)),
+            )
+        )
+    return found
+
+
+def segment(postprocess: Postprocess, classes: list[str], output: ModelOutput) -> Segmentation:
+    """The pipeline's segments and their lesions on the job's series (see the module's docstring)."""
+    logits, placement = output.logits, output.volume
+    if logits.ndim != 5 or logits.shape[0] != 1 or placement is None:
+        raise ValueError(
+            f"the model gave output of shape {list(logits.shape)}; segmentation needs per-voxel output "
+            "[1, classes, depth, height, width] on a volume"
+        )
+    if logits.shape[1] != len(classes) or tuple(logits.shape[2:]) != placement.grid.shape:
+        raise ValueError(
+            f"the model gave output of shape {list(logits.shape)}; its {len(classes)} classes on its grid "
+            f"{list(placement.grid.shape)} need [1, {len(classes)}, {', '.join(map(str, placement.grid.shape))}]"
+        )
+    softmax = postprocess.activation == "softmax"
+    for spec in postprocess.segments:
+        if spec.label not in classes:
+            raise ValueError(f"segment {spec.label!r} is not a class of the model {classes}")
+        if softmax and spec.label == classes[0]:
+            raise ValueError(f"segment {spec.label!r} is the background (the first class) of a softmax model")
+    source = placement.source
+    axes, positions = _source_axes(source, placement.grid)
+    with torch.no_grad():
+        scores = logits[0].detach().float().cpu()
+        # softmax keeps every non-background class: a voxel goes to the most probable
+        on_grid = torch.softmax(scores, dim=0)[1:] if softmax else torch.sigmoid(scores)
+    channels = [classes.index(s.label) - softmax for s in postprocess.segments]
+    if not softmax:
+        on_grid, channels = on_grid[channels], list(range(len(channels)))
+    values = np.ascontiguousarray(on_grid.permute(0, *(1 + a for a in axes)).numpy())  # axes in source order
+
+    depth, height, width = source.shape
+    thresholds = np.array([s.threshold for s in postprocess.segments], dtype=np.float32).reshape(-1, 1, 1, 1)
+    masks = np.zeros((len(channels), *source.shape), dtype=bool)
+    probabilities = np.zeros((len(channels), *source.shape), dtype=np.uint8)
+    chunk = max(1, _CHUNK_VOXELS // (len(values) * height * width))
+    for start in range(0, depth, chunk):  # by chunks of slices: only the masks and uint8 probabilities are whole
+        part = slice(start, start + chunk)
+        sampled = _on_source(values, positions, (part, slice(None), slice(None)))
+        chosen = sampled[channels]
+        inside = chosen >= thresholds
+        if softmax and len(values) > 1:
+            inside &= torch.from_numpy(sampled).argmax(dim=0).numpy() == np.reshape(channels, (-1, 1, 1, 1))
+        masks[:, part] = inside
+        probabilities[:, part] = np.rint(chosen * 255)
+
+    lesions: list[Lesion] = []
+    for number, (spec, channel) in enumerate(zip(postprocess.segments, channels, strict=True), start=1):
+        found = _lesions(masks[number - 1], spec, number, values[channel : channel + 1], positions, source)
+        lesions += sorted(found, key=lambda lesion: -lesion.volume_mm3)
+    lesions = [dataclasses.replace(lesion, number=i) for i, lesion in enumerate(lesions, start=1)]
+    return Segmentation(list(postprocess.segments), masks, probabilities, lesions)

@@ -1,0 +1,282 @@
+"""Segmentation pipelines: a per-voxel model output, on whatever grid the model saw, comes
+back exactly onto the series' own voxels; spheres in it become lesions with the sphere's
+volume, diameter and centre; and the pipeline keys that ask for it load or fail at their
+line and column."""
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from plugin.pipeline import PipelineError, Postprocess, load_pipeline, load_pipeline_files
+from plugin.postprocess import ModelOutput
+from plugin.segment import segment
+from plugin.volume import Grid, Placement, Resampling
+from tests.conftest import DEMO_PIPELINE
+
+NODULE = {"label": "nodule", "code": ["SCT", "27925004", "Nodule"]}
+CLASSES = ["background", "nodule"]
+
+
+def _grid(shape, columns, origin) -> Grid:
+    """A grid whose affine has ``columns`` (direction x spacing of d, h, w) and ``origin``."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.column_stack(columns)
+    affine[:3, 3] = origin
+    return Grid(shape, affine)
+
+
+# An axial series as the loader stacks it (slices feet to head, SPL): 1 mm slices of 0.7 mm pixels.
+SOURCE = _grid((48, 112, 112), [[0, 0, 1.0], [0, 0.7, 0], [0.7, 0, 0]], [-39.2, -39.2, -24.0])
+
+
+def _positions(grid: Grid) -> np.ndarray:
+    """Patient coordinates of every voxel centre, ``[D, H, W, 3]``."""
+    indices = np.indices(grid.shape).reshape(3, -1).T
+    return grid.to_patient(indices.astype(float)).reshape(*grid.shape, 3)
+
+
+def _run(logits: np.ndarray, grid: Grid, postprocess: dict, classes=CLASSES, source: Grid = SOURCE):
+    output = ModelOutput(torch.from_numpy(logits[None]).float(), Placement(source, grid, np.zeros((1, 3))))
+    return segment(Postprocess.model_validate(postprocess), classes, output)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p / (1 - p))
+
+
+# --- back onto the source, exactly ----------------------------------------------------------------
+
+
+def test_a_grid_shared_with_the_source_gives_the_output_back():
+    logits = np.random.default_rng(0).normal(0, 2, (1, *SOURCE.shape)).astype(np.float32)
+    result = _run(logits, SOURCE, {"activation": "sigmoid", "segments": [{**NODULE, "threshold": 0.7}]}, ["nodule"])
+    p = torch.sigmoid(torch.from_numpy(logits)).numpy()
+    np.testing.assert_array_equal(result.probabilities, np.rint(p * 255).astype(np.uint8))
+    np.testing.assert_array_equal(result.masks, p >= np.float32(0.7))
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "IAR", "PSL"])
+def test_a_reoriented_grid_lines_up_voxel_for_voxel(orientation):
+    """The model saw the series flipped and permuted (Resampling, as the runner does): each
+    source voxel gets exactly the value the model gave that same voxel."""
+    logits = torch.from_numpy(np.random.default_rng(1).normal(0, 2, SOURCE.shape).astype(np.float32))
+    resampling = Resampling(SOURCE, orientation, None)
+    sigmoid = {"activation": "sigmoid", "segments": [NODULE]}
+    result = _run(resampling(logits)[None].numpy(), resampling.target, sigmoid, ["nodule"])
+    np.testing.assert_array_equal(result.probabilities[0], np.rint(torch.sigmoid(logits).numpy() * 255))
+
+
+def test_a_resampled_grid_gives_back_a_linear_function_of_position():
+    """On a RAS grid of 1.3 x 1.1 x 1.7 mm, cropped by 3 voxels on each side (as
+    crop_or_pad does), the probability is a linear function of patient position: trilinear
+    interpolation reproduces it at every source voxel the grid covers, a voxel within half a
+    model voxel beyond it takes the edge value, and one farther out probability 0."""
+    target = Resampling(SOURCE, "RAS", (1.3, 1.1, 1.7)).target
+    grid = target.mapped([n - 6 for n in target.shape], [1, 1, 1], [3, 3, 3])
+
+    def f(points: np.ndarray) -> np.ndarray:
+        return 0.5 + points @ np.array([0.004, -0.003, 0.006])
+
+    logits = _logit(f(_positions(grid)))[None].astype(np.float32)
+    result = _run(logits, grid, {"activation": "sigmoid", "segments": [{**NODULE, "threshold": 0.05}]}, ["nodule"])
+
+    index = grid.to_index(_positions(SOURCE).reshape(-1, 3))
+    upper = np.array(grid.shape) - 1
+    covered = np.all((index >= 0) & (index <= upper), axis=-1).reshape(SOURCE.shape)
+    unseen = np.any((index < -0.5) | (index > upper + 0.5), axis=-1).reshape(SOURCE.shape)
+    margin = ~covered & ~unseen
+    assert covered.mean() > 0.4 and unseen.mean() > 0.2 and margin.mean() > 0.01
+    # in the margin: the value at the nearest point of the grid
+    expected = f(grid.to_patient(np.clip(index, 0, upper))).reshape(SOURCE.shape) * 255
+    assert np.abs(result.probabilities[0][~unseen] - expected[~unseen]).max() <= 0.5 + 1e-3
+    assert not result.probabilities[0][unseen].any()
+    np.testing.assert_array_equal(result.masks[0], ~unseen)  # f > 0.08 wherever the model looked
+
+
+# --- lesions --------------------------------------------------------------------------------------
+
+# (centre LPS mm, radius mm): centres off the pixel grid, on slice centres (so a slice cuts each
+# sphere through its middle and its longest axial diameter is 2r), radii not a whole number of
+# slices (so no slice just touches a sphere)
+SPHERES = [((10.3, -12.55, 5.0), 6.3), ((-15.2, 8.05, -10.0), 4.2), ((14.1, 17.3, -12.0), 2.6)]
+
+
+def _spheres(grid: Grid, spheres) -> np.ndarray:
+    """Softmax logits [background, nodule] whose nodule probability falls through 0.5 at
+    each sphere's surface."""
+    positions = _positions(grid)
+    inside = np.full(grid.shape, -np.inf)
+    for centre, radius in spheres:
+        inside = np.maximum(inside, radius - np.linalg.norm(positions - np.array(centre), axis=-1))
+    return np.stack([np.zeros(grid.shape), 2.0 * inside]).astype(np.float32)  # 2/mm: a smooth edge
+
+
+def test_spheres_become_lesions_measured_in_the_patient():
+    """The model saw the series as RAS at 0.8 mm. (Interpolating the spheres' smooth edges
+    from coarser grids shrinks them: by about h^2 / 8r along each axis.)"""
+    grid = Resampling(SOURCE, "RAS", (0.8, 0.8, 0.8)).target
+    result = _run(_spheres(grid, SPHERES), grid, {"segments": [NODULE]})
+
+    assert [lesion.number for lesion in result.lesions] == [1, 2, 3]  # volume descending
+    pixel = 0.7
+    for lesion, (centre, radius) in zip(result.lesions, SPHERES, strict=True):
+        assert (lesion.label, lesion.segment_number) == ("nodule", 1)
+        assert lesion.volume_mm3 == pytest.approx(4 / 3 * np.pi * radius**3, rel=0.04)
+        assert lesion.diameter_mm == pytest.approx(2 * radius, abs=pixel)
+        np.testing.assert_allclose(lesion.centroid, centre, atol=0.1)
+        assert 0.5 <= lesion.mean_probability < lesion.max_probability < 1
+        z = round(SOURCE.to_index(np.array([centre]))[0, 0])
+        assert lesion.slices == tuple(range(z - int(radius), z + int(radius) + 1))
+    assert result.masks.shape == (1, *SOURCE.shape) and result.probabilities.dtype == np.uint8
+    assert result.masks.sum() * 0.49 == pytest.approx(sum(lesion.volume_mm3 for lesion in result.lesions))
+
+
+def test_parts_below_min_volume_are_dropped_from_the_mask_too():
+    grid = Resampling(SOURCE, "RAS", (1.2, 1.2, 1.2)).target
+    spheres = [*SPHERES[:1], ((-5.0, -5.0, 0.0), 1.5)]  # 14 mm3
+    result = _run(_spheres(grid, spheres), grid, {"segments": [{**NODULE, "min_volume_mm3": 20}]})
+    [lesion] = result.lesions
+    assert lesion.centroid == pytest.approx(spheres[0][0], abs=0.1)
+    assert result.masks.sum() * 0.49 == pytest.approx(lesion.volume_mm3)
+
+
+def test_nothing_above_threshold_is_no_lesion():
+    grid = Resampling(SOURCE, None, (2.0, 2.0, 2.0)).target
+    logits = np.stack([np.zeros(grid.shape), np.full(grid.shape, -1.0)]).astype(np.float32)  # p = 0.27
+    result = _run(logits, grid, {"segments": [NODULE]})
+    assert result.lesions == [] and not result.masks.any()
+    assert (result.probabilities == 69).all()  # round(0.269 * 255)
+
+
+def test_softmax_segments_do_not_overlap_sigmoid_ones_may():
+    """Where vessel is more probable than nodule, a softmax voxel is vessel even when its
+    nodule probability passes the nodule's threshold; sigmoid segments are independent."""
+    classes = ["background", "nodule", "vessel"]
+    vessel = {"label": "vessel", "code": ["SCT", "59820001", "Blood vessel"]}
+    logits = np.full((3, *SOURCE.shape), -4.0, np.float32)
+    logits[0] = 0
+    logits[1, :, :, :60] = 3.0  # nodule in the columns up to 59
+    logits[2, :, :, 50:] = 3.2  # vessel from column 50: in 50..59 nodule 0.44, vessel 0.54
+    soft = _run(logits, SOURCE, {"segments": [{**NODULE, "threshold": 0.3}, vessel]}, classes)
+    assert soft.masks[0].any(axis=(0, 1)).nonzero()[0].max() == 49
+    assert soft.masks[1].any(axis=(0, 1)).nonzero()[0].min() == 50
+    sig = _run(logits, SOURCE, {"activation": "sigmoid", "segments": [NODULE, vessel]}, classes)
+    assert (sig.masks[0] & sig.masks[1]).any(axis=(0, 1)).nonzero()[0].tolist() == list(range(50, 60))
+    assert [(lesion.segment_number, lesion.number) for lesion in sig.lesions] == [(1, 1), (2, 2)]
+
+
+def test_output_that_is_not_per_voxel_is_refused():
+    postprocess = Postprocess.model_validate({"segments": [NODULE]})
+    with pytest.raises(ValueError, match=r"shape \[5, 2\]; segmentation needs per-voxel output"):
+        segment(postprocess, CLASSES, ModelOutput(torch.zeros(5, 2)))
+    with pytest.raises(ValueError, match="'nodule' is not a class of the model"):
+        _run(np.zeros((2, *SOURCE.shape), np.float32), SOURCE, {"segments": [NODULE]}, ["background", "mass"])
+    with pytest.raises(ValueError, match="'background' is the background"):
+        _run(np.zeros((2, *SOURCE.shape), np.float32), SOURCE, {"segments": [{**NODULE, "label": "background"}]})
+    with pytest.raises(ValueError, match=r"shape \[1, 3, 48, 112, 112\]; its 2 classes on its grid"):
+        _run(np.zeros((3, *SOURCE.shape), np.float32), SOURCE, {"segments": [NODULE]})
+    turned = np.eye(4)
+    turned[:2, :2] = [[np.cos(0.1), -np.sin(0.1)], [np.sin(0.1), np.cos(0.1)]]
+    rotated = Grid(SOURCE.shape, turned @ SOURCE.affine)
+    with pytest.raises(ValueError, match="the model's grid is rotated against the series"):
+        _run(np.zeros((2, *SOURCE.shape), np.float32), rotated, {"segments": [NODULE]})
+
+
+# --- the pipeline keys ----------------------------------------------------------------------------
+
+
+def test_the_classification_demo_still_loads():
+    pipeline = load_pipeline(DEMO_PIPELINE)
+    assert pipeline.task == "classification" and pipeline.postprocess.segments == []
+
+
+SEGMENTATION = """\
+name: seg
+version: 1
+task: segmentation
+match: {Modality: CT}
+input: {kind: volume, orientation: RAS, spacing: [1, 1, 1]}
+model: {artifact: model}
+postprocess:
+  segments:
+    - {label: nodule, code: [SCT, "27925004", Nodule], threshold: 0.6, min_volume_mm3: 10}
+outputs: [{seg: {type: fractional}}, {sr: {}}]
+"""
+
+
+def _load(tmp_path, text: str):
+    (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "model" / "manifest.json").write_text(json.dumps({"classes": CLASSES}))
+    path = tmp_path / "p.yaml"
+    path.write_text(textwrap.dedent(text))
+    return load_pipeline_files([path], set())
+
+
+def test_a_segmentation_pipeline_loads_and_round_trips(tmp_path):
+    [pipeline] = _load(tmp_path, SEGMENTATION)
+    assert pipeline.task == "segmentation"
+    [spec] = pipeline.postprocess.segments
+    assert spec.category == ("SCT", "49755003", "Morphologically abnormal structure")
+    assert (spec.threshold, spec.min_volume_mm3) == (0.6, 10)
+    assert pipeline.outputs[0].seg is not None and pipeline.outputs[0].seg.type == "fractional"
+    [again] = _load(tmp_path, yaml.safe_dump(pipeline.model_dump(mode="json", exclude_none=True)))
+    assert again.model_dump() == pipeline.model_dump()
+
+
+MISTAKES = [
+    (
+        SEGMENTATION.replace("input: {kind: volume, orientation: RAS, spacing: [1, 1, 1]}", "input: {kind: slice}"),
+        ["3:1: task: segmentation outlines in 3D: set input.kind: volume"],
+    ),
+    (
+        SEGMENTATION.replace("label: nodule", "label: mass"),
+        ["9:8: postprocess.segments.0.label: 'mass' is not a class of the model (classes: ['background', 'nodule'])"],
+    ),
+    (
+        SEGMENTATION.replace("label: nodule", "label: background"),
+        ["9:8: postprocess.segments.0.label: 'background' is the background (the first class) of a softmax model"],
+    ),
+    (
+        SEGMENTATION.replace("  segments:\n", "  findings:\n").replace(", threshold: 0.6, min_volume_mm3: 10", ""),
+        [
+            "8:3: postprocess.findings: findings are for task: classification",
+            "7:1: postprocess.segments: a segmentation pipeline lists at least one segment",
+        ],
+    ),
+    (
+        SEGMENTATION.replace("\noutputs", '\n    - {label: nodule, code: [SCT, "27925004", Nodule]}\noutputs'),
+        ["10:8: postprocess.segments.1.label: segment 'nodule' is listed twice"],
+    ),
+    (
+        SEGMENTATION.replace("{sr: {}}", "{kos: {}}"),
+        ["10:38: outputs.1: kos: key images are for task: classification; a segmentation pipeline writes seg and sr"],
+    ),
+    (
+        SEGMENTATION.replace("{sr: {}}", "{sr: {}, seg: {}}"),
+        ["10:38: outputs.1: each output names exactly one of: sr, kos, seg"],
+    ),
+    (
+        SEGMENTATION.replace("task: segmentation", "task: classification"),
+        [
+            "10:11: outputs.0: seg: masks come from a segmentation model: set task: segmentation",
+        ],
+    ),
+    (
+        SEGMENTATION.replace("task: segmentation\n", "").replace("{seg: {type: fractional}}, ", ""),
+        [
+            "6:1: postprocess.findings: a classification pipeline lists at least one finding",
+            "7:3: postprocess.segments: segments are for task: segmentation",
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), MISTAKES, ids=[m[1][0].split(": ")[1] for m in MISTAKES])
+def test_mistakes_are_reported_at_their_key(tmp_path, text, expected):
+    with pytest.raises(PipelineError) as error:
+        _load(tmp_path, text)
+    assert [line.replace(f"{tmp_path / 'p.yaml'}:", "") for line in str(error.value).splitlines()] == expected
