@@ -373,6 +373,7 @@ def segment_volume(
     :func:`infer_volume` does and stitches their outputs, each voxel the mean of the
     windows that cover it (``mode="constant"``, MONAI's default), so a model trained with
     MONAI's inferer gets here what it got there."""
+    output: object
     if roi is None:
         output = predict(image)
     else:
