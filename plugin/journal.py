@@ -135,7 +135,7 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class ResultRecord:
-    """One object a job wrote (``kind``: sr or kos)."""
+    """One object a job wrote (``kind``: sr, kos or seg)."""
 
     id: int
     job_id: int

@@ -293,7 +293,8 @@ class Pipeline(_Strict):
 
     @model_validator(mode="after")
     def _fits_task(self) -> "Pipeline":
-        """A classification lists findings; a segmentation lists segments and outlines a volume."""
+        """A classification lists findings; a segmentation lists segments, outlines a volume
+        and writes the SEG its SR points into."""
         errors: list[tuple[Location, str]] = []
         if self.task == "classification":
             if not self.postprocess.findings:
@@ -307,6 +308,13 @@ class Pipeline(_Strict):
                 errors.append((("postprocess", "findings"), "findings are for task: classification"))
             if not self.postprocess.segments:
                 errors.append((("postprocess", "segments"), "a segmentation pipeline lists at least one segment"))
+            kinds = ["sr" if o.sr else "seg" if o.seg else "kos" for o in self.outputs]
+            if kinds.count("seg") > 1:
+                errors.append((("outputs",), "a segmentation pipeline writes one seg"))
+            if "sr" in kinds and "seg" not in kinds:
+                errors.append(
+                    (("outputs", kinds.index("sr")), "sr: its lesions point at their segments: add an output seg: {}")
+                )
         if errors:
             raise _located("Pipeline", errors)
         return self
@@ -342,17 +350,22 @@ class PipelineError(Exception):
 
 
 def _check_artifact(pipeline: Pipeline, source: YAMLFile) -> list[str]:
-    """The artifact exists and has every class a finding or segment names (hashes are
-    checked at load); with softmax, a segment is not the background (the first class)."""
+    """The artifact exists, is for the pipeline's task and has every class a finding or
+    segment names (hashes are checked at load); with softmax, a segment is not the
+    background (the first class)."""
     where = source.where(("model", "artifact"))
     manifest_path = pipeline.artifact_dir / "manifest.json"
     if not manifest_path.is_file():
         return [f"{where}: model.artifact: no manifest.json in {pipeline.artifact_dir}"]
     try:
-        classes = json.loads(manifest_path.read_text())["classes"]
+        manifest = json.loads(manifest_path.read_text())
+        classes = manifest["classes"]
     except (ValueError, KeyError) as e:
         return [f"{where}: model.artifact: unreadable manifest {manifest_path}: {e}"]
     errors = []
+    task = manifest.get("task", "classification")
+    if task != pipeline.task:
+        errors.append(f"{where}: model.artifact: the model is for task: {task}, the pipeline's task is {pipeline.task}")
     postprocess = pipeline.postprocess
     for key, labels in (
         ("findings", [f.label for f in postprocess.findings]),

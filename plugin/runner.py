@@ -22,6 +22,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import torch
 from pydicom import Dataset
@@ -36,15 +37,17 @@ from plugin.models.artifact import Artifact
 from plugin.models.pool import ModelPool
 from plugin.outputs.conformance import referenceable
 from plugin.outputs.kos import key_images, key_object_selection
-from plugin.outputs.sr import AlgorithmIdentity, measurement_report
+from plugin.outputs.seg import segmentation_object
+from plugin.outputs.sr import AlgorithmIdentity, measurement_report, volumetric_measurement_report
 from plugin.pipeline import Pipeline
 from plugin.postprocess import ModelOutput, findings
 from plugin.prepare import Prepared, Preparer, WorkerDied
 from plugin.preprocess import PreprocessStep, preprocess_volume
 from plugin.quarantine import Quarantine
 from plugin.router import Router
+from plugin.segment import segment
 from plugin.spool import write_durably
-from plugin.volume import Placement, Resampling, VolumeError, infer_volume, series_grid
+from plugin.volume import Placement, Resampling, VolumeError, infer_volume, segment_volume, series_grid
 from plugin.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -346,13 +349,13 @@ class Runner(Worker):
                     grid.orientation,
                     "x".join(f"{s:.3g}" for s in grid.spacing),
                 )
+                windows = () if window is None else (window.roi_size, window.overlap, window.sw_batch_size)
                 with timer.stage("infer"):
-                    if window is None:
-                        logits, centres = infer_volume(predict, image)
+                    if pipeline.task == "segmentation":
+                        logits = segment_volume(predict, image, *windows)
+                        centres = np.array([[(n - 1) / 2 for n in image.shape[2:]]])
                     else:
-                        logits, centres = infer_volume(
-                            predict, image, window.roi_size, window.overlap, window.sw_batch_size
-                        )
+                        logits, centres = infer_volume(predict, image, *windows)
                 del image
                 self._finish(work, ModelOutput(logits, Placement(source, grid, centres)))
             except Exception as e:
@@ -393,7 +396,6 @@ class Runner(Worker):
     def _finish(self, work: Work, model_output: ModelOutput) -> None:
         job, pipeline, artifact, timer = work.job, work.pipeline, work.artifact, work.timer
         name = pipeline.name
-        result = findings(pipeline.postprocess, artifact.classes, model_output)
         algorithm = AlgorithmIdentity(
             pipeline=name,
             pipeline_version=pipeline.version,
@@ -402,28 +404,16 @@ class Runner(Worker):
             precision=artifact.precision,
             device=artifact.device.type,
         )
-        headers = [s.header for s in work.sources]
-        written: list[tuple[str, str, str]] = []
         with timer.stage("write"):
-            for output in pipeline.outputs:
-                if output.sr is not None:
-                    previous = self._journal.previous_result(job)
-                    predecessors = (
-                        [pydicom.dcmread(previous.path)] if previous and Path(previous.path).is_file() else []
-                    )
-                    sr = measurement_report(headers, result, algorithm, output.sr.sop_class, predecessors)
-                    written.append(("sr", self._write(sr), str(sr.SOPInstanceUID)))
-                elif output.kos is not None:
-                    images = key_images(headers, result, only_present=output.kos.when == "positive")
-                    if images:
-                        kos = key_object_selection(headers, images, algorithm)
-                        written.append(("kos", self._write(kos), str(kos.SOPInstanceUID)))
+            if pipeline.task == "segmentation":
+                written, summary = self._write_segmentation(work, model_output, algorithm)
+            else:
+                written, summary = self._write_findings(work, model_output, algorithm)
         self._journal.complete_job(job.id, written, pipeline.destinations_in(self._destinations))
         if self.next_stage is not None:
             self.next_stage.wake()  # the dispatcher sends it now, not at its next poll
         timer.observe(self._metrics, name)
         self._metrics.jobs.labels(name, "done").inc()
-        summary = ", ".join(f"{f.spec.label}={f.probability:.3f}{' (present)' if f.present else ''}" for f in result)
         log.info(
             "job %d (%s v%s): %d image(s) -> %s; wrote %s",
             job.id,
@@ -433,3 +423,49 @@ class Runner(Worker):
             summary,
             ", ".join(kind for kind, _, _ in written),
         )
+
+    def _predecessors(self, job: JobRecord) -> list[Dataset]:
+        """The SR this job supersedes: the latest of an earlier job on the same series."""
+        previous = self._journal.previous_result(job)
+        return [pydicom.dcmread(previous.path)] if previous and Path(previous.path).is_file() else []
+
+    def _write_findings(
+        self, work: Work, model_output: ModelOutput, algorithm: AlgorithmIdentity
+    ) -> tuple[list[tuple[str, str, str]], str]:
+        """A classification's SR and key images; what was written and a summary line."""
+        result = findings(work.pipeline.postprocess, work.artifact.classes, model_output)
+        headers = [s.header for s in work.sources]
+        written: list[tuple[str, str, str]] = []
+        for output in work.pipeline.outputs:
+            if output.sr is not None:
+                sr = measurement_report(headers, result, algorithm, output.sr.sop_class, self._predecessors(work.job))
+                written.append(("sr", self._write(sr), str(sr.SOPInstanceUID)))
+            elif output.kos is not None:
+                images = key_images(headers, result, only_present=output.kos.when == "positive")
+                if images:
+                    kos = key_object_selection(headers, images, algorithm)
+                    written.append(("kos", self._write(kos), str(kos.SOPInstanceUID)))
+        summary = ", ".join(f"{f.spec.label}={f.probability:.3f}{' (present)' if f.present else ''}" for f in result)
+        return written, summary
+
+    def _write_segmentation(
+        self, work: Work, model_output: ModelOutput, algorithm: AlgorithmIdentity
+    ) -> tuple[list[tuple[str, str, str]], str]:
+        """A segmentation's SEG and, pointing into it, its SR; what was written and a
+        summary line. The SEG is written first whatever the order of the outputs."""
+        segmentation = segment(work.pipeline.postprocess, work.artifact.classes, model_output)
+        headers = [s.header for s in work.sources]
+        [seg_output] = [o.seg for o in work.pipeline.outputs if o.seg is not None]  # exactly one (pipeline.py)
+        seg = segmentation_object(headers, segmentation, algorithm, seg_output.type)
+        written = [("seg", self._write(seg), str(seg.SOPInstanceUID))]
+        for output in work.pipeline.outputs:
+            if output.sr is not None:
+                sr = volumetric_measurement_report(
+                    headers, segmentation, seg, algorithm, output.sr.sop_class, self._predecessors(work.job)
+                )
+                written.append(("sr", self._write(sr), str(sr.SOPInstanceUID)))
+        summary = ", ".join(
+            f"{spec.label}: {sum(lesion.label == spec.label for lesion in segmentation.lesions)} lesion(s)"
+            for spec in segmentation.segments
+        )
+        return written, summary

@@ -208,9 +208,9 @@ outputs: [{seg: {type: fractional}}, {sr: {}}]
 """
 
 
-def _load(tmp_path, text: str):
+def _load(tmp_path, text: str, task: str = "segmentation"):
     (tmp_path / "model").mkdir(exist_ok=True)
-    (tmp_path / "model" / "manifest.json").write_text(json.dumps({"classes": CLASSES}))
+    (tmp_path / "model" / "manifest.json").write_text(json.dumps({"task": task, "classes": CLASSES}))
     path = tmp_path / "p.yaml"
     path.write_text(textwrap.dedent(text))
     return load_pipeline_files([path], set())
@@ -272,6 +272,14 @@ MISTAKES = [
             "7:3: postprocess.segments: segments are for task: segmentation",
         ],
     ),
+    (
+        SEGMENTATION.replace("[{seg: {type: fractional}}, {sr: {}}]", "[{sr: {}}]"),
+        ["10:11: outputs.0: sr: its lesions point at their segments: add an output seg: {}"],
+    ),
+    (
+        SEGMENTATION.replace("{sr: {}}", "{seg: {}}"),
+        ["10:1: outputs: a segmentation pipeline writes one seg"],
+    ),
 ]
 
 
@@ -280,3 +288,12 @@ def test_mistakes_are_reported_at_their_key(tmp_path, text, expected):
     with pytest.raises(PipelineError) as error:
         _load(tmp_path, text)
     assert [line.replace(f"{tmp_path / 'p.yaml'}:", "") for line in str(error.value).splitlines()] == expected
+
+
+def test_a_classifier_behind_a_segmentation_pipeline_is_refused(tmp_path):
+    with pytest.raises(PipelineError) as error:
+        _load(tmp_path, SEGMENTATION, task="classification")
+    assert str(error.value) == (
+        f"{tmp_path / 'p.yaml'}:6:9: model.artifact: the model is for task: classification, "
+        "the pipeline's task is segmentation"
+    )

@@ -43,7 +43,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 MODULE, TORCH_EXPORT, ONNX = "module", "torch-export", "onnx"
 MODEL_FILES = {MODULE: WEIGHTS, TORCH_EXPORT: "model.pt2", ONNX: "model.onnx"}  # the file the SR's model hash is of
-TASKS = ("classification",)
+TASKS = ("classification", "segmentation")  # class logits per image or window; per-voxel
 # manifest keys of artifacts written by `radpipe optimize` (see plugin/models/serving.py)
 OPTIMIZED_KEYS = {"layers", "quantization", "gpu"}
 

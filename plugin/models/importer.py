@@ -72,6 +72,7 @@ class ImportRequest:
     out: Path
     name: str | None = None
     classes: list[str] | None = None
+    task: str = "classification"
     input: InputSpec | None = None
     weights: Path | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -245,9 +246,9 @@ def _input(recorded: InputSpec | None, given: InputSpec | None) -> InputSpec:
     return InputSpec(given.channels, given.spatial, recorded.dtype, recorded.batch)
 
 
-def _run_once(classes: list[str], out: Path) -> Callable[[Path], None]:
+def _run_once(classes: list[str], task: str, out: Path) -> Callable[[Path], None]:
     """The check of the staged artifact: loaded as the node loads it, and run on two
-    blank inputs, it returns one logit per class."""
+    blank inputs, it returns one logit per class (segmentation: per class and voxel)."""
 
     def check(staging: Path) -> None:
         try:
@@ -262,10 +263,13 @@ def _run_once(classes: list[str], out: Path) -> Callable[[Path], None]:
                 logits = artifact.module(blank)
         except Exception as e:  # whatever the model raises on its own input
             raise ImportRefused(f"the model fails on a {spec.text()} input: {' '.join(str(e).split())}") from e
-        if tuple(logits.shape) != (2, len(classes)):
+        per_voxel = task == "segmentation"
+        expected = (2, len(classes), *blank.shape[2:]) if per_voxel else (2, len(classes))
+        if tuple(logits.shape) != expected:
+            what = "for each voxel of its input" if per_voxel else "per input"
             raise ImportRefused(
                 f"the model returns {'x'.join(map(str, logits.shape[1:]))} values per input, not one logit "
-                f"for each of the {len(classes)} classes ({', '.join(classes)})"
+                f"for each of the {len(classes)} classes ({', '.join(classes)}) {what}"
             )
 
     return check
@@ -286,12 +290,16 @@ def import_model(request: ImportRequest) -> tuple[Path, Imported]:
     manifest = {
         **imported.manifest,
         "name": request.name or request.out.name,
-        "task": "classification",
+        "task": request.task,
         "input": spec.to_manifest(),
         "classes": classes,
         "precision": "fp32" if spec.dtype == "float32" else spec.dtype.replace("float", "fp"),
     }
     target = write_artifact(
-        request.out, imported.files, manifest, replace=request.force, check=_run_once(classes, request.out)
+        request.out,
+        imported.files,
+        manifest,
+        replace=request.force,
+        check=_run_once(classes, request.task, request.out),
     )
     return target, replace(imported, manifest=manifest, input=spec, classes=classes)
