@@ -209,7 +209,7 @@ def retry(args: argparse.Namespace) -> int:
     arg("--seed", type=int, help="make the same study again (default: a new one each run)"),
 )
 def demo(args: argparse.Namespace) -> int:
-    """Send a synthetic chest-CT study to a running node and print its findings."""
+    """Send a synthetic chest-CT study to a running node; print both demo pipelines' results and the truth."""
     from plugin.demo.client import run_demo
 
     with tempfile.TemporaryDirectory() as work:

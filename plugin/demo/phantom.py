@@ -200,6 +200,27 @@ def _spine_y(p: _Patient) -> float:
     return p.body_cy + p.body_b - p.fat - 40
 
 
+def _nodule_occupancy(nodule: np.ndarray, z: float) -> np.ndarray | None:
+    """Soft-edged occupancy of a nodule's (x, y, z, radius, HU) cross-section at ``z``; None where it misses."""
+    x, y, nz, radius, _ = nodule
+    if abs(nz - z) >= radius:
+        return None
+    section = np.sqrt(radius**2 - (nz - z) ** 2)
+    half = int(section / PIXEL_SPACING_MM) + 4
+    return _splat(np.array([x]), np.array([y]), np.array([section]), half, edge_mm=0.25 * radius)
+
+
+def _nodule_labels(nodules: np.ndarray, z: float, lungs: np.ndarray) -> np.ndarray:
+    """Where :func:`_render` draws each nodule at ``z``: 0 elsewhere, ``i + 1`` for ``nodules[i]``.
+    A pixel belongs to a nodule where the nodule's share of its HU is at least half."""
+    labels = np.zeros((SIZE, SIZE), np.uint8)
+    for index, nodule in enumerate(nodules):
+        occ = _nodule_occupancy(nodule, z)
+        if occ is not None:
+            labels[occ * lungs >= 0.5] = index + 1
+    return labels
+
+
 def _render(rng: np.random.Generator, p: _Patient, z: float, lungs: np.ndarray, nodules: np.ndarray) -> np.ndarray:
     """One axial slice at ``z`` (``lungs``: its lung mask; ``nodules``: [M, 5] x, y, z, radius, HU)."""
     image = np.full((SIZE, SIZE), AIR_HU, np.float32)
@@ -211,12 +232,10 @@ def _render(rng: np.random.Generator, p: _Patient, z: float, lungs: np.ndarray, 
     vx, vy, vr = _section(p.vessels, z)
     vessels = _splat(vx, vy, vr, half_px=6) * lungs
     image += vessels * (p.vessel_hu - image)
-    for x, y, nz, radius, hu in nodules:
-        if abs(nz - z) < radius:
-            section = np.sqrt(radius**2 - (nz - z) ** 2)
-            half = int(section / PIXEL_SPACING_MM) + 4
-            occ = _splat(np.array([x]), np.array([y]), np.array([section]), half, edge_mm=0.25 * radius)
-            image += occ * lungs * (hu - image)
+    for nodule in nodules:
+        occ = _nodule_occupancy(nodule, z)
+        if occ is not None:
+            image += occ * lungs * (nodule[4] - image)
 
     # Bone last. Ribs: pairs of discs on an ellipse just inside the muscle, drifting with z.
     # Spine: vertebral body, two laminae around the canal, spinous process. Then the sternum.
@@ -298,14 +317,32 @@ def _nodule_set(rng: np.random.Generator, centres: Sequence[float], masks: Seque
     return np.array(rows, np.float32).reshape(-1, 5)
 
 
-def make_volume(
-    rng: np.random.Generator, n_slices: int, n_nodules: int, slice_thickness_mm: float = 2.5
-) -> tuple[np.ndarray, np.ndarray]:
-    """A contiguous axial volume [n, 512, 512] int16 HU and its per-slice labels [n] uint8.
+@dataclass(frozen=True)
+class PhantomVolume:
+    """A rendered volume and where the phantom put its nodules (the truth a segmenter is scored on).
 
-    ``n_nodules`` spheres are centred on random slices; a slice's label is 1 where one of
-    them is visible (see ``VISIBLE_FRACTION``), which the first always is on its centre
-    slice. A volume without nodules is a hard negative: it carries extra vessels seen end-on.
+    ``hu``: [n, 512, 512] int16, slice ``i`` at z = ``i * slice_thickness_mm``; ``labels``: [n]
+    uint8, 1 where a nodule is visible (see ``VISIBLE_FRACTION``); ``nodules``: [M, 5] x, y, z,
+    radius (mm) and HU of each sphere; ``mask``: [n, 512, 512] uint8, ``i + 1`` where
+    ``nodules[i]`` is drawn (clipped to the lungs, as rendered), 0 elsewhere.
+    """
+
+    hu: np.ndarray
+    labels: np.ndarray
+    nodules: np.ndarray
+    mask: np.ndarray
+    slice_thickness_mm: float
+
+
+def render_volume(
+    rng: np.random.Generator, n_slices: int, n_nodules: int, slice_thickness_mm: float = 2.5
+) -> PhantomVolume:
+    """A contiguous axial volume with ``n_nodules`` spheres centred on random slices, and its truth.
+
+    A slice's label is 1 where one of the nodules is visible, which the first always is on
+    its centre slice. A volume without nodules is a hard negative: it carries extra vessels
+    seen end-on. The truth costs no random numbers: the same ``rng`` state gives the same
+    pixels as before truth was recorded.
     """
     z = np.arange(n_slices, dtype=np.float64) * slice_thickness_mm
     patient = _new_patient(rng, (float(z[0]), float(z[-1])))
@@ -315,9 +352,19 @@ def make_volume(
         mid = float(z[n_slices // 2])
         extra = _extra_vessels(rng, _lung_mask(patient, mid), mid, int(rng.integers(6, 13)))
         patient = _with_vessels(patient, extra)
-    volume = np.stack([_render(rng, patient, float(zi), _lung_mask(patient, zi), nodules) for zi in z])
+    lungs = [_lung_mask(patient, zi) for zi in z]
+    volume = np.stack([_render(rng, patient, float(zi), mask, nodules) for zi, mask in zip(z, lungs, strict=True)])
+    truth = np.stack([_nodule_labels(nodules, float(zi), mask) for zi, mask in zip(z, lungs, strict=True)])
     labels = np.array([_visible(nodules, float(zi)) for zi in z], np.uint8)
-    return volume, labels
+    return PhantomVolume(volume, labels, nodules, truth, slice_thickness_mm)
+
+
+def make_volume(
+    rng: np.random.Generator, n_slices: int, n_nodules: int, slice_thickness_mm: float = 2.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`render_volume`'s [n, 512, 512] int16 HU and per-slice labels [n] uint8."""
+    rendered = render_volume(rng, n_slices, n_nodules, slice_thickness_mm)
+    return rendered.hu, rendered.labels
 
 
 def make_slices(rng: np.random.Generator, n: int, positive_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ carry every Type 1 and Type 2 attribute of the CT Image IOD so that the files pa
 it, so the same call writes byte-identical files.
 """
 
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from plugin import __version__
-from plugin.demo.phantom import PIXEL_SPACING_MM, make_volume
+from plugin.demo.phantom import PIXEL_SPACING_MM, SIZE, PhantomVolume, render_volume
+from plugin.volume import Grid
 
 SLICE_THICKNESS_MM = 2.5
 POSITIVE_DESCRIPTION = "Demo chest CT, nodules"
@@ -125,26 +127,79 @@ def write_ct_series(
     return paths
 
 
-def synthetic_study(out_dir: Path, seed: int = 0, n_slices: int = 24) -> dict[str, list[Path]]:
-    """One study, two series: 1-3 nodules, and a hard negative with vessels seen end-on.
+def series_geometry(n_slices: int, rows: int = SIZE, columns: int = SIZE) -> Grid:
+    """The voxel grid of ``n_slices`` slices as :func:`write_ct_series` places them, in
+    instance order (index 0: the first, most cranial slice). Phantom mm ``(x, y, z)`` with
+    slices ``SLICE_THICKNESS_MM`` apart are index ``(z / thickness, y / spacing + (rows - 1) / 2,
+    x / spacing + (columns - 1) / 2)`` on it."""
+    affine = np.eye(4)
+    affine[:3, 0] = (0.0, 0.0, -SLICE_THICKNESS_MM)
+    affine[:3, 1] = (0.0, PIXEL_SPACING_MM, 0.0)
+    affine[:3, 2] = (PIXEL_SPACING_MM, 0.0, 0.0)
+    affine[:3, 3] = (
+        -(columns - 1) / 2 * PIXEL_SPACING_MM,
+        -(rows - 1) / 2 * PIXEL_SPACING_MM,
+        (n_slices - 1) / 2 * SLICE_THICKNESS_MM,
+    )
+    return Grid((n_slices, rows, columns), affine)
 
-    Returns ``{series_description: paths}``; series land in ``out_dir/<series number>/``.
-    """
+
+@dataclass(frozen=True)
+class TruthNodule:
+    """A nodule as the phantom drew it into a written series: what a segmenter should measure."""
+
+    centroid: tuple[float, float, float]  # of its drawn voxels, patient coordinates (LPS) in mm
+    diameter_mm: float  # of the sphere
+    volume_mm3: float  # its drawn voxels times the voxel volume
+
+
+@dataclass(frozen=True)
+class SyntheticSeries:
+    """A written phantom series: ``paths[i]`` holds ``volume.hu[i]`` and ``volume.mask[i]``."""
+
+    description: str
+    paths: list[Path]
+    volume: PhantomVolume
+
+    def nodules(self) -> list[TruthNodule]:
+        """The truth of each of ``volume.nodules``, in patient coordinates."""
+        grid = series_geometry(*self.volume.hu.shape)
+        voxel_mm3 = float(np.prod(grid.spacing))
+        truth = []
+        for index, (*_, radius, _hu) in enumerate(self.volume.nodules):
+            voxels = np.argwhere(self.volume.mask == index + 1)
+            x, y, z = (float(c) for c in grid.to_patient(voxels.mean(axis=0, keepdims=True))[0])
+            truth.append(TruthNodule((x, y, z), 2 * float(radius), len(voxels) * voxel_mm3))
+        return truth
+
+
+def write_synthetic_study(out_dir: Path, seed: int = 0, n_slices: int = 24) -> list[SyntheticSeries]:
+    """One study, two series: 1-3 nodules, and a hard negative with vessels seen end-on;
+    series land in ``out_dir/<series number>/``."""
     rng = np.random.default_rng(seed)
     study_uid = _uid(seed, "study")
-    series = {
-        POSITIVE_DESCRIPTION: make_volume(rng, n_slices, int(rng.integers(1, 4)), SLICE_THICKNESS_MM)[0],
-        NEGATIVE_DESCRIPTION: make_volume(rng, n_slices, 0, SLICE_THICKNESS_MM)[0],
+    volumes = {
+        POSITIVE_DESCRIPTION: render_volume(rng, n_slices, int(rng.integers(1, 4)), SLICE_THICKNESS_MM),
+        NEGATIVE_DESCRIPTION: render_volume(rng, n_slices, 0, SLICE_THICKNESS_MM),
     }
-    return {
-        description: write_ct_series(
-            out_dir / str(number),
+    return [
+        SyntheticSeries(
+            description,
+            write_ct_series(
+                out_dir / str(number),
+                volume.hu,
+                study_uid=study_uid,
+                series_number=number,
+                series_description=description,
+                accession=f"DEMO{seed:06d}"[:16],
+                seed=seed,
+            ),
             volume,
-            study_uid=study_uid,
-            series_number=number,
-            series_description=description,
-            accession=f"DEMO{seed:06d}"[:16],
-            seed=seed,
         )
-        for number, (description, volume) in enumerate(series.items(), start=1)
-    }
+        for number, (description, volume) in enumerate(volumes.items(), start=1)
+    ]
+
+
+def synthetic_study(out_dir: Path, seed: int = 0, n_slices: int = 24) -> dict[str, list[Path]]:
+    """:func:`write_synthetic_study`'s files, ``{series_description: paths}``."""
+    return {series.description: series.paths for series in write_synthetic_study(out_dir, seed, n_slices)}

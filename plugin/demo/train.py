@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,18 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> n
     return torch.cat(probs).numpy()
 
 
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic torch kernels while training (the same seed gives the same weights),
+    the caller's setting restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def train(
     out_dir: Path,
     seed: int = 0,
@@ -80,12 +94,8 @@ def train(
     workers: int | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate on held-out slices, save the artifact; returns its manifest."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         return _train(out_dir, seed, n_train, n_val, epochs, batch_size, workers or os.cpu_count() or 1)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
 
 
 def _train(

@@ -1,0 +1,266 @@
+"""Train the demo lung-nodule segmentation model on phantom volumes, reproducibly, with one command.
+
+    python -m plugin.demo.train_seg --out pipelines/models/lung-nodule-seg-demo
+
+The phantom knows where it drew each nodule (``PhantomVolume.mask``), so every voxel has a
+true label. Training and evaluation read the pipeline file (``--pipeline``): volumes go
+through what the node does to a series (:class:`plugin.volume.Resampling` from the written
+series' geometry, then the pipeline's ``preprocess``), and the held-out volumes are scored
+on what the node would report (its sliding window and :func:`plugin.segment.segment` on
+the series' own voxels). Everything random derives from ``--seed`` (training and held-out
+volumes from separate child streams) and torch runs deterministic kernels: the same seed,
+threads and torch version give the same weights.
+"""
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+from scipy import ndimage
+from torch import Tensor
+
+from plugin.demo.phantom import PhantomVolume, render_volume
+from plugin.demo.series import SLICE_THICKNESS_MM, series_geometry
+from plugin.demo.train import deterministic
+from plugin.models.artifact import save_artifact
+from plugin.pipeline import Pipeline
+from plugin.postprocess import ModelOutput
+from plugin.preprocess import preprocess_volume
+from plugin.segment import segment
+from plugin.volume import Grid, Placement, Resampling, segment_volume
+
+PIPELINE = Path("pipelines/lung-nodule-seg-demo.yaml")
+CLASSES = ["background", "nodule"]
+UNET: dict[str, Any] = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": len(CLASSES),
+    "channels": [8, 16, 32, 64],
+    "strides": [2, 2, 2],
+    "num_res_units": 1,
+}
+_N_SLICES = 40  # per phantom volume: 100 mm, several windows deep
+_BODY = 0.28  # windowed value above which a voxel is not air (-930 HU)
+
+
+def read_pipeline(path: Path) -> Pipeline:
+    """The pipeline's keys, checked by its schema; unlike loading it for the node, its
+    artifact need not exist yet."""
+    return Pipeline.model_validate(yaml.safe_load(path.read_text()))
+
+
+def model_input(pipeline: Pipeline, volume: PhantomVolume) -> tuple[Tensor, Resampling, Grid]:
+    """What the node feeds the model for ``volume`` written as a series: ``[1, 1, D, H, W]``,
+    the resampling that put it on the model's grid, and that grid after preprocessing."""
+    resampling = Resampling(series_geometry(*volume.hu.shape), pipeline.input.orientation, pipeline.input.spacing)
+    hu = resampling(torch.from_numpy(volume.hu).float())
+    image, grid = preprocess_volume(pipeline.preprocess, hu[None, None], resampling.target)
+    return image, resampling, grid
+
+
+@dataclass(frozen=True)
+class Case:
+    """A training volume on the model's grid: ``image`` ``[1, D, H, W]`` as the node feeds
+    it, ``shares`` ``[M, D, H, W]`` each nodule's share of each voxel."""
+
+    image: Tensor
+    shares: Tensor
+
+    @property
+    def label(self) -> Tensor:
+        """Voxels at least half nodule: the training target."""
+        return self.shares.sum(0) >= 0.5
+
+
+def phantom_volumes(seed: np.random.SeedSequence, n: int) -> list[PhantomVolume]:
+    """``n`` volumes with 0-3 nodules each (0: a hard negative), one child seed per volume."""
+    volumes = []
+    for child in seed.spawn(n):
+        rng = np.random.default_rng(child)
+        volumes.append(render_volume(rng, _N_SLICES, int(rng.integers(0, 4)), SLICE_THICKNESS_MM))
+    return volumes
+
+
+def training_case(pipeline: Pipeline, volume: PhantomVolume) -> Case:
+    """``volume`` on the model's grid, each nodule's mask resampled as the image is."""
+    image, resampling, _ = model_input(pipeline, volume)
+    shares = [resampling(torch.from_numpy(volume.mask == i + 1).float()) for i in range(len(volume.nodules))]
+    empty = torch.zeros((0, *resampling.target.shape))
+    return Case(image[0], torch.stack(shares) if shares else empty)
+
+
+def _inside_body(image: Tensor, generator: torch.Generator, tries: int = 20) -> Tensor:
+    """A random voxel denser than air (the lungs included), where the model has to tell nodules
+    from vessels; a random voxel after ``tries`` misses."""
+    shape = torch.tensor(image.shape)
+    for _ in range(tries):
+        voxel = (torch.rand(3, generator=generator) * shape).long()
+        if image[tuple(voxel)] > _BODY:
+            break
+    return voxel
+
+
+def _patch(cases: list[Case], roi: tuple[int, int, int], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A window of ``roi`` voxels: half of them around a nodule (when the volume has one),
+    the rest around a voxel inside the body, so vessels are the usual background. Random flips."""
+    case = cases[int(torch.randint(len(cases), (1,), generator=generator))]
+    shape = torch.tensor(case.image.shape[1:])
+    size = torch.tensor(roi)
+    if len(case.shares) and float(torch.rand(1, generator=generator)) < 0.5:
+        share = case.shares[int(torch.randint(len(case.shares), (1,), generator=generator))]
+        voxels = (share >= 0.5).nonzero()
+        if not len(voxels):
+            voxels = (share == share.max()).nonzero()
+        centre = voxels[int(torch.randint(len(voxels), (1,), generator=generator))]
+        start = centre - size // 2 + (torch.rand(3, generator=generator) * size / 2 - size / 4).long()
+    else:
+        start = _inside_body(case.image[0], generator) - size // 2
+    d, h, w = (int(v) for v in torch.clamp(start, torch.zeros(3, dtype=torch.long), shape - size))
+    window = (slice(d, d + roi[0]), slice(h, h + roi[1]), slice(w, w + roi[2]))
+    image, label = case.image[(slice(None), *window)], case.label[window][None].long()
+    flips = [axis for axis in (1, 3) if float(torch.rand(1, generator=generator)) < 0.5]
+    return (image.flip(flips), label.flip(flips)) if flips else (image, label)
+
+
+@torch.inference_mode()
+def lesions(model: torch.nn.Module, pipeline: Pipeline, volume: PhantomVolume) -> np.ndarray:
+    """The lesions the node would report on ``volume`` written as a series, on its voxels:
+    0 outside, 1..K inside the K lesions of its first segment."""
+    model.eval()
+    image, _, grid = model_input(pipeline, volume)
+    window = pipeline.input.sliding_window
+    windows = () if window is None else (window.roi_size, window.overlap, window.sw_batch_size)
+    logits = segment_volume(model, image, *windows)
+    centre = np.array([[(n - 1) / 2 for n in image.shape[2:]]])
+    placement = Placement(series_geometry(*volume.hu.shape), grid, centre)
+    found = segment(pipeline.postprocess, CLASSES, ModelOutput(logits, placement))
+    return ndimage.label(found.masks[0], structure=np.ones((3, 3, 3)))[0]
+
+
+def evaluate(model: torch.nn.Module, pipeline: Pipeline, volumes: list[PhantomVolume]) -> dict[str, Any]:
+    """Voxel Dice over all ``volumes`` on the series' own voxels, per-nodule sensitivity (a
+    nodule is found when a reported lesion overlaps it), false lesions per volume."""
+    overlap = predicted = true = 0
+    found: list[tuple[float, bool]] = []
+    false_lesions = 0
+    for volume in volumes:
+        reported = lesions(model, pipeline, volume)
+        overlap += int(((volume.mask > 0) & (reported > 0)).sum())
+        predicted, true = predicted + int((reported > 0).sum()), true + int((volume.mask > 0).sum())
+        touched: set[int] = set()
+        for index, radius in enumerate(volume.nodules[:, 3]):
+            hit = set(np.unique(reported[volume.mask == index + 1]).tolist()) - {0}
+            found.append((2 * float(radius), bool(hit)))
+            touched |= hit
+        false_lesions += int(reported.max()) - len(touched)
+    large = [hit for diameter, hit in found if diameter >= 10]
+    return {
+        "dice": round(2 * overlap / max(predicted + true, 1), 4),
+        "sensitivity": round(sum(hit for _, hit in found) / max(len(found), 1), 4),
+        "sensitivity_10mm": round(sum(large) / max(len(large), 1), 4),
+        "false_positives_per_volume": round(false_lesions / len(volumes), 3),
+        "n_heldout": len(volumes),
+        "n_nodules": len(found),
+        "n_nodules_10mm": len(large),
+        "heldout": f"phantom volumes of {_N_SLICES} slices with 0-3 nodules 4-24 mm (0: hard negative vessels), "
+        "scored on the series' own voxels against the phantom's masks, lesions as the pipeline reports them",
+    }
+
+
+def train(
+    out_dir: Path,
+    pipeline_path: Path = PIPELINE,
+    seed: int = 0,
+    n_train: int = 40,
+    n_val: int = 10,
+    steps: int = 1500,
+    batch_size: int = 2,
+) -> dict[str, Any]:
+    """Train, evaluate on held-out volumes, save the artifact; returns its manifest."""
+    with deterministic():
+        return _train(out_dir, pipeline_path, seed, n_train, n_val, steps, batch_size)
+
+
+def _train(
+    out_dir: Path, pipeline_path: Path, seed: int, n_train: int, n_val: int, steps: int, batch_size: int
+) -> dict[str, Any]:
+    started = time.monotonic()
+    pipeline = read_pipeline(pipeline_path)
+    if pipeline.input.sliding_window is None:
+        raise ValueError(f"{pipeline_path}: training takes windows of input.sliding_window.roi_size; set it")
+    roi = pipeline.input.sliding_window.roi_size
+    torch.manual_seed(seed)
+    train_seed, val_seed = np.random.SeedSequence(seed).spawn(2)
+    training = [training_case(pipeline, volume) for volume in phantom_volumes(train_seed, n_train)]
+    heldout = phantom_volumes(val_seed, n_val)
+    print(f"data: {n_train} train + {n_val} held-out volumes in {time.monotonic() - started:.0f}s", flush=True)
+
+    model = UNet(**UNET)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    total = 0.0
+    for step in range(1, steps + 1):
+        images, labels = zip(*(_patch(training, roi, generator) for _ in range(batch_size)), strict=True)
+        loss = loss_fn(model(torch.stack(images)), torch.stack(labels))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        total += loss.item()
+        if step % 50 == 0:
+            print(f"step {step}/{steps}  loss {total / 50:.4f}  {time.monotonic() - started:.0f}s", flush=True)
+            total = 0.0
+
+    evaluation = evaluate(model, pipeline, heldout)
+    depth, height, width = roi
+    manifest = {
+        "name": "lung-nodule-seg-demo",
+        "task": "segmentation",
+        "architecture": {"id": "monai.networks.nets.UNet", "params": UNET},
+        "input": {"kind": "volume", "channels": 1, "depth": depth, "height": height, "width": width},
+        "classes": CLASSES,
+        "precision": "fp32",
+        "training": {
+            "seed": seed,
+            "n_train": n_train,
+            "steps": steps,
+            "batch_size": batch_size,
+            "command": f"python -m plugin.demo.train_seg --out {out_dir} --pipeline {pipeline_path} "
+            f"--seed {seed} --n-train {n_train} --n-val {n_val} --steps {steps} --batch-size {batch_size}",
+        },
+        "evaluation": evaluation,
+    }
+    save_artifact(out_dir, model, manifest)
+    print(f"held-out {evaluation} in {time.monotonic() - started:.0f}s; saved {out_dir}", flush=True)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m plugin.demo.train_seg", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    parser.add_argument("--pipeline", type=Path, default=PIPELINE, help="the pipeline the model is for")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=40, help="training volumes")
+    parser.add_argument("--n-val", type=int, default=10, help="held-out volumes")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train(args.out, args.pipeline, args.seed, args.n_train, args.n_val, args.steps, args.batch_size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The segmentation demo: the phantom's truth, its geometry in the written series, and the
+trained model's artifact and pipeline agreeing with what training fed it."""
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+import yaml
+
+from plugin.demo import train_seg
+from plugin.demo.phantom import LUNG_HU, make_volume, render_volume
+from plugin.demo.series import SLICE_THICKNESS_MM, series_geometry, write_synthetic_study
+from plugin.models.artifact import read_manifest
+from plugin.pipeline import load_pipeline
+from plugin.preprocess import preprocess_volume
+from plugin.volume import Resampling, series_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ROOT / "pipelines" / "lung-nodule-seg-demo.yaml"
+
+
+def test_truth_costs_no_random_numbers():
+    hu, labels = make_volume(np.random.default_rng(5), 12, 2)
+    rendered = render_volume(np.random.default_rng(5), 12, 2)
+    assert np.array_equal(hu, rendered.hu) and np.array_equal(labels, rendered.labels)
+
+
+def test_the_mask_is_where_each_nodule_is_drawn():
+    volume = render_volume(np.random.default_rng(1), 24, 3)
+    for index, (*_, radius, hu) in enumerate(volume.nodules):
+        drawn = volume.mask == index + 1
+        # a sphere cut into 2.5 mm slices of 0.7 mm pixels, clipped only where the lungs or the volume end
+        assert drawn.sum() * 0.7 * 0.7 * SLICE_THICKNESS_MM <= 1.1 * 4 / 3 * np.pi * radius**3
+        # at least half nodule: nearer the nodule's HU than the lung's, give or take the noise
+        assert (volume.hu[drawn] > (hu + LUNG_HU) / 2 - 60).mean() > 0.95
+
+
+def test_truth_is_in_the_written_series_patient_coordinates(tmp_path):
+    [positive, negative] = write_synthetic_study(tmp_path, seed=7, n_slices=10)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in positive.paths]
+    assert np.allclose(series_grid(headers).affine, series_geometry(10).affine)
+    for nodule, (x, y, z, radius, _) in zip(positive.nodules(), positive.volume.nodules, strict=True):
+        centre = series_geometry(10).to_patient(np.array([[z / SLICE_THICKNESS_MM, y / 0.7 + 255.5, x / 0.7 + 255.5]]))
+        assert np.linalg.norm(np.subtract(nodule.centroid, centre[0])) < radius
+        assert nodule.diameter_mm == pytest.approx(2 * radius)
+    assert negative.nodules() == []
+
+
+def test_the_model_input_is_what_the_node_stacks_and_resamples(tmp_path):
+    """Training resamples the phantom's array from series_geometry; the node stacks the files
+    along their normal (feet first) and resamples from series_grid: the same tensor."""
+    [series, _] = write_synthetic_study(tmp_path, seed=3, n_slices=8)
+    pipeline = train_seg.read_pipeline(PIPELINE)
+    trained, _, grid = train_seg.model_input(pipeline, series.volume)
+    headers = sorted((pydicom.dcmread(p) for p in series.paths), key=lambda h: float(h.ImagePositionPatient[2]))
+    resampling = Resampling(series_grid(headers), pipeline.input.orientation, pipeline.input.spacing)
+    stack = torch.stack(
+        [resampling.plane(torch.from_numpy(h.pixel_array.astype(np.float32))[None])[0] for h in headers]
+    )
+    served, served_grid = preprocess_volume(
+        pipeline.preprocess, resampling.finish(stack)[None, None], resampling.target
+    )
+    assert torch.equal(trained, served)
+    assert np.allclose(grid.affine, served_grid.affine)
+
+
+def test_the_demo_pipeline_takes_synthetic_studies_only():
+    match = yaml.safe_load(PIPELINE.read_text())["match"]
+    assert (match["Manufacturer"], match["ManufacturerModelName"]) == ("radpipe", "radpipe phantom")
+
+
+def test_the_committed_model_is_small_and_scored():
+    pipeline = load_pipeline(PIPELINE)  # the artifact's task, classes and hashes checked
+    folder = pipeline.artifact_dir
+    manifest = read_manifest(folder)
+    assert (folder / "weights.safetensors").stat().st_size < 5 << 20
+    assert manifest["architecture"]["id"] == "monai.networks.nets.UNet"
+    assert manifest["classes"] == train_seg.CLASSES
+    assert {"dice", "sensitivity", "false_positives_per_volume"} <= manifest["evaluation"].keys()
+    window = pipeline.input.sliding_window
+    assert window is not None
+    assert [manifest["input"][k] for k in ("depth", "height", "width")] == list(window.roi_size)
