@@ -377,7 +377,8 @@ def segment_volume(
     if roi is None:
         output = predict(image)
     else:
-        output = sliding_window_inference(image, roi, batch, predict, overlap=overlap, mode="constant")
+        with torch.inference_mode():  # the model pool's outputs are inference tensors, which MONAI adds up in place
+            output = sliding_window_inference(image, roi, batch, predict, overlap=overlap, mode="constant")
     if not isinstance(output, Tensor) or output.ndim != 5 or output.shape[2:] != image.shape[2:]:
         got = list(output.shape) if isinstance(output, Tensor) else type(output).__name__
         raise ValueError(

@@ -243,12 +243,16 @@ def test_a_per_voxel_output_is_stitched_from_windows_onto_the_image_voxels():
     included (MONAI pads it and crops the output back)."""
     torch.manual_seed(0)
     model = nn.Conv3d(1, 2, 1).eval()
-    with torch.inference_mode():
-        for shape in [(16, 40, 48), (10, 20, 24)]:
-            image = torch.rand((1, 1, *shape))
-            stitched = segment_volume(model, image, roi=(12, 32, 32), overlap=0.5, batch=3)
-            torch.testing.assert_close(stitched, model(image), rtol=0, atol=1e-6)
-        torch.testing.assert_close(segment_volume(model, image), model(image), rtol=0, atol=0)
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():  # as the model pool runs it
+            return model(batch)
+
+    for shape in [(16, 40, 48), (10, 20, 24)]:
+        image = torch.rand((1, 1, *shape))
+        stitched = segment_volume(predict, image, roi=(12, 32, 32), overlap=0.5, batch=3)
+        torch.testing.assert_close(stitched, predict(image), rtol=0, atol=1e-6)
+    torch.testing.assert_close(segment_volume(predict, image), predict(image), rtol=0, atol=0)
 
 
 def test_a_model_without_per_voxel_output_is_refused_for_segmentation():
