@@ -58,7 +58,8 @@ def main() -> None:
         work = Path(tmp)
         program = export_demo(work / "nodule-classifier.pt2")
         artifact = work / "nodule-classifier"
-        subprocess.run([*RADPIPE, "import", str(program), "--out", str(artifact), "--classes", "normal,nodule"], check=True)
+        imported = [*RADPIPE, "import", str(program), "--out", str(artifact), "--classes", "normal,nodule"]
+        subprocess.run(imported, check=True)
         source = pipeline(work, artifact)
         optimized = work / "nodule-classifier-int8"
         subprocess.run([*RADPIPE, "optimize", str(source), "--out", str(optimized)], check=True)
