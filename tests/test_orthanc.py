@@ -1,5 +1,5 @@
-"""Round trip through a real PACS: Orthanc sends a study to radpipe, radpipe's SR comes back
-into the same study in Orthanc. Orthanc (Debian package) starts once per session."""
+"""Round trip through a real PACS: Orthanc sends a study to radpipe, radpipe's SR (and SEG)
+comes back into the same study in Orthanc. Orthanc (Debian package) starts once per session."""
 
 import io
 from collections.abc import Callable, Iterator
@@ -9,12 +9,14 @@ import pydicom
 import pytest
 
 from plugin.app import Node
-from plugin.outputs.sr import read_measurement_report
-from tests.conftest import free_port, wait_for
+from plugin.demo.series import write_synthetic_study
+from plugin.outputs.sr import read_measurement_report, read_volumetric_measurement_report
+from tests.conftest import REPO, free_port, wait_for, write_pipeline
 from tests.orthanc import Orthanc, stop_packaged_service
 
 RADPIPE_AET = "RADPIPE"
 NODULE = ("27925004", "SCT")
+SEG_DEMO = REPO / "pipelines" / "lung-nodule-seg-demo.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +98,37 @@ def test_study_sent_by_orthanc_comes_back_with_an_sr_per_series(
 
     wait_for(lambda: all(d.status == "delivered" for d in deliveries()), timeout=30, what="deliveries journaled")
     assert sorted(d.destination for d in deliveries()) == ["orthanc", "orthanc"]
+
+
+def test_a_segmentation_comes_back_as_a_seg_and_an_sr_whose_references_resolve(
+    orthanc: Orthanc, start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """The segmentation demo on a series sent by Orthanc: the SEG and the SR land in the
+    series' study, and each lesion's referenced segment is a segment of that SEG."""
+    [series, _] = write_synthetic_study(tmp_path / "study", seed=11, n_slices=40)
+    write_pipeline(tmp_path / "pipelines", SEG_DEMO)
+    start_radpipe_for(orthanc, start_node)
+    answers = [orthanc.upload(p) for p in series.paths]
+    [study_id] = {a["ParentStudy"] for a in answers}
+    before = {i["ID"] for i in orthanc.get(f"/studies/{study_id}/instances")}
+    job = orthanc.post("/modalities/radpipe/store", {"Resources": [study_id], "Synchronous": True})
+    assert job.get("FailedInstancesCount", 0) == 0, job
+
+    def new_instances() -> list[dict]:
+        return [i for i in orthanc.get(f"/studies/{study_id}/instances") if i["ID"] not in before]
+
+    arrived = wait_for(lambda: len(new_instances()) == 2 and new_instances(), timeout=120, what="SEG and SR in Orthanc")
+    by_class = {}
+    for instance in arrived:
+        dataset = pydicom.dcmread(io.BytesIO(orthanc.request("GET", f"/instances/{instance['ID']}/file")))
+        by_class[str(dataset.SOPClassUID)] = dataset
+    seg, sr = by_class[pydicom.uid.SegmentationStorage], by_class[pydicom.uid.Comprehensive3DSRStorage]
+    lesions = read_volumetric_measurement_report(sr)
+    assert lesions, "the demo model outlines the series' nodules"
+    segment_numbers = {int(s.SegmentNumber) for s in seg.SegmentSequence}
+    for lesion in lesions:
+        assert lesion.segmentation_sop_instance_uid == str(seg.SOPInstanceUID)
+        assert lesion.segment_number in segment_numbers
+    # Orthanc finds the referenced SEG by its UID, in the same study
+    [found] = orthanc.post("/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": str(seg.SOPInstanceUID)}})
+    assert orthanc.get(f"/instances/{found}")["ParentSeries"] in orthanc.get(f"/studies/{study_id}")["Series"]
