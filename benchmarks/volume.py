@@ -65,13 +65,13 @@ def pipeline(directory: Path, model: Path, selection: dict) -> None:
     (directory / "volume-bench.yaml").write_text(yaml.safe_dump(text, sort_keys=False))
 
 
-def stage_seconds(metrics_port: int) -> dict[str, float]:
-    """The node's ``radpipe_stage_seconds`` sums for the benchmark pipeline, by stage."""
+def stage_seconds(metrics_port: int, name: str) -> dict[str, float]:
+    """The node's ``radpipe_stage_seconds`` sums for pipeline ``name``, by stage."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
     stages = {}
     for line in text.splitlines():
-        if line.startswith("radpipe_stage_seconds_sum{") and 'pipeline="volume-bench"' in line:
+        if line.startswith("radpipe_stage_seconds_sum{") and f'pipeline="{name}"' in line:
             stage = line.split('stage="', 1)[1].split('"', 1)[0]
             stages[stage] = round(float(line.rsplit(" ", 1)[1]), 2)
     return stages
@@ -79,6 +79,13 @@ def stage_seconds(metrics_port: int) -> dict[str, float]:
 
 def run(work: Path, files: list[Path], model: Path, mode: str) -> dict:
     pipeline(work / "pipelines", model, MODES[mode])
+    return serve_and_send(work, files, "volume-bench", 1)
+
+
+def serve_and_send(work: Path, files: list[Path], name: str, results: int) -> dict:
+    """A node with the pipelines in ``work/pipelines`` gets ``files``: its memory, the time
+    from the last instance's acknowledgement to ``results`` result files, and pipeline
+    ``name``'s stage times."""
     port, metrics_port = free_port(), free_port()
     config = {
         "node": {"port": port},
@@ -93,13 +100,13 @@ def run(work: Path, files: list[Path], model: Path, mode: str) -> dict:
         os.sync()
         storescu(port, files)
         sent = time.perf_counter()
-        while not list((work / "data" / "results").glob("*/*.dcm")):
+        while len(list((work / "data" / "results").glob("*/*.dcm"))) < results:
             if node.poll() is not None:
                 raise RuntimeError("the node exited")
             time.sleep(0.02)
         seconds = time.perf_counter() - sent
         finished = memory_kib(node.pid)
-        stages = stage_seconds(metrics_port)
+        stages = stage_seconds(metrics_port, name)
     finally:
         node.terminate()
         node.wait(60)
