@@ -16,24 +16,27 @@ DOC = REPO / "pipelines" / "README.md"
 EXAMPLES = [block for block in re.findall(r"```yaml\n(.*?)```", DOC.read_text(), re.S) if "name:" in block]
 
 
-def _artifact(directory: Path, classes: list[str], channels: int) -> None:
+def _artifact(directory: Path, task: str, classes: list[str], channels: int) -> None:
     model: nn.Module = DemoCNN(in_channels=channels, num_classes=len(classes))
     architecture = {"id": "demo-cnn", "params": {"in_channels": channels, "num_classes": len(classes)}}
-    save_artifact(directory, model, {"architecture": architecture, "input": {}, "classes": classes})
+    save_artifact(directory, model, {"architecture": architecture, "task": task, "input": {}, "classes": classes})
 
 
 @pytest.mark.parametrize("text", EXAMPLES, ids=lambda t: t.split("\n")[0])
 def test_documented_pipeline_is_valid(tmp_path, text):
     data = yaml.safe_load(text)
-    labels = [f["label"] for f in data["postprocess"]["findings"]]
+    task = data.get("task", "classification")
+    labels = [f["label"] for f in data["postprocess"].get("findings" if task == "classification" else "segments")]
     channels = 2 if "stack" in text else 1
-    _artifact(tmp_path / data["model"]["artifact"], ["normal", *labels], channels)
+    _artifact(tmp_path / data["model"]["artifact"], task, ["normal", *labels], channels)
     path = tmp_path / "example.yaml"
     path.write_text(text)
     [pipeline] = load_pipeline_files([path], destinations={"pacs"})
     assert pipeline.name == data["name"]
 
 
-def test_the_demo_example_is_the_shipped_file():
-    shipped = (REPO / "pipelines" / "lung-nodule-demo.yaml").read_text()
-    assert yaml.safe_load(EXAMPLES[0]) == yaml.safe_load(shipped)
+@pytest.mark.parametrize("name", ["lung-nodule-demo", "lung-nodule-seg-demo"])
+def test_the_demo_examples_are_the_shipped_files(name):
+    shipped = yaml.safe_load((REPO / "pipelines" / f"{name}.yaml").read_text())
+    [documented] = [yaml.safe_load(e) for e in EXAMPLES if yaml.safe_load(e)["name"] == name]
+    assert documented == shipped
