@@ -41,12 +41,13 @@ def _serve(entry, tmp_path, env_port):
     del config["node"]["port"]  # given through the environment instead
     (tmp_path / "radpipe.yaml").write_text(yaml.safe_dump(config))
     write_pipeline(tmp_path / "pipelines")
+    write_pipeline(tmp_path / "pipelines", REPO / "pipelines" / "lung-nodule-seg-demo.yaml")
     env = {**os.environ, "RADPIPE_NODE_PORT": str(env_port)}
     return _start([*entry, "serve", "--config", str(tmp_path / "radpipe.yaml")], env_port, env=env)
 
 
 @pytest.mark.parametrize("entry", [RADPIPE, MODULE], ids=["radpipe", "python-m-plugin"])
-def test_serve_answers_echo_and_demo_reports_findings(entry, tmp_path, dcmtk):
+def test_serve_answers_echo_and_demo_reports_findings_and_lesions(entry, tmp_path, dcmtk):
     port = free_port()
     process = _serve(entry, tmp_path, port)
     try:
@@ -70,6 +71,8 @@ def test_serve_answers_echo_and_demo_reports_findings(entry, tmp_path, dcmtk):
         assert demo.returncode == 0, demo.stdout + demo.stderr
         assert "Demo chest CT, nodules: Nodule PRESENT, probability" in demo.stdout
         assert "Demo chest CT, no nodules: Nodule absent, probability" in demo.stdout
+        assert "Demo chest CT, nodules: 3 lesion(s) outlined; the phantom drew 3 nodule(s)" in demo.stdout
+        assert "Demo chest CT, no nodules: 0 lesion(s) outlined; the phantom drew 0 nodule(s)" in demo.stdout
     finally:
         output = _stop(process)
     assert f"DICOM node RADPIPE listening on 127.0.0.1:{port}" in output
