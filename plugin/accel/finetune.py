@@ -1,5 +1,6 @@
 """Fine-tuning: recovers the accuracy that pruning (or fake quantization) takes away,
-on the recipe's training images, with the pipeline's own preprocessing already applied."""
+on the recipe's training images (or a segmentation model's windows), with the pipeline's
+own preprocessing already applied."""
 
 from collections.abc import Callable
 
@@ -11,10 +12,26 @@ from plugin.accel.data import Split
 from plugin.accel.progress import progress
 
 
-def _flip(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Random left-right flips: the label of a chest slice does not depend on the side."""
+def _flip(images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Random left-right flips: a chest slice's label does not depend on the side, and a
+    window's per-voxel labels flip with it."""
     flip = torch.rand(len(images), generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+    def flipped(x: Tensor) -> Tensor:
+        return torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
+
+    return flipped(images), flipped(labels) if labels.dim() > 1 else labels
+
+
+def loss_of(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of class logits for image labels ``[N]``; for per-voxel labels
+    ``[N, *spatial]`` Dice + cross-entropy, the loss the demo segmentation model trains with
+    (small lesions would drown in background voxels under cross-entropy alone)."""
+    if labels.dim() == 1:
+        return F.cross_entropy(logits, labels)
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)(logits, labels[:, None].long())
 
 
 def finetune(
@@ -43,7 +60,8 @@ def finetune(
             order = torch.randperm(len(train), generator=generator)
             start = 0
         index = order[start : start + batch_size]
-        loss = F.cross_entropy(model(_flip(train.images[index], generator)), train.labels[index])
+        images, labels = _flip(train.images[index], train.labels[index], generator)
+        loss = loss_of(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
         if after_backward is not None:
@@ -60,4 +78,4 @@ def accumulate_gradients(model: nn.Module, train: Split, batch_size: int, batche
     model.zero_grad()
     for start in range(0, min(len(train), batches * batch_size), batch_size):
         images, labels = train.images[start : start + batch_size], train.labels[start : start + batch_size]
-        F.cross_entropy(model(images), labels).backward()
+        loss_of(model(images), labels).backward()

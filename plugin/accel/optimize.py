@@ -8,10 +8,15 @@ The figures the gate judged are the served program's, not a stand-in's.
 What applies depends on the source's format (:func:`refusal` says why the rest does not):
 
 - ``module`` (radpipe's architectures, installed packages' entry points, MONAI networks):
-  pruning, and int8 through torchao's PT2E flow (static, QAT or dynamic);
+  pruning, and int8 through torchao's PT2E flow (static, QAT or dynamic) where the model
+  has layers torchao's x86 quantizer quantizes (2D/1D convolutions, linear layers);
 - ``torch-export`` (an imported program): PT2E int8, static or dynamic, on the program's
   own graph;
 - ``onnx``: ONNX Runtime's static int8.
+
+A classifier is gated on AUC over held-out images; a segmentation model (a ``module``
+only) on voxel Dice over held-out phantom volumes, fine-tuned on windows of them
+(plugin/accel/volumes.py).
 """
 
 import logging
@@ -19,17 +24,18 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from plugin.accel.data import DataSets, load_data
-from plugin.accel.evaluate import Scores, Verdict, evaluate, gate
+from plugin.accel.data import DataSets, Split, load_data
+from plugin.accel.evaluate import HeldoutImages, HeldoutVolumes, Scorer, Scores, Verdict, gate
 from plugin.accel.export import preprocessing_record
 from plugin.accel.prune import complexity, describe, prune
 from plugin.accel.quantize import quantize, quantize_onnx, quantize_program
-from plugin.accel.recipe import Recipe
+from plugin.accel.recipe import Recipe, accept_record, task_problem
+from plugin.accel.volumes import VolumeSets, load_volumes
 from plugin.models.artifact import (
     MODEL_FILES,
     MODULE,
@@ -80,16 +86,50 @@ def _variant_name(recipe: Recipe) -> str:
 # the int8 schemes each format takes (module: every scheme of the recipe)
 SCHEMES = {TORCH_EXPORT: ("int8_static", "int8_dynamic"), ONNX: ("int8_static",)}
 
+# The layers torchao's X86InductorQuantizer quantizes, per scheme: its annotators match
+# aten conv1d/conv2d and linear (dynamic: linear only); a Conv3d or ConvTranspose gets no
+# observer and would stay fp32 in an "int8" program.
+INT8_LAYERS: dict[str, tuple[type[nn.Module], ...]] = {
+    "int8_static": (nn.Conv1d, nn.Conv2d, nn.Linear),
+    "int8_qat": (nn.Conv1d, nn.Conv2d, nn.Linear),
+    "int8_dynamic": (nn.Linear,),
+}
+
+
+def _module_refusal(original: Artifact, scheme: str) -> str | None:
+    """Why ``scheme`` cannot make anything of a module model int8; None if it can."""
+    layers = [m for m in original.module.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    if scheme == "none" or any(isinstance(m, INT8_LAYERS[scheme]) for m in layers):
+        return None
+    wanted = "/".join(t.__name__ for t in INT8_LAYERS[scheme])
+    found = "/".join(sorted({type(m).__name__ for m in layers}))
+    return (
+        f"{original.path}: quantize.cpu {scheme}: torchao's x86 int8 quantizer takes {wanted} layers and this model "
+        f"has only {found}, so nothing would run in int8; set quantize.cpu: none"
+    )
+
 
 def refusal(original: Artifact, recipe: Recipe) -> str | None:
     """Why ``recipe`` cannot run on ``original``, in one line; None if it can."""
     kind, spec = original.format, original.input
+    task = original.manifest.get("task", "classification")
     if "quantization" in original.manifest:
         return f"{original.path} is already quantized: optimize its fp32 original instead"
-    if spec is not None and spec.kind == "volume":
-        return f"{original.path}: a volume model: the accuracy gate scores 2D images only, so it cannot judge one"
+    problem = task_problem(recipe, task)
+    if problem is not None:
+        return f"{original.path}: {problem}"
+    if task == "classification" and spec is not None and spec.kind == "volume":
+        return (
+            f"{original.path}: a volume classifier: the accuracy gate scores 2D images (classification) "
+            "or volumes (segmentation) only, so it cannot judge one"
+        )
     if kind == MODULE:
-        return None
+        return _module_refusal(original, recipe.quantize.cpu)
+    if task == "segmentation":
+        return (
+            f"{original.path}: a segmentation model is optimized as a module (an architecture with its weights) only; "
+            f"import the architecture with its weights (radpipe import ID --weights FILE) instead of a {kind} file"
+        )
     if recipe.prune:
         return (
             f"{original.path}: cannot prune it: pruning removes channels from an nn.Module's layers, which the node "
@@ -118,15 +158,23 @@ def optimize(
     target: Path | None = None,
     replace: bool = False,
     workers: int | None = None,
-    data: DataSets | None = None,
+    data: DataSets | VolumeSets | None = None,
 ) -> Outcome:
-    """Run ``recipe`` on ``pipeline``'s model; write the artifact only if the gate passes."""
+    """Run ``recipe`` on ``pipeline``'s model; write the artifact only if the gate passes.
+    ``data``: the recipe's data sets, made already (images for a classifier, volumes for a
+    segmentation model)."""
     original = load_artifact(pipeline.artifact_dir, torch.device("cpu"))
     problem = refusal(original, recipe)
     if problem is not None:  # before the data is made
         raise ValueError(problem)
+    if pipeline.task == "segmentation":
+        volumes = data if isinstance(data, VolumeSets) else load_volumes(pipeline, recipe.data, recipe.calibration)
+        return optimize_volumes(
+            original, recipe, volumes, pipeline, target or default_target(pipeline, recipe), replace
+        )
     base = pipeline.source.parent if pipeline.source else Path.cwd()
-    data = data or load_data(pipeline.preprocess, recipe.data, recipe.calibration, original.classes, base, workers)
+    if not isinstance(data, DataSets):
+        data = load_data(pipeline.preprocess, recipe.data, recipe.calibration, original.classes, base, workers)
     return optimize_artifact(
         original,
         recipe,
@@ -152,9 +200,20 @@ def _pt2e(scheme: str, buckets: list[int], calibration: dict[str, object]) -> di
 Variant = tuple[dict[str, FileContent], dict[str, Any]]  # the artifact's files, its format's manifest keys
 
 
-def _module_variant(original: Artifact, model: nn.Module, recipe: Recipe, data: DataSets) -> Variant:
-    """The (pruned) module's weights, int8 observer statistics and what rebuilds it."""
-    example = data.heldout.images[:1]
+class Training(Protocol):
+    """What fine-tuning and calibration read: :class:`DataSets` or :class:`VolumeSets`."""
+
+    @property
+    def train(self) -> Split: ...
+
+    @property
+    def calibration(self) -> Split: ...
+
+
+def _module_variant(original: Artifact, model: nn.Module, recipe: Recipe, data: Training) -> Variant:
+    """The (pruned) module's weights, int8 observer statistics and what rebuilds it. A
+    volume model gets no ``gpu`` section: that variant is compiled in 2D channels_last."""
+    example = data.train.images[:1]
     before, after = complexity(original.module, example), complexity(model, example)
     tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
     keys: dict[str, Any] = {
@@ -162,8 +221,13 @@ def _module_variant(original: Artifact, model: nn.Module, recipe: Recipe, data: 
         "layers": layer_shapes(model),
         "sparsity": round(1 - after.params / before.params, 4),
         "complexity": {"before": before.as_dict(), "after": after.as_dict()},
-        "gpu": {"precision": recipe.quantize.gpu, "buckets": list(recipe.quantize.buckets), "channels_last": True},
     }
+    if original.input is None or original.input.kind != "volume":
+        keys["gpu"] = {
+            "precision": recipe.quantize.gpu,
+            "buckets": list(recipe.quantize.buckets),
+            "channels_last": True,
+        }
     scheme = recipe.quantize.cpu
     if scheme != "none":
         quantized = quantize(
@@ -184,7 +248,7 @@ def torch_model(artifact: Artifact) -> nn.Module:
     return program_module(load_program(checked_bytes(artifact.path, artifact.manifest)), torch.device("cpu"))
 
 
-def _program_variant(original: Artifact, recipe: Recipe, data: DataSets) -> Variant:
+def _program_variant(original: Artifact, recipe: Recipe, data: Training) -> Variant:
     """The imported program as it is, and the observer statistics of its int8 graph."""
     program = checked_bytes(original.path, original.manifest)
     fixed, scheme = fixed_batch(original), recipe.quantize.cpu
@@ -194,7 +258,7 @@ def _program_variant(original: Artifact, recipe: Recipe, data: DataSets) -> Vari
     return files, {"precision": int8_precision(scheme), "quantization": _pt2e(scheme, buckets, quantized.calibration)}
 
 
-def _onnx_variant(original: Artifact, data: DataSets) -> Variant:
+def _onnx_variant(original: Artifact, data: Training) -> Variant:
     """The graph as ONNX Runtime's static quantization rewrites it."""
     graph = checked_bytes(original.path, original.manifest)
     name = OnnxModule(graph, torch.device("cpu")).input_name
@@ -207,6 +271,17 @@ def _onnx_variant(original: Artifact, data: DataSets) -> Variant:
     return {MODEL_FILES[ONNX]: quantized}, {"precision": "int8", "quantization": quantization}
 
 
+class _OnCuda(nn.Module):
+    """A CUDA-served module scored on CPU tensors."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.cuda()).cpu()
+
+
 def optimize_artifact(
     original: Artifact,
     recipe: Recipe,
@@ -217,22 +292,42 @@ def optimize_artifact(
     target: Path,
     replace: bool = False,
 ) -> Outcome:
-    """The recipe on a loaded fp32 artifact, with its data already preprocessed."""
+    """The recipe on a loaded fp32 classifier, with its data already preprocessed."""
+    batch = max(recipe.quantize.buckets)
+    scorer = HeldoutImages(data.heldout, original.classes, findings, activation, batch)
+    return _optimize(original, recipe, data, scorer, steps, target, replace)
+
+
+def optimize_volumes(
+    original: Artifact, recipe: Recipe, data: VolumeSets, pipeline: Pipeline, target: Path, replace: bool = False
+) -> Outcome:
+    """The recipe on a loaded fp32 segmentation model, gated on the Dice of ``pipeline``'s
+    lesions over ``data``'s held-out volumes."""
+    scorer = HeldoutVolumes(pipeline, data.heldout, data.description)
+    return _optimize(original, recipe, data, scorer, pipeline.preprocess, target, replace)
+
+
+def _optimize(
+    original: Artifact,
+    recipe: Recipe,
+    data: Training,
+    scorer: Scorer,
+    steps: list[PreprocessStep],
+    target: Path,
+    replace: bool,
+) -> Outcome:
     problem = refusal(original, recipe)
     if problem is not None:
         raise ValueError(problem)
     cpu = torch.device("cpu")
-    classes = original.classes
-    batch = max(recipe.quantize.buckets)
-    baseline = evaluate(original.module, data.heldout, classes, findings, activation, batch, "evaluating the original")
+    baseline = scorer(original.module, "evaluating the original")
     verdicts: list[Verdict] = []
 
     if original.format == MODULE:
         model = original.module
         if recipe.prune:
             model = prune(model, data.train, recipe.prune, recipe.finetune, seed=recipe.data.seed)
-            scores = evaluate(model, data.heldout, classes, findings, activation, batch, "evaluating the pruned model")
-            verdicts.append(gate("pruned fp32", baseline, scores, recipe.accept))
+            verdicts.append(gate("pruned fp32", baseline, scorer(model, "evaluating the pruned model"), recipe.accept))
         files, keys = _module_variant(original, model, recipe, data)
     elif original.format == TORCH_EXPORT:
         files, keys = _program_variant(original, recipe, data)
@@ -243,10 +338,10 @@ def optimize_artifact(
         "format": original.format,
         "name": f"{original.manifest.get('name', original.path.name)}-{_variant_name(recipe)}",
         "input": original.manifest["input"],
-        "classes": classes,
+        "classes": original.classes,
         "precision": "fp32",
         "source": {"name": original.manifest.get("name"), "path": str(original.path), "sha256": original.sha256},
-        "preprocessing": preprocessing_record(steps, data.heldout.images.shape[1:]),
+        "preprocessing": preprocessing_record(steps, data.train.images.shape[1:]),
         "recipe": recipe.model_dump(mode="json"),
         **keys,
     }
@@ -255,22 +350,18 @@ def optimize_artifact(
         candidate = write_artifact(Path(staging) / "candidate", files, manifest)
         served = load_artifact(candidate, cpu)  # exactly what the node will run
         name = f"served {_variant_name(recipe)} ({served.precision}, cpu)"
-        scores = evaluate(served.module, data.heldout, classes, findings, activation, batch, f"evaluating {name}")
-        verdicts.append(gate(name, baseline, scores, recipe.accept))
+        verdicts.append(gate(name, baseline, scorer(served.module, f"evaluating {name}"), recipe.accept))
         if torch.cuda.is_available() and "gpu" in manifest:
             gpu = load_artifact(candidate, torch.device("cuda"))
             name = f"served {gpu.precision} (cuda)"
-            scores = evaluate(
-                lambda x: gpu.module(x.cuda()).cpu(), data.heldout, classes, findings, activation, batch, name
-            )
-            verdicts.append(gate(name, baseline, scores, recipe.accept))
+            verdicts.append(gate(name, baseline, scorer(_OnCuda(gpu.module), name), recipe.accept))
 
     manifest["evaluation"] = {
-        "heldout": data.heldout.description,
+        "heldout": scorer.description,
         "training_data": data.train.description,
         "original": baseline.as_dict(),
         "variants": {v.variant: v.as_dict() for v in verdicts},
-        "accept": recipe.accept.model_dump(),
+        "accept": accept_record(recipe.accept, original.manifest.get("task", "classification")),
     }
     outcome = Outcome(None, baseline, verdicts, manifest)
     if outcome.failures:
@@ -283,11 +374,16 @@ def optimize_artifact(
 def report(outcome: Outcome) -> str:
     """The figures, one line per variant, for the terminal."""
     manifest = outcome.manifest
-    lines = [f"{'variant':<38} {'AUC':>7} {'drop':>7}  per finding"]
-    lines.append(f"{'original fp32':<38} {outcome.baseline.overall:>7.4f} {'':>7}  {outcome.baseline.per_class}")
+    baseline = outcome.baseline
+    beside = "per finding" if baseline.metric == "AUC" else "lesions reported"
+
+    def aside(scores: Scores) -> dict[str, float]:
+        return {k: round(s, 4) for k, s in scores.per_class.items()} if scores.metric == "AUC" else scores.details
+
+    lines = [f"{'variant':<38} {baseline.metric:>7} {'drop':>7}  {beside}"]
+    lines.append(f"{'original fp32':<38} {baseline.overall:>7.4f} {'':>7}  {aside(baseline)}")
     for v in outcome.verdicts:
-        per_class = {k: round(s, 4) for k, s in v.scores.per_class.items()}
-        lines.append(f"{v.variant:<38} {v.scores.overall:>7.4f} {v.auc_drop:>+7.4f}  {per_class}")
+        lines.append(f"{v.variant:<38} {v.scores.overall:>7.4f} {v.drop:>+7.4f}  {aside(v.scores)}")
     if "complexity" in manifest:
         before, after = manifest["complexity"]["before"], manifest["complexity"]["after"]
         lines.append(

@@ -14,6 +14,8 @@ fine-tuning, lose less accuracy than one big cut. Criteria:
 
 import copy
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -57,10 +59,30 @@ def _importance(criterion: str) -> object:
     return tp.importance.BNScaleImportance()
 
 
-def _classifier_layers(model: nn.Module) -> list[nn.Module]:
-    """The output layer keeps its width: one output per class."""
-    linears: list[nn.Module] = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1:]
+def _output_layers(model: nn.Module) -> list[nn.Module]:
+    """The output layer keeps its width: one output per class (a classifier's last linear
+    layer, a segmentation network's last convolution)."""
+    layers: list[nn.Module] = [m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    return layers[-1:]
+
+
+@contextmanager
+def _shared_prelu_frozen(model: nn.Module) -> Iterator[None]:
+    """Trace the dependency graph with every single-weight PReLU's weight frozen.
+
+    torch-pruning (1.6) infers an op's channel count from its last input, and a PReLU's one
+    shared weight reaches the op broadcast through a reshape: the count comes out unknown,
+    and a concatenation behind it (MONAI's UNet skip connections) fails to trace. A
+    shared weight has no channels to prune, so the graph loses nothing without it.
+    """
+    shared = [m.weight for m in model.modules() if isinstance(m, nn.PReLU) and m.num_parameters == 1]
+    for weight in shared:
+        weight.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for weight in shared:
+            weight.requires_grad_(True)
 
 
 def prune(model: nn.Module, train: Split, recipe: Prune, tuning: Finetune, seed: int = 0) -> nn.Module:
@@ -73,14 +95,15 @@ def prune(model: nn.Module, train: Split, recipe: Prune, tuning: Finetune, seed:
         "importance": _importance(recipe.importance),
         "pruning_ratio": recipe.ratio,
         "iterative_steps": recipe.iterative_steps,
-        "ignored_layers": _classifier_layers(model),
+        "ignored_layers": _output_layers(model),
         "round_to": recipe.round_to,
     }
     slimming = recipe.importance == "slimming"
-    if slimming:
-        pruner = tp.pruner.BNScalePruner(model, example, reg=recipe.sparsity, **options)
-    else:
-        pruner = tp.pruner.MetaPruner(model, example, **options)
+    with _shared_prelu_frozen(model):
+        if slimming:
+            pruner = tp.pruner.BNScalePruner(model, example, reg=recipe.sparsity, **options)
+        else:
+            pruner = tp.pruner.MetaPruner(model, example, **options)
 
     def sparsify(m: nn.Module) -> None:
         pruner.regularize(m)

@@ -25,14 +25,21 @@ optimize:
   data:                         # fine-tuning and held-out evaluation data
     source: phantom             # phantom (the demo generator) or a folder of DICOM files ...
     labels: null                # ... with a labels CSV: file,label[,split] (split: train | heldout)
-    train_samples: 2000
+    train_samples: 2000         # classification: phantom slices
     heldout_samples: 1000
-    seed: 1                     # phantom: the demo model was trained on seed 0's streams
+    train_volumes: 8            # segmentation: phantom volumes to cut training windows from ...
+    train_windows: 256          # ... this many windows of the pipeline's sliding_window.roi_size
+    heldout_volumes: 4          # ... and volumes scored as the node scores a series
+    seed: 1                     # phantom: the demo models were trained on seed 0's streams
   finetune: {batch_size: 64, lr: 0.001}
   accept:                       # the accuracy gate, against the original on the same held-out set
-    max_auc_drop: 0.01
-    max_per_class_auc_drop: 0.02
+    max_auc_drop: 0.01          # classification: AUC, mean over findings ...
+    max_per_class_auc_drop: 0.02  # ... and per finding
+    max_dice_drop: 0.02         # segmentation: voxel Dice of the reported lesions
 ```
+
+Keys that belong to one task (:data:`TASK_KEYS`) are refused on a recipe for the other
+(:func:`task_problem`): a limit the gate would silently not apply is worse than an error.
 """
 
 from pathlib import Path
@@ -90,6 +97,9 @@ class Data(_Strict):
     labels: Path | None = None
     train_samples: int = Field(default=2000, ge=1, le=1_000_000)
     heldout_samples: int = Field(default=1000, ge=2, le=1_000_000)
+    train_volumes: int = Field(default=8, ge=1, le=10_000)
+    train_windows: int = Field(default=256, ge=1, le=1_000_000)
+    heldout_volumes: int = Field(default=4, ge=1, le=10_000)
     seed: int = Field(default=1, ge=0)
 
 
@@ -99,10 +109,12 @@ class Finetune(_Strict):
 
 
 class Accept(_Strict):
-    """The accuracy gate: largest AUC loss tolerated, overall (mean over findings) and per finding."""
+    """The accuracy gate: largest loss tolerated: of AUC, overall (mean over findings) and per
+    finding, for a classifier; of held-out voxel Dice for a segmentation model."""
 
     max_auc_drop: float = Field(default=0.01, ge=0.0, le=1.0)
     max_per_class_auc_drop: float = Field(default=0.02, ge=0.0, le=1.0)
+    max_dice_drop: float = Field(default=0.02, ge=0.0, le=1.0)
 
 
 class Recipe(_Strict):
@@ -115,6 +127,38 @@ class Recipe(_Strict):
     data: Data = Data()
     finetune: Finetune = Finetune()
     accept: Accept = Accept()
+
+
+# the keys only one task's data and gate read, by section
+TASK_KEYS: dict[str, dict[str, set[str]]] = {
+    "classification": {
+        "data": {"labels", "train_samples", "heldout_samples"},
+        "accept": {"max_auc_drop", "max_per_class_auc_drop"},
+    },
+    "segmentation": {"data": {"train_volumes", "train_windows", "heldout_volumes"}, "accept": {"max_dice_drop"}},
+}
+
+
+def task_problem(recipe: Recipe, task: str) -> str | None:
+    """Why ``recipe`` does not fit a ``task`` model, in one line; None if it does."""
+    for other, sections in TASK_KEYS.items():
+        for section, keys in sections.items():
+            given = sorted(keys & getattr(recipe, section).model_fields_set) if other != task else []
+            if given:
+                own = ", ".join(f"{section}.{k}" for k in sorted(TASK_KEYS[task][section]))
+                return f"{section}.{given[0]} is a {other} key; a {task} model's recipe takes {own} instead"
+    if task == "segmentation" and recipe.data.source != "phantom":
+        return f"data.source {recipe.data.source}: a segmentation model is tuned and scored on phantom volumes only"
+    if task == "segmentation" and recipe.calibration.source != "training":
+        return (
+            f"calibration.source {recipe.calibration.source}: a segmentation model calibrates on its training windows"
+        )
+    return None
+
+
+def accept_record(accept: Accept, task: str) -> dict[str, float]:
+    """The limits the gate applied to a ``task`` model, as its manifest records them."""
+    return accept.model_dump(include=TASK_KEYS[task]["accept"])
 
 
 class RecipeError(Exception):

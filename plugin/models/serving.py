@@ -33,17 +33,18 @@ from plugin.models.pt2 import program_module
 log = logging.getLogger(__name__)
 
 OBSERVER_PREFIX = "observer."  # weights-file keys of quantization observer statistics
-_LAYER_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+# convolutions (1-3D, transposed too), batch/instance norms and linear layers: what structured pruning resizes
+_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.Linear)
 
 
 def layer_shapes(module: nn.Module) -> dict[str, dict[str, int]]:
-    """Channel counts of every conv, batch-norm and linear layer: the manifest's record of
+    """Channel counts of every conv, norm and linear layer: the manifest's record of
     what pruning left, enough to rebuild the pruned model from the registered one."""
     shapes: dict[str, dict[str, int]] = {}
     for name, layer in module.named_modules():
-        if isinstance(layer, nn.Conv2d):
+        if isinstance(layer, nn.modules.conv._ConvNd):
             shapes[name] = {"in": layer.in_channels, "out": layer.out_channels, "groups": layer.groups}
-        elif isinstance(layer, nn.BatchNorm2d):
+        elif isinstance(layer, nn.modules.batchnorm._NormBase):
             shapes[name] = {"features": layer.num_features}
         elif isinstance(layer, nn.Linear):
             shapes[name] = {"in": layer.in_features, "out": layer.out_features}
@@ -51,20 +52,24 @@ def layer_shapes(module: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def _resized(layer: nn.Module, shape: dict[str, int]) -> nn.Module:
-    if isinstance(layer, nn.Conv2d):
-        return nn.Conv2d(
+    """A fresh layer of ``layer``'s type and settings with the recorded channel counts."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        settings = {"output_padding": layer.output_padding} if layer.transposed else {}
+        conv: Callable[..., nn.Module] = type(layer)  # Conv1d .. ConvTranspose3d: each takes these keywords
+        return conv(
             shape["in"],
             shape["out"],
-            layer.kernel_size,  # type: ignore[arg-type]
-            stride=layer.stride,  # type: ignore[arg-type]
-            padding=layer.padding,  # type: ignore[arg-type]
-            dilation=layer.dilation,  # type: ignore[arg-type]
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
             groups=shape["groups"],
             bias=layer.bias is not None,
             padding_mode=layer.padding_mode,
+            **settings,
         )
-    if isinstance(layer, nn.BatchNorm2d):
-        return nn.BatchNorm2d(shape["features"], layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
+    if isinstance(layer, nn.modules.batchnorm._NormBase):
+        return type(layer)(shape["features"], layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
     if isinstance(layer, nn.Linear):
         return nn.Linear(shape["in"], shape["out"], bias=layer.bias is not None)
     raise ValueError(f"cannot resize a {type(layer).__name__}")
@@ -72,13 +77,13 @@ def _resized(layer: nn.Module, shape: dict[str, int]) -> nn.Module:
 
 def apply_layer_shapes(module: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Module:
     """Replace each recorded layer whose channel counts differ by a fresh one of the
-    recorded size. Only conv/BN/linear layers of a registered architecture are touched,
+    recorded size. Only conv/norm/linear layers of a registered architecture are touched,
     so this builds nothing the registry could not."""
     layers = dict(module.named_modules())
     for name, shape in shapes.items():
         layer = layers.get(name)
         if not isinstance(layer, _LAYER_TYPES):
-            raise ValueError(f"layer {name!r} of the manifest is not a conv/BN/linear layer of the architecture")
+            raise ValueError(f"layer {name!r} of the manifest is not a conv/norm/linear layer of the architecture")
         if layer_shapes(layer)[""] == shape:
             continue
         parent_name, _, child = name.rpartition(".")
