@@ -8,6 +8,7 @@ cropped to 160 x 160 around a nodule, a few windows, a step or two of fine-tunin
 """
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 import yaml
 
 from plugin.accel.optimize import optimize
-from plugin.accel.recipe import Recipe
+from plugin.accel.recipe import Recipe, task_problem
 from plugin.accel.volumes import VolumeSets, training_windows
 from plugin.demo.phantom import PhantomVolume, render_volume
 from plugin.models.artifact import load_artifact, read_manifest
@@ -109,3 +110,10 @@ def test_what_does_not_apply_to_a_segmentation_model_is_refused_in_one_line(tmp_
     path.write_text(yaml.safe_dump({"optimize": recipe}))
     code, out = radpipe("optimize", str(write_pipeline(tmp_path, SEG_PIPELINE)), "--recipe", str(path))
     assert code == 2 and message in out and out.strip().count("\n") == 0
+
+
+def test_the_documented_segmentation_recipe_fits_a_segmentation_model():
+    blocks = re.findall(r"```yaml\n(optimize:.*?)```", (REPO / "pipelines" / "README.md").read_text(), re.S)
+    [block] = [b for b in blocks if "max_dice_drop" in b]
+    recipe = Recipe.model_validate(yaml.safe_load(block)["optimize"])
+    assert task_problem(recipe, "segmentation") is None and task_problem(recipe, "classification") is not None
