@@ -9,6 +9,12 @@ Every int8 row is made by ``radpipe optimize``'s own code and loaded as the node
 it. For batch sizes 1, 8 and 32: latency p50/p95, images/s (batch / median latency),
 size on disk, and AUC on the same held-out images. Prints a table, writes ``bench.json``
 and draws ``bench.png``.
+
+A segmentation model (a pipeline with ``task: segmentation``) gets its own rows: fp32
+eager and compiled, the optimized (pruned) model eager and compiled, int8 only where
+torchao quantizes its layers (else the reason is printed); latency per batch of windows
+(1 and the pipeline's ``sw_batch_size``, windows of its ``roi_size``) and the Dice of the
+lesions the pipeline reports on the recipe's held-out phantom volumes.
 """
 
 import json
@@ -27,10 +33,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from plugin.accel.data import DataSets, phantom_split
-from plugin.accel.evaluate import evaluate
+from plugin.accel.evaluate import HeldoutVolumes, evaluate
 from plugin.accel.export import export_onnx
-from plugin.accel.optimize import fixed_batch, optimize, optimize_artifact, report, torch_model
+from plugin.accel.optimize import fixed_batch, int8_refusal, optimize, optimize_artifact, report, torch_model
 from plugin.accel.recipe import Recipe
+from plugin.accel.volumes import heldout_volumes, training_windows
 from plugin.models.artifact import (
     MODEL_FILES,
     ONNX,
@@ -44,6 +51,7 @@ from plugin.models.artifact import (
 )
 from plugin.models.registry import build
 from plugin.models.serving import OBSERVER_PREFIX, BucketedModule, apply_layer_shapes, compile_program
+from plugin.pipeline import Pipeline, load_pipeline
 from plugin.preprocess import PreprocessStep
 
 Runner = Callable[[Tensor], Tensor]
@@ -51,13 +59,16 @@ Runner = Callable[[Tensor], Tensor]
 
 @dataclass(frozen=True)
 class Row:
+    """One variant at one batch size: ``per_s`` images (windows, for a segmentation model)
+    a second, ``score`` its held-out AUC (Dice)."""
+
     variant: str
     batch: int
     p50_ms: float
     p95_ms: float
-    images_per_s: float
+    per_s: float
     size_mb: float
-    auc: float
+    score: float
 
 
 def _dir_size(path: Path) -> int:
@@ -66,11 +77,7 @@ def _dir_size(path: Path) -> int:
 
 def measure(run: Runner, images: Tensor, batch: int, seconds: float) -> tuple[float, float, float]:
     """(p50 ms, p95 ms, images/s) of ``run`` on one batch, after a warm-up."""
-    x = (
-        images[:batch]
-        if len(images) >= batch
-        else images.repeat((batch + len(images) - 1) // len(images), 1, 1, 1)[:batch]
-    )
+    x = images[torch.arange(batch) % len(images)]
     with torch.inference_mode():
         for _ in range(3):
             run(x)
@@ -114,10 +121,8 @@ def _row_name(optimized: Artifact) -> str:
     return f"pruned+{base}" if optimized.manifest.get("recipe", {}).get("prune") else base
 
 
-def _resolve(target: Path, optimized: Path | None) -> tuple[Path, Path | None, Any]:
+def _resolve(target: Path, optimized: Path | None) -> tuple[Path, Path | None, Pipeline | None]:
     """(original artifact, optimized artifact or None, pipeline or None) for a target."""
-    from plugin.pipeline import load_pipeline
-
     if target.is_dir():
         manifest = read_manifest(target)
         if "source" not in manifest:
@@ -130,7 +135,7 @@ def _resolve(target: Path, optimized: Path | None) -> tuple[Path, Path | None, A
     return pipeline.artifact_dir, optimized, pipeline
 
 
-def _chart(rows: list[Row], batch: int, path: Path) -> None:
+def _chart(rows: list[Row], batch: int, path: Path, metric: str, unit: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,12 +143,12 @@ def _chart(rows: list[Row], batch: int, path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(8, 5))
     for i, row in enumerate(r for r in rows if r.batch == batch):
-        axes.scatter(row.images_per_s, row.auc, s=40)
+        axes.scatter(row.per_s, row.score, s=40)
         offset = (5, 4 - 11 * (i % 3))  # neighbours at equal AUC get labels on different lines
-        axes.annotate(row.variant, (row.images_per_s, row.auc), textcoords="offset points", xytext=offset, fontsize=8)
+        axes.annotate(row.variant, (row.per_s, row.score), textcoords="offset points", xytext=offset, fontsize=8)
     axes.set_xscale("log")
-    axes.set_xlabel(f"images/s at batch {batch} (log scale)")
-    axes.set_ylabel("held-out AUC")
+    axes.set_xlabel(f"{unit}/s at batch {batch} (log scale)")
+    axes.set_ylabel(f"held-out {metric}")
     axes.set_title(f"radpipe bench: speed vs accuracy ({platform.processor() or platform.machine()})")
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
@@ -151,12 +156,13 @@ def _chart(rows: list[Row], batch: int, path: Path) -> None:
     plt.close(figure)
 
 
-def table(rows: list[Row]) -> str:
-    lines = [f"{'variant':<22} {'batch':>5} {'p50 ms':>9} {'p95 ms':>9} {'images/s':>10} {'size MB':>8} {'AUC':>7}"]
+def table(rows: list[Row], metric: str = "AUC", unit: str = "images") -> str:
+    header = f"{'variant':<22} {'batch':>5} {'p50 ms':>9} {'p95 ms':>9} {unit + '/s':>10} {'size MB':>8} {metric:>7}"
+    lines = [header]
     for r in rows:
         lines.append(
-            f"{r.variant:<22} {r.batch:>5} {r.p50_ms:>9.2f} {r.p95_ms:>9.2f} {r.images_per_s:>10.1f} "
-            f"{r.size_mb:>8.3f} {r.auc:>7.4f}"
+            f"{r.variant:<22} {r.batch:>5} {r.p50_ms:>9.2f} {r.p95_ms:>9.2f} {r.per_s:>10.1f} "
+            f"{r.size_mb:>8.3f} {r.score:>7.4f}"
         )
     return "\n".join(lines)
 
@@ -223,10 +229,10 @@ def bench(
             print(f"{name:<22} batch {batch:>3}: {p50:8.2f} ms p50, {rate:8.1f} images/s", flush=True)
 
     def speed(variant: str, batch: int) -> float:
-        return next(r.images_per_s for r in rows if r.variant == variant and r.batch == batch)
+        return next(r.per_s for r in rows if r.variant == variant and r.batch == batch)
 
     def auc_of(variant: str) -> float:
-        return next(r.auc for r in rows if r.variant == variant)
+        return next(r.score for r in rows if r.variant == variant)
 
     shown = best or ("ORT int8 static" if original.format == ONNX else "int8")
     baseline = next(iter(variants))  # the original as the node serves it unoptimized
@@ -240,6 +246,101 @@ def bench(
     return rows, summary
 
 
+def bench_volumes(
+    original_dir: Path,
+    optimized_dir: Path | None,
+    scorer: HeldoutVolumes,
+    windows: Tensor,
+    batch_sizes: list[int],
+    seconds: float,
+) -> tuple[list[Row], dict[str, Any]]:
+    """The segmentation rows (see the module's docstring) and the summary ratios."""
+    cpu = torch.device("cpu")
+    original = load_artifact(original_dir, cpu)
+    buckets, shape = sorted(set(batch_sizes)), tuple(windows.shape[1:])
+    variants: dict[str, tuple[nn.Module, int]] = {
+        "fp32 eager": (original.module, _dir_size(original_dir)),
+        "fp32 compiled": (_compiled(original.module, buckets, shape), _dir_size(original_dir)),
+    }
+    best = ""
+    if optimized_dir is not None:
+        optimized = load_artifact(optimized_dir, cpu)
+        best = _row_name(optimized)
+        variants[best] = (optimized.module, _dir_size(optimized_dir))
+        if optimized.precision == "fp32":
+            variants[f"{best} compiled"] = (_compiled(optimized.module, buckets, shape), _dir_size(optimized_dir))
+    int8 = int8_refusal(original, "int8_static")
+    if int8 is not None:
+        print(f"int8: none: {int8}", flush=True)
+
+    rows: list[Row] = []
+    for name, (module, size) in variants.items():
+        dice = scorer(module, f"Dice of {name}").overall
+        for batch in batch_sizes:
+            p50, p95, rate = measure(module, windows, batch, seconds)
+            rows.append(Row(name, batch, p50, p95, rate, size / 1e6, dice))
+            print(f"{name:<22} batch {batch:>3}: {p50:8.2f} ms p50, {rate:8.1f} windows/s, Dice {dice:.4f}", flush=True)
+
+    def row(variant: str, batch: int) -> Row:
+        return next(r for r in rows if r.variant == variant and r.batch == batch)
+
+    top = max(batch_sizes)
+    summary: dict[str, Any] = {"batch": top, "original format": original.format, "int8": int8 or "applies"}
+    for variant in [v for v in variants if v != "fp32 eager"]:
+        summary[f"{variant} / fp32 eager (windows/s)"] = round(
+            row(variant, top).per_s / row("fp32 eager", top).per_s, 2
+        )
+    if best:
+        summary[f"Dice drop of {best}"] = round(row("fp32 eager", top).score - row(best, top).score, 4)
+    summary["optimized"] = best or None
+    return rows, summary
+
+
+def _classification(
+    target: Path,
+    original_dir: Path,
+    optimized_dir: Path | None,
+    pipeline: Pipeline | None,
+    heldout: int,
+    batch_sizes: list[int],
+    seconds: float,
+    work: Path,
+) -> tuple[list[Row], dict[str, Any], str]:
+    """A classifier's rows, summary and held-out images' description."""
+    if pipeline is not None:
+        steps = list(pipeline.preprocess)
+        findings = [f.label for f in pipeline.postprocess.findings]
+        recipe = pipeline.model.optimize or Recipe()
+    else:  # the target is an optimized artifact
+        manifest = read_manifest(target)
+        steps = [PreprocessStep.model_validate(s) for s in manifest["preprocessing"]["steps"]]
+        findings = list(manifest["evaluation"]["original"]["per_class_auc"])
+        recipe = Recipe.model_validate(manifest["recipe"])
+    classes = read_manifest(original_dir)["classes"]
+    train_seed, heldout_seed = np.random.SeedSequence(recipe.data.seed).spawn(2)
+    workers = os.cpu_count() or 1
+    calibration = phantom_split(steps, train_seed, recipe.calibration.samples, classes, workers)
+    held = phantom_split(steps, heldout_seed, heldout, classes, workers)
+    data = DataSets(train=calibration, heldout=held, calibration=calibration)
+    rows, summary = bench(original_dir, optimized_dir, steps, findings, data, batch_sizes, seconds, work)
+    return rows, summary, held.description
+
+
+def _segmentation(
+    original_dir: Path, optimized_dir: Path | None, pipeline: Pipeline, seconds: float
+) -> tuple[list[Row], dict[str, Any], str, list[int]]:
+    """A segmentation model's rows, summary, held-out volumes' description and batch sizes
+    (1 and the pipeline's ``sw_batch_size``)."""
+    recipe = pipeline.model.optimize or Recipe()
+    volumes, described = heldout_volumes(recipe.data)
+    window = pipeline.input.sliding_window
+    batch_sizes = sorted({1, window.sw_batch_size if window else 1})
+    windows = training_windows(pipeline, volumes[:1], max(batch_sizes), recipe.data.seed).images
+    scorer = HeldoutVolumes(pipeline, volumes, described)
+    rows, summary = bench_volumes(original_dir, optimized_dir, scorer, windows, batch_sizes, seconds)
+    return rows, summary, described, batch_sizes
+
+
 def run(
     target: Path,
     optimized: Path | None,
@@ -251,11 +352,11 @@ def run(
 ) -> int:
     """The ``radpipe bench`` command. ``threads``: intra-op threads for torch (set before
     anything is compiled: inductor bakes the count into its kernels) and ONNX Runtime alike;
-    on a shared machine one thread per run is the figure that other load disturbs least."""
+    on a shared machine one thread per run is the figure that other load disturbs least.
+    ``heldout`` and ``batch_sizes`` are a classifier's; a segmentation model is scored on its
+    recipe's held-out volumes, per window batch of its pipeline."""
     if threads:
         torch.set_num_threads(threads)
-    from plugin.preprocess import PreprocessStep
-
     try:
         import matplotlib  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -267,23 +368,13 @@ def run(
     except (ValueError, ArtifactError) as e:
         print(e)
         return 2
+    segmentation = read_manifest(original_dir).get("task") == "segmentation"
+    if segmentation and pipeline is None:
+        print(f"{target}: a segmentation model is benched from its pipeline YAML (its sliding window and segments)")
+        return 2
+    metric, unit = ("Dice", "windows") if segmentation else ("AUC", "images")
     with tempfile.TemporaryDirectory(prefix="radpipe-bench-") as scratch:
         work = Path(scratch)
-        if pipeline is not None:
-            steps = list(pipeline.preprocess)
-            findings = [f.label for f in pipeline.postprocess.findings]
-            recipe = pipeline.model.optimize or Recipe()
-        else:  # the target is an optimized artifact
-            manifest = read_manifest(target)
-            steps = [PreprocessStep.model_validate(s) for s in manifest["preprocessing"]["steps"]]
-            findings = list(manifest["evaluation"]["original"]["per_class_auc"])
-            recipe = Recipe.model_validate(manifest["recipe"])
-        classes = read_manifest(original_dir)["classes"]
-        train_seed, heldout_seed = np.random.SeedSequence(recipe.data.seed).spawn(2)
-        workers = os.cpu_count() or 1
-        calibration = phantom_split(steps, train_seed, recipe.calibration.samples, classes, workers)
-        held = phantom_split(steps, heldout_seed, heldout, classes, workers)
-        data = DataSets(train=calibration, heldout=held, calibration=calibration)
         try:
             if optimized_dir is None and pipeline is not None and pipeline.model.optimize is not None:
                 print("running the pipeline's recipe first (radpipe optimize) ...", flush=True)
@@ -293,7 +384,12 @@ def run(
                     print("the pipeline's recipe fails its accuracy gate: " + "; ".join(outcome.failures))
                     return 1
                 optimized_dir = outcome.target
-            rows, summary = bench(original_dir, optimized_dir, steps, findings, data, batch_sizes, seconds, work)
+            if segmentation and pipeline is not None:
+                rows, summary, described, batch_sizes = _segmentation(original_dir, optimized_dir, pipeline, seconds)
+            else:
+                rows, summary, described = _classification(
+                    target, original_dir, optimized_dir, pipeline, heldout, batch_sizes, seconds, work
+                )
         except (ValueError, ArtifactError) as e:  # a recipe that does not apply to the model's format
             print(e)
             return 2
@@ -306,13 +402,15 @@ def run(
         },
         "torch_threads": torch.get_num_threads(),
         "versions": versions(),
-        "heldout": held.description,
+        "heldout": described,
+        "metric": metric,
+        "unit": unit,
         "rows": [asdict(r) for r in rows],
         "summary": summary,
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    _chart(rows, max(batch_sizes), out / "bench.png")
-    print(table(rows))
+    _chart(rows, max(batch_sizes), out / "bench.png", metric, unit)
+    print(table(rows, metric, unit))
     for key, value in summary.items():
         print(f"{key}: {value}")
     print(f"load average during the run: {result['machine']['load_average_1_5_15']} on {os.cpu_count()} cores")

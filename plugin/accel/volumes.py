@@ -43,12 +43,23 @@ def training_windows(pipeline: Pipeline, volumes: list[PhantomVolume], n: int, s
     return Split(torch.stack(images), torch.stack(labels)[:, 0].to(torch.uint8), described)
 
 
+def _streams(data: Data) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+    """The seed's training and held-out streams."""
+    train, heldout = np.random.SeedSequence(data.seed).spawn(2)
+    return train, heldout
+
+
+def heldout_volumes(data: Data) -> tuple[list[PhantomVolume], str]:
+    """The held-out volumes and their description: the same for ``optimize`` and ``bench``."""
+    volumes = phantom_volumes(_streams(data)[1], data.heldout_volumes)
+    return volumes, f"{len(volumes)} phantom volumes (seed {data.seed}, stream 1)"
+
+
 def load_volumes(pipeline: Pipeline, data: Data, calibration: Calibration) -> VolumeSets:
-    """Every data set a segmentation recipe needs, from the seed's two streams."""
-    train_seed, heldout_seed = np.random.SeedSequence(data.seed).spawn(2)
-    train = training_windows(pipeline, phantom_volumes(train_seed, data.train_volumes), data.train_windows, data.seed)
+    """Every data set a segmentation recipe needs."""
+    volumes = phantom_volumes(_streams(data)[0], data.train_volumes)
+    train = training_windows(pipeline, volumes, data.train_windows, data.seed)
     train = Split(train.images, train.labels, f"{train.description} (seed {data.seed}, stream 0)")
     n = min(calibration.samples, len(train))
     first = Split(train.images[:n], train.labels[:n], f"first {n} training windows ({train.description})")
-    heldout = phantom_volumes(heldout_seed, data.heldout_volumes)
-    return VolumeSets(train, first, heldout, f"{len(heldout)} phantom volumes (seed {data.seed}, stream 1)")
+    return VolumeSets(train, first, *heldout_volumes(data))
