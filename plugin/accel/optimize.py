@@ -96,7 +96,7 @@ INT8_LAYERS: dict[str, tuple[type[nn.Module], ...]] = {
 }
 
 
-def _module_refusal(original: Artifact, scheme: str) -> str | None:
+def int8_refusal(original: Artifact, scheme: str) -> str | None:
     """Why ``scheme`` cannot make anything of a module model int8; None if it can."""
     layers = [m for m in original.module.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     if scheme == "none" or any(isinstance(m, INT8_LAYERS[scheme]) for m in layers):
@@ -124,7 +124,7 @@ def refusal(original: Artifact, recipe: Recipe) -> str | None:
             "or volumes (segmentation) only, so it cannot judge one"
         )
     if kind == MODULE:
-        return _module_refusal(original, recipe.quantize.cpu)
+        return int8_refusal(original, recipe.quantize.cpu)
     if task == "segmentation":
         return (
             f"{original.path}: a segmentation model is optimized as a module (an architecture with its weights) only; "
