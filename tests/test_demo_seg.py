@@ -78,7 +78,8 @@ def test_the_committed_model_is_small_and_scored():
     assert (folder / "weights.safetensors").stat().st_size < 5 << 20
     assert manifest["architecture"]["id"] == "monai.networks.nets.UNet"
     assert manifest["classes"] == train_seg.CLASSES
-    assert {"dice", "sensitivity", "false_positives_per_volume"} <= manifest["evaluation"].keys()
+    scored = {"dice", "sensitivity", "false_positives_per_volume", "volume_within_15pct_5mm", "median_volume_error_5mm"}
+    assert scored <= manifest["evaluation"].keys()
     window = pipeline.input.sliding_window
     assert window is not None
     assert [manifest["input"][k] for k in ("depth", "height", "width")] == list(window.roi_size)
