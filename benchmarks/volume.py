@@ -107,6 +107,9 @@ def serve_and_send(work: Path, files: list[Path], name: str, results: int) -> di
         seconds = time.perf_counter() - sent
         finished = memory_kib(node.pid)
         stages = stage_seconds(metrics_port, name)
+        while "write" not in stages:  # the job's stage times are observed just after its results are journaled
+            time.sleep(0.05)
+            stages = stage_seconds(metrics_port, name)
     finally:
         node.terminate()
         node.wait(60)
