@@ -186,6 +186,7 @@ def test_route_reports_each_unreadable_file_in_one_line_and_explains_the_others(
         *(f"{path}: {reason}" for path, reason in bad.items()),
         f"{mr}:",
         "  no match  lung-nodule-demo v1: Modality == 'CT' failed (actual: MR)",
+        "  no match  lung-nodule-seg-demo v1: Modality == 'CT' failed (actual: MR)",
     ]
 
 

@@ -43,7 +43,7 @@ def test_study_level_pipeline_runs_once_on_the_selected_series(start_node, tmp_p
     assert set(finding.source_sop_instance_uids) == chosen
 
 
-def test_the_shipped_demo_pipeline_takes_only_synthetic_studies(start_node, demo_study, dcmtk):
+def test_the_shipped_demo_pipelines_take_only_synthetic_studies(start_node, demo_study, dcmtk):
     brain, ct_small = DEID_HUMANS / "ctbrain1.dcm", PYDICOM_FILES / "CT_small.dcm"  # real CT, SIEMENS and GE
     synthetic = demo_study["Demo chest CT, no nodules"][:2]
     route = subprocess.run(
@@ -57,10 +57,13 @@ def test_the_shipped_demo_pipeline_takes_only_synthetic_studies(start_node, demo
     assert route.stdout.splitlines() == [
         f"{brain}:",
         "  no match  lung-nodule-demo v1: Manufacturer == 'radpipe' failed (actual: SIEMENS)",
+        "  no match  lung-nodule-seg-demo v1: Manufacturer == 'radpipe' failed (actual: SIEMENS)",
         f"{ct_small}:",
         "  no match  lung-nodule-demo v1: Manufacturer == 'radpipe' failed (actual: GE MEDICAL SYSTEMS)",
+        "  no match  lung-nodule-seg-demo v1: Manufacturer == 'radpipe' failed (actual: GE MEDICAL SYSTEMS)",
         f"{synthetic[0]}:",
         "  match     lung-nodule-demo v1",
+        "  match     lung-nodule-seg-demo v1",
     ]
 
     node = start_node()  # the shipped pipeline, copied

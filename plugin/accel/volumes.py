@@ -16,7 +16,7 @@ import torch
 from plugin.accel.data import Split
 from plugin.accel.recipe import Calibration, Data
 from plugin.demo.phantom import PhantomVolume
-from plugin.demo.train_seg import _patch, phantom_volumes, training_case
+from plugin.demo.train_seg import patch, phantom_volumes, training_case
 from plugin.pipeline import Pipeline
 
 
@@ -38,7 +38,7 @@ def training_windows(pipeline: Pipeline, volumes: list[PhantomVolume], n: int, s
         raise ValueError("input.sliding_window: fine-tuning a segmentation model takes windows of its roi_size; set it")
     cases = [training_case(pipeline, volume) for volume in volumes]
     generator = torch.Generator().manual_seed(seed)
-    images, labels = zip(*(_patch(cases, window.roi_size, generator) for _ in range(n)), strict=True)
+    images, labels = zip(*(patch(cases, window.roi_size, generator) for _ in range(n)), strict=True)
     described = f"{n} windows {'x'.join(map(str, window.roi_size))} of {len(volumes)} phantom volumes"
     return Split(torch.stack(images), torch.stack(labels)[:, 0].to(torch.uint8), described)
 

@@ -108,7 +108,7 @@ def _inside_body(image: Tensor, generator: torch.Generator, tries: int = 20) -> 
     return voxel
 
 
-def _patch(cases: list[Case], roi: tuple[int, int, int], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def patch(cases: list[Case], roi: tuple[int, int, int], generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """A window of ``roi`` voxels: half of them around a nodule (when the volume has one),
     the rest around a voxel inside the body, so vessels are the usual background. Random flips."""
     case = cases[int(torch.randint(len(cases), (1,), generator=generator))]
@@ -226,7 +226,7 @@ def _train(
     model.train()
     total = 0.0
     for step in range(1, steps + 1):
-        images, labels = zip(*(_patch(training, roi, generator) for _ in range(batch_size)), strict=True)
+        images, labels = zip(*(patch(training, roi, generator) for _ in range(batch_size)), strict=True)
         loss = loss_fn(model(torch.stack(images)), torch.stack(labels))
         optimizer.zero_grad()
         loss.backward()
