@@ -6,10 +6,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests drive for real, installed (with root, or sudo) by
 # tests/install-debian-tools.sh without starting or enabling their services:
 # dcmtk (storescu/echoscu, dcmcrle/dcmcjpls), dicom3tools (dciodvfy),
-# orthanc (the PACS of the round-trip test), prometheus (prometheus, promtool), systemd
-# (systemd-analyze verifies the unit file). Orthanc installs into /usr/sbin.
+# orthanc (the PACS of the round-trip test), orthanc-dicomweb (its DICOMweb plugin, the
+# STOW-RS peer of tests/test_dicomweb.py), prometheus (prometheus, promtool), systemd
+# (systemd-analyze verifies the unit file). Orthanc installs into /usr/sbin. Each pair is
+# a command, or a file pattern for what is not a command, and the package that brings it.
 DEBIAN_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc promtool:prometheus prometheus:prometheus \
-	systemd-analyze:systemd
+	systemd-analyze:systemd /usr/lib/orthanc/libOrthancDicomWeb.so*:orthanc-dicomweb
 
 .PHONY: serve test install install-test system-deps lint
 
@@ -30,7 +32,8 @@ install-test: $(VENV)/.test-installed system-deps
 
 system-deps:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do \
-	  PATH="$$PATH:/usr/sbin" command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
+	  PATH="$$PATH:/usr/sbin" command -v $${pair%%:*} >/dev/null || ls $${pair%%:*} >/dev/null 2>&1 \
+	    || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages (as tools: their services stay off):$$missing"; \
 	  $(SUDO) tests/install-debian-tools.sh $$missing; \

@@ -14,7 +14,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from plugin.yamlfile import Location, YAMLError, YAMLFile, read_yaml, validation_errors
 
@@ -35,6 +35,31 @@ class TLSConfig(_Section):
     require_client_cert: bool = False
 
 
+# A client's name stands where a calling AE title stands for C-STORE (journal, metrics,
+# file meta): the same characters and length.
+ClientName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,16}$")]
+
+
+class DicomwebSection(_Section):
+    """The STOW-RS endpoint (``POST /studies``, ``POST /studies/{uid}``): studies uploaded
+    over HTTP go into the same spool and journal as C-STOREd ones. Off unless ``port`` is set.
+
+    host/port: where to listen (default 127.0.0.1, no port: off). Example: ``{port: 8080}``.
+    tls: HTTPS (``cert``/``key``); with ``ca`` and ``require_client_cert: true``, only
+    clients with a certificate signed by ``ca`` are served (mutual TLS).
+    tokens: client name -> file holding its bearer token; with any, a request must carry
+    ``Authorization: Bearer <one of them>`` (the allow-list of AE titles, for HTTP). The
+    name is journaled as the calling AE title is. Example: ``{tokens: {uploader: /etc/radpipe/uploader.token}}``.
+    max_body_mb: a larger request body is refused (413) before anything is stored (default 2048).
+    """
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=0, le=65535)
+    tls: TLSConfig = TLSConfig()
+    tokens: dict[ClientName, Path] = {}
+    max_body_mb: int = Field(default=2048, ge=1)
+
+
 class NodeSection(_Section):
     """The DICOM listener.
 
@@ -52,6 +77,7 @@ class NodeSection(_Section):
     aborts an association it waits this long for the peer to close. Example: ``10``.
     network_timeout_seconds: silence inside an association before the node aborts it
     (default 60; a modality that pauses between series keeps its association this long).
+    dicomweb: the optional STOW-RS endpoint (:class:`DicomwebSection`).
     """
 
     ae_title: str = Field(default="RADPIPE", min_length=1, max_length=16)
@@ -65,6 +91,7 @@ class NodeSection(_Section):
     shutdown_seconds: float = Field(default=30.0, gt=0)
     artim_seconds: float = Field(default=30.0, gt=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
+    dicomweb: DicomwebSection = DicomwebSection()
 
 
 class StorageSection(_Section):
@@ -137,14 +164,53 @@ class DispatchSection(_Section):
     network_timeout_seconds: float = Field(default=60.0, gt=0)
 
 
-class Destination(_Section):
-    """A DICOM node results are sent to with C-STORE.
-    Example: ``pacs: {ae_title: ORTHANC, host: 127.0.0.1, port: 4242}``."""
+class BasicAuth(_Section):
+    """HTTP basic authentication: ``user`` and the file holding the password."""
 
-    ae_title: str = Field(min_length=1, max_length=16)
-    host: str
-    port: int = Field(ge=1, le=65535)
+    user: str = Field(min_length=1)
+    password_file: Path
+
+
+class DicomwebAuth(_Section):
+    """How radpipe authenticates to a DICOMweb destination: one of ``bearer_token_file``
+    (read again for every try, so a token renewed in the file by another process is
+    picked up) or ``basic``."""
+
+    bearer_token_file: Path | None = None
+    basic: BasicAuth | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "DicomwebAuth":
+        if (self.bearer_token_file is None) == (self.basic is None):
+            raise ValueError("give one of bearer_token_file or basic")
+        return self
+
+
+class Destination(_Section):
+    """A node results are sent to: a DICOM node by C-STORE (``ae_title``, ``host``,
+    ``port``), or a DICOMweb service by STOW-RS (``url``, its base, to which
+    ``/studies`` is appended; ``auth`` optional). ``tls``: for C-STORE DICOM TLS; for an
+    ``https`` url, ``ca`` replaces the system's roots and ``cert``/``key`` is a client certificate.
+    Examples: ``pacs: {ae_title: ORTHANC, host: 127.0.0.1, port: 4242}``,
+    ``web: {url: http://127.0.0.1:8042/dicom-web, auth: {basic: {user: radpipe, password_file: orthanc.pw}}}``."""
+
+    ae_title: str | None = Field(default=None, min_length=1, max_length=16)
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    url: str | None = Field(default=None, pattern=r"^https?://[^/?#]+(/[^?#]*)?$")
+    auth: DicomwebAuth | None = None
     tls: TLSConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "Destination":
+        dimse = (self.ae_title, self.host, self.port)
+        if self.url is None and None in dimse:
+            raise ValueError("give ae_title, host and port (C-STORE) or url (DICOMweb STOW-RS)")
+        if self.url is not None and any(value is not None for value in dimse):
+            raise ValueError("give either url (DICOMweb) or ae_title/host/port (C-STORE), not both")
+        if self.url is None and self.auth is not None:
+            raise ValueError("auth applies to a url (DICOMweb) destination only")
+        return self
 
 
 class NodeConfig(_Section):

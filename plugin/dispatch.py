@@ -1,25 +1,29 @@
 """The dispatcher: the durable outbox. Sends each written result to its destinations
-with C-STORE.
+with C-STORE (``scu.py``) or, to a DICOMweb destination, STOW-RS (``stow.py``).
 
 Each destination has its own sender thread, so one that is slow, hung or down delays
 no other. A sender takes the results due to its destination, sends them over one
 association, and releases it; timeouts bound every try. A delivery counts only when
-the destination answered success. A failed try, whatever failed, is journaled with the
-time of the next one (exponential backoff), so retries survive a restart; after
-``give_up_after_seconds`` (or ``tries`` attempts) the delivery is dead-lettered. A
-delivery to a destination the config no longer has is dead-lettered at once.
+the destination answered success. A failed try is journaled with the time of the next
+one (exponential backoff), so retries survive a restart; after ``give_up_after_seconds``
+(or ``tries`` attempts) the delivery is dead-lettered. A delivery is dead-lettered at
+once when its destination is no longer configured, or answered that the same file can
+never succeed (a permanent :class:`DeliveryError`, e.g. HTTP 415).
 """
 
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Protocol
 
 from plugin.config import Destination, DispatchSection
 from plugin.journal import Delivery, Journal
 from plugin.logs import log_context
 from plugin.metrics import Metrics
 from plugin.scu import DeliveryError, DicomFile, StoreSCU, Timeouts
+from plugin.stow import StowClient
 from plugin.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,34 @@ ROUND = 64
 
 # Failures that are about the destination, the network or the file: logged without a traceback.
 EXPECTED = (DeliveryError, OSError)
+
+
+class Connection(Protocol):
+    """A DICOM association (C-STORE) or an HTTP connection (STOW-RS) carrying one round."""
+
+    @property
+    def is_established(self) -> bool: ...
+
+    def store(self, file: DicomFile) -> None: ...
+
+    def __enter__(self) -> "Connection": ...
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None: ...
+
+
+class Transport(Protocol):
+    """Opens a :class:`Connection` to one destination for a round of files."""
+
+    def associate(self, files: Sequence[DicomFile]) -> Connection: ...
+
+
+def transport(destination: Destination, calling_ae: str, timeouts: Timeouts) -> Transport:
+    """STOW-RS for a destination given by ``url``, C-STORE for one given by AE title and address."""
+    if destination.url is not None:
+        return StowClient(destination, timeouts)
+    return StoreSCU(destination, calling_ae, timeouts)
 
 
 class Outbox:
@@ -53,6 +85,7 @@ class Outbox:
     def failed(self, delivery: Delivery, error: Exception, retry: bool = True) -> None:
         """Journal a failed try: tried again after its backoff, or dead-lettered."""
         now = time.time()
+        retry &= not (isinstance(error, DeliveryError) and error.permanent)
         retry_at = self._retry_at(delivery, now) if retry else None
         expected = isinstance(error, EXPECTED)
         reason = str(error) if isinstance(error, DeliveryError) else f"{type(error).__name__}: {error}"
@@ -94,7 +127,7 @@ class DestinationSender(Worker):
     """Sends the results due to one destination: each round, one association for all of
     them (up to ``ROUND``)."""
 
-    def __init__(self, name: str, scu: StoreSCU, journal: Journal, outbox: Outbox) -> None:
+    def __init__(self, name: str, scu: Transport, journal: Journal, outbox: Outbox) -> None:
         super().__init__(f"dispatch-{name}")
         self.destination = name
         self._scu = scu
@@ -160,7 +193,7 @@ class Dispatcher(Worker):
             network=policy.network_timeout_seconds,
         )
         self.senders = [
-            DestinationSender(name, StoreSCU(destination, calling_ae, timeouts), journal, self._outbox)
+            DestinationSender(name, transport(destination, calling_ae, timeouts), journal, self._outbox)
             for name, destination in destinations.items()
         ]
 

@@ -87,7 +87,10 @@ class Metrics:
             "radpipe_results_delivered", "Results a destination accepted", ["destination"], registry=r
         )
         self.dispatch_failures = Counter(
-            "radpipe_dispatch_failures", "Failed C-STORE attempts to a destination", ["destination"], registry=r
+            "radpipe_dispatch_failures",
+            "Failed C-STORE or STOW-RS attempts to a destination",
+            ["destination"],
+            registry=r,
         )
         self.config_reloads = Counter("radpipe_config_reloads", "Pipeline (re)loads", ["result"], registry=r)
         for result in ("ok", "error"):

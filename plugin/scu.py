@@ -42,7 +42,12 @@ AssociationSocket._shutdown_socket = _shutdown_socket  # type: ignore[method-ass
 
 class DeliveryError(Exception):
     """The destination could not be reached, or did not answer success, or the file
-    cannot be sent."""
+    cannot be sent. ``permanent``: the destination's answer means that sending the same
+    file again cannot succeed (the outbox dead-letters it at once instead of retrying)."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class DicomFile:
     path: Path
     sop_class_uid: UID
     transfer_syntax_uid: UID
+    sop_instance_uid: str
 
     @classmethod
     def read(cls, path: Path) -> "DicomFile":
@@ -73,16 +79,18 @@ class DicomFile:
         except InvalidDicomError as e:
             raise DeliveryError(f"{path.name} is not a DICOM file: {e}") from e
         sop_class, syntax = meta.get("MediaStorageSOPClassUID"), meta.get("TransferSyntaxUID")
-        if not sop_class or not syntax:
-            raise DeliveryError(f"{path.name} names no SOP Class or Transfer Syntax UID in its file meta")
-        return cls(path, UID(sop_class), UID(syntax))
+        sop_instance = meta.get("MediaStorageSOPInstanceUID")
+        if not sop_class or not syntax or not sop_instance:
+            raise DeliveryError(f"{path.name} names no SOP Class, SOP Instance or Transfer Syntax UID in its file meta")
+        return cls(path, UID(sop_class), UID(syntax), str(sop_instance))
 
 
-def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+def client_ssl_context(tls: TLSConfig, check_hostname: bool = False) -> ssl.SSLContext:
     """TLS towards a destination: verify it against ``ca`` (system roots without one),
-    and present ``cert``/``key`` when given (mutual TLS)."""
+    and present ``cert``/``key`` when given (mutual TLS). DICOM peers are known by address
+    and AE title, so their certificate's host name is checked only where asked (HTTPS)."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
-    context.check_hostname = False  # DICOM peers are known by address and AE title, not host name
+    context.check_hostname = check_hostname
     if tls.cert is not None:
         context.load_cert_chain(tls.cert, tls.key)
     return context
@@ -126,6 +134,9 @@ class StoreSCU:
     """Opens associations to one destination, with the configured timeouts and TLS."""
 
     def __init__(self, destination: Destination, calling_ae: str, timeouts: Timeouts) -> None:
+        if destination.ae_title is None or destination.host is None or destination.port is None:
+            raise ValueError("a C-STORE destination needs ae_title, host and port")
+        self.ae_title, self.host, self.port = destination.ae_title, destination.host, destination.port
         self.destination = destination
         self.timeouts = timeouts
         self._ae = AE(ae_title=calling_ae)
@@ -135,7 +146,7 @@ class StoreSCU:
         self._ae.network_timeout = timeouts.network
 
     def __str__(self) -> str:
-        return f"{self.destination.ae_title}@{self.destination.host}:{self.destination.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
     def associate(self, files: Sequence[DicomFile]) -> StoreAssociation:
         """An association offering one presentation context per SOP class and transfer
@@ -146,11 +157,11 @@ class StoreSCU:
         tls = self.destination.tls  # a context per association picks up renewed certificate files
         connected: list[evt.Event] = []
         association = self._ae.associate(
-            self.destination.host,
-            self.destination.port,
+            self.host,
+            self.port,
             contexts=[build_context(sop_class, [syntax]) for sop_class, syntax in pairs],
-            ae_title=self.destination.ae_title,
-            tls_args=(client_ssl_context(tls), self.destination.host) if tls is not None else None,
+            ae_title=self.ae_title,
+            tls_args=(client_ssl_context(tls), self.host) if tls is not None else None,
             evt_handlers=[(evt.EVT_CONN_OPEN, connected.append)],
         )
         if association.is_established:
