@@ -303,8 +303,14 @@ def optimize(args: argparse.Namespace) -> int:
     arg("target", type=Path, help="a pipeline YAML, or an optimized artifact folder"),
     arg("--optimized", type=Path, help="optimized artifact to compare (default: run the pipeline's recipe)"),
     arg("--out", type=Path, default=Path("bench-results"), help="folder for bench.json and bench.png"),
-    arg("--heldout", type=int, default=1000, help="held-out phantom images for the AUC column"),
-    arg("--batch-sizes", type=int, nargs="+", default=[1, 8, 32]),
+    arg("--heldout", type=int, default=1000, help="held-out phantom images for the AUC column (classifiers)"),
+    arg(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1, 8, 32],
+        help="classifiers (a segmentation model: 1 and its sliding window's sw_batch_size, on its recipe's volumes)",
+    ),
     arg("--seconds", type=float, default=3.0, help="measuring time per variant and batch size"),
     arg("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: torch's default)"),
 )
