@@ -28,7 +28,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydicom.datadict import tag_for_keyword
 
-from plugin.accel.recipe import Recipe
+from plugin.accel.recipe import Recipe, task_problem
 from plugin.match import Rule, parse_match
 from plugin.preprocess import PreprocessStep
 from plugin.yamlfile import Location, YAMLError, YAMLFile, read_yaml, validation_errors
@@ -294,7 +294,7 @@ class Pipeline(_Strict):
     @model_validator(mode="after")
     def _fits_task(self) -> "Pipeline":
         """A classification lists findings; a segmentation lists segments, outlines a volume
-        and writes the SEG its SR points into."""
+        and writes the SEG its SR points into; the recipe, if any, has the task's keys."""
         errors: list[tuple[Location, str]] = []
         if self.task == "classification":
             if not self.postprocess.findings:
@@ -315,6 +315,8 @@ class Pipeline(_Strict):
                 errors.append(
                     (("outputs", kinds.index("sr")), "sr: its lesions point at their segments: add an output seg: {}")
                 )
+        if self.model.optimize is not None and (problem := task_problem(self.model.optimize, self.task)):
+            errors.append((("model", "optimize"), problem))  # caught by validate, not first by optimize
         if errors:
             raise _located("Pipeline", errors)
         return self

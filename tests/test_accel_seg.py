@@ -112,6 +112,17 @@ def test_what_does_not_apply_to_a_segmentation_model_is_refused_in_one_line(tmp_
     assert code == 2 and message in out and out.strip().count("\n") == 0
 
 
+def test_validate_refuses_a_pipeline_whose_recipe_is_the_other_tasks(tmp_path, radpipe):
+    """A recipe in the pipeline (model.optimize) is checked when the pipeline is read, at its line."""
+    model = yaml.safe_load(SEG_PIPELINE.read_text())["model"]
+    model["artifact"] = str(SEG_PIPELINE.parent / model["artifact"])
+    model["optimize"] = {"quantize": {"cpu": "none"}, "accept": {"max_auc_drop": 0.01}}
+    path = write_pipeline(tmp_path, SEG_PIPELINE, model=model)
+    code, out = radpipe("validate", str(path))
+    assert code == 1
+    assert "model.optimize: accept.max_auc_drop is a classification key; a segmentation model's recipe takes" in out
+
+
 def test_the_documented_segmentation_recipe_fits_a_segmentation_model():
     blocks = re.findall(r"```yaml\n(optimize:.*?)```", (REPO / "pipelines" / "README.md").read_text(), re.S)
     [block] = [b for b in blocks if "max_dice_drop" in b]
