@@ -1,5 +1,6 @@
-"""Wiring: one running node = listener + assembler + runner + dispatcher + metrics,
-all sharing one journal. ``radpipe serve`` and the tests both start it through here."""
+"""Wiring: one running node = listener (and the optional STOW-RS endpoint) + assembler +
+runner + dispatcher + metrics, all sharing one journal. ``radpipe serve`` and the tests
+both start it through here."""
 
 import logging
 import time
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from plugin.acceptor import AssociationServer
 from plugin.assembler import Assembler
 from plugin.config import NodeConfig
+from plugin.dicomweb import StowServer, start_stow_server
 from plugin.dispatch import Dispatcher
 from plugin.durability import GroupSync
 from plugin.journal import Journal
@@ -86,6 +88,7 @@ class Node:
             Retention(self.journal, self.spool, config.results_dir, config.storage.retention_days),
         ]
         self.servers: list[AssociationServer] = []
+        self.stow_server: StowServer | None = None
         self.metrics_server: tuple[WSGIServer, Thread] | None = None
 
     @property
@@ -116,6 +119,7 @@ class Node:
         )
         storage = Storage(self.spool, self.journal, self.group_sync, self.quarantine, self.metrics, limits)
         self.servers = start_servers(self.config.node, storage)
+        self.stow_server = start_stow_server(self.config.node, storage, self.config.storage.dir)
 
     @property
     def port(self) -> int:
@@ -129,6 +133,8 @@ class Node:
         deadline = time.monotonic() + self.config.node.shutdown_seconds
         for server in self.servers:
             server.stop(max(0.0, deadline - time.monotonic()))  # one deadline for every listener and worker
+        if self.stow_server is not None:
+            self.stow_server.stop(max(0.0, deadline - time.monotonic()))
         if self.metrics_server is not None:
             self.metrics_server[0].shutdown()
             self.metrics_server[0].server_close()

@@ -76,7 +76,8 @@ class NodeSection(_Section):
     TLS handshake and A-ASSOCIATE-RQ within it, and after this node rejects, releases or
     aborts an association it waits this long for the peer to close. Example: ``10``.
     network_timeout_seconds: silence inside an association before the node aborts it
-    (default 60; a modality that pauses between series keeps its association this long).
+    (default 60; a modality that pauses between series keeps its association this long);
+    also how long a STOW-RS connection may stay silent.
     dicomweb: the optional STOW-RS endpoint (:class:`DicomwebSection`).
     """
 

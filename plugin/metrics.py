@@ -47,6 +47,9 @@ ASSOCIATION_ABORT_REASONS = (
     "connection_lost",
 )
 
+# HTTP statuses the STOW-RS endpoint answers (plugin/dicomweb.py).
+STOW_STATUSES = ("200", "202", "400", "401", "404", "408", "409", "411", "413", "415", "501", "503")
+
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -73,6 +76,11 @@ class Metrics:
         )
         for reason in ASSOCIATION_ABORT_REASONS:
             self.associations_aborted.labels(reason)
+        self.stow_requests = Counter(
+            "radpipe_stow_requests", "STOW-RS requests answered, by HTTP status", ["status"], registry=r
+        )
+        for status in STOW_STATUSES:
+            self.stow_requests.labels(status)
         self.studies_completed = Counter(
             "radpipe_studies_completed", "Series/studies judged complete by the assembler", registry=r
         )
