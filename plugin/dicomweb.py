@@ -181,20 +181,27 @@ class StowHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         with self.server.busy():
             try:
-                client = self._client()
-                body, boundary = self._checked_headers()
-                if self.headers.get("Expect", "").lower() == "100-continue":
-                    self.send_response_only(HTTPStatus.CONTINUE)
-                    self.end_headers()
-                status, answered = self._store(client, body, boundary)
-            except HTTPError as e:
-                log.warning("STOW-RS from %s refused: %d %s", self.client_address[0], e.status, e)
-                self.close_connection = True  # its body may be unread
-                self._send(e.status, str(e).encode(), "text/plain; charset=utf-8", e.headers)
-                self._linger()
-                return
-            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == HTTPStatus.SERVICE_UNAVAILABLE else {}
-            self._send(status, answered, DICOM_JSON, headers)
+                self._answer()
+            except OSError as e:  # the client went away; what was stored before stays stored
+                self.close_connection = True
+                log.warning("STOW-RS from %s: connection lost: %s", self.client_address[0], e)
+
+    def _answer(self) -> None:
+        try:
+            client = self._client()
+            body, boundary = self._checked_headers()
+            if self.headers.get("Expect", "").lower() == "100-continue":
+                self.send_response_only(HTTPStatus.CONTINUE)
+                self.end_headers()
+            status, answered = self._store(client, body, boundary)
+        except HTTPError as e:
+            log.warning("STOW-RS from %s refused: %d %s", self.client_address[0], e.status, e)
+            self.close_connection = True  # its body may be unread
+            self._send(e.status, str(e).encode(), "text/plain; charset=utf-8", e.headers)
+            self._linger()
+            return
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == HTTPStatus.SERVICE_UNAVAILABLE else {}
+        self._send(status, answered, DICOM_JSON, headers)
 
     def _client(self) -> str:
         """The client's name: the one its bearer token is registered under (401 without a
@@ -253,22 +260,27 @@ class StowHandler(BaseHTTPRequestHandler):
         """Read the whole body, check every part, then store each instance as C-STORE does."""
         endpoint = self.server.endpoint
         storage = endpoint.storage
-        with tempfile.TemporaryFile(dir=endpoint.parts_dir) as parts_file:  # unnamed: gone with a crash too
-            try:
+        try:
+            with tempfile.TemporaryFile(dir=endpoint.parts_dir) as parts_file:  # unnamed: gone with a crash too
                 limit = storage.limits.max_instance_bytes
                 parts = read_parts(body, boundary, parts_file, limit, endpoint.max_body_bytes)
-            except TooLarge as e:
-                raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(e)) from e
-            except MultipartError as e:
-                raise HTTPError(HTTPStatus.BAD_REQUEST, f"malformed multipart body: {e}") from e
-            except TimeoutError as e:
-                raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, "the body stopped arriving") from e
-            instances = [check_part(part, parts_file, number) for number, part in enumerate(parts, 1)]
-            # Every part is a DICOM file: now each is stored, one in memory at a time.
-            outcomes = [
-                Outcome(i.sop_class_uid, i.sop_instance_uid, handle_store(i.request(parts_file, client), storage))
-                for i in instances
-            ]
+                instances = [check_part(part, parts_file, number) for number, part in enumerate(parts, 1)]
+                # Every part is a DICOM file: now each is stored, one in memory at a time.
+                outcomes = [
+                    Outcome(i.sop_class_uid, i.sop_instance_uid, handle_store(i.request(parts_file, client), storage))
+                    for i in instances
+                ]
+        except TooLarge as e:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(e)) from e
+        except MultipartError as e:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"malformed multipart body: {e}") from e
+        except TimeoutError as e:
+            raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, "the body stopped arriving") from e
+        except ConnectionError:
+            raise  # the client went away
+        except OSError as e:  # the temporary file: disk full, ...
+            retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+            raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, f"cannot hold the body: {e.strerror or e}", retry) from e
         status, reply = answer(outcomes)
         stored = sum(o.status == StoreStatus.SUCCESS for o in outcomes)
         peer = self.client_address[0]

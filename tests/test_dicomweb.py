@@ -22,6 +22,7 @@ import yaml
 from plugin.app import Node
 from plugin.config import ConfigError, Destination, DispatchSection, load_config
 from plugin.journal import Journal
+from plugin.multipart import ChunkedReader, LengthReader, MultipartError, TooLarge, read_parts
 from plugin.outputs.sr import read_measurement_report
 from plugin.stow import FailureReason, failure_reasons, is_transient
 from tests.conftest import free_port, results, storescu, wait_for, with_new_uids
@@ -465,3 +466,49 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(
     finally:
         journal.close()
     assert node.journal.instance(_sop_uid(second)) is not None
+
+
+class Trickle:
+    """A body that arrives a few bytes at a time, so that every delimiter and header
+    block is split across reads somewhere."""
+
+    def __init__(self, data: bytes, sizes: tuple[int, ...] = (1, 7, 3, 64, 2)) -> None:
+        self._data, self._sizes, self._reads = data, sizes, 0
+
+    def read(self, size: int, /) -> bytes:
+        n = min(size, self._sizes[self._reads % len(self._sizes)])
+        self._reads += 1
+        chunk, self._data = self._data[:n], self._data[n:]
+        return chunk
+
+
+def test_multipart_parts_survive_any_split_and_rfc_2046_extras(tmp_path: Path) -> None:
+    """Preamble, transport padding, a part without headers, CRLF inside content, an epilogue;
+    read through a trickle and through the chunked transfer coding."""
+    contents = [b"first\r\n--not-the-boundary\r\n", b"", b"x" * 5000]
+    dicom = b"Content-Type: application/dicom\r\n"
+    body = b"".join(
+        (
+            b"preamble to ignore\r\n--b1\r\n" + dicom + b"\r\n" + contents[0],
+            b"\r\n--b1  \t\r\n\r\n" + contents[1],  # padding after the delimiter, no headers
+            b"\r\n--b1\r\n" + dicom + b"\r\n" + contents[2],
+            b"\r\n--b1--\r\nepilogue",
+        )
+    )
+    chunks = [body[i : i + 999] for i in range(0, len(body), 999)]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n"
+    readers = (LengthReader(Trickle(body), len(body)), ChunkedReader(io.BufferedReader(io.BytesIO(chunked))))
+    for stream in readers:
+        with (tmp_path / "parts").open("w+b") as parts_file:
+            parts = read_parts(stream, "b1", parts_file, max_part_bytes=5000, max_body_bytes=len(body))
+            assert [part.read(parts_file) for part in parts] == contents
+            assert [part.content_type for part in parts] == ["application/dicom", None, "application/dicom"]
+    for bad, error in (
+        (body[:-30], "ended inside the part"),  # no close delimiter
+        (body.replace(b"--b1  \t", b"--b1 x"), "other characters than white space"),
+        (body.replace(b"x" * 5000, b"x" * 5001), "part longer than 5000 bytes"),
+    ):
+        with (tmp_path / "parts").open("w+b") as parts_file, pytest.raises(MultipartError, match=error):
+            read_parts(LengthReader(Trickle(bad), len(bad)), "b1", parts_file, 5000, len(body) + 1)
+    with (tmp_path / "parts").open("w+b") as parts_file, pytest.raises(TooLarge, match="body is larger"):
+        read_parts(LengthReader(io.BytesIO(body), len(body)), "b1", parts_file, 5000, len(body) - 1)
