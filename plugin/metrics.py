@@ -1,18 +1,29 @@
 """Prometheus metrics (prefix ``radpipe_``), created on an injectable registry.
 
 Queue depths and spool free space are computed at scrape time by a collector that asks
-the journal and the file system, so they are never stale and cost nothing between scrapes.
+the journal and the file system, so they are never stale and cost nothing between scrapes;
+so are the pipelines' baseline bands, which therefore follow every pipeline reload.
+
+Model monitoring: what each finished series gave (its score, Present/Absent, lesions) and
+what the model saw (slices, pixel spacing, manufacturer), per pipeline, so that alert rules
+can tell when production leaves the band the model was validated in. Every label value is
+from a bounded set: pipeline and finding names, and a manufacturer mapped onto
+:data:`MANUFACTURERS`; nothing from a patient.
 """
 
+import math
+import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from threading import Thread
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from pydicom import Dataset
 
 STAGES = ("receive", "wait", "load", "preprocess", "infer", "write", "dispatch")
 QUEUES = ("assembly", "jobs", "running", "dispatch", "dead_letter")
@@ -50,8 +61,42 @@ ASSOCIATION_ABORT_REASONS = (
 # HTTP statuses the STOW-RS endpoint answers (plugin/dicomweb.py).
 STOW_STATUSES = ("200", "202", "400", "401", "404", "408", "409", "411", "413", "415", "501", "503")
 
+# Manufacturer label values: a series' Manufacturer (0008,0070) is matched, case-blind, on
+# these words; anything else is "other", an absent or empty one "unknown". Free text from
+# a header never becomes a label value (unbounded series, and it could carry anything).
+MANUFACTURERS = {
+    "ge": ("ge", "general electric", "gems"),
+    "siemens": ("siemens",),
+    "philips": ("philips",),
+    "canon": ("canon", "toshiba"),
+    "fujifilm": ("fujifilm", "hitachi"),
+    "united_imaging": ("united imaging", "uih"),
+    "radpipe": ("radpipe",),  # the synthetic studies of `radpipe demo`
+}
+MANUFACTURER_OTHER = ("other", "unknown")
+_MANUFACTURER_PATTERNS = {
+    name: re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b") for name, words in MANUFACTURERS.items()
+}
+EVALUATIONS = ("present", "absent")
+BASELINE_QUANTITIES = ("positive_rate", "mean_score")  # the keys of a pipeline's monitoring.findings.<label>
+
+_SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+_LESION_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50)
+_SLICE_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+_SPACING_BUCKETS = (0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 2.0, 3.0, 5.0)
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Band:
+    """A pipeline's expected range of one quantity of a finding (the pipeline's ``monitoring``)."""
+
+    pipeline: str
+    finding: str
+    quantity: str  # one of BASELINE_QUANTITIES
+    low: float
+    high: float
 
 
 class Metrics:
@@ -103,6 +148,42 @@ class Metrics:
         self.config_reloads = Counter("radpipe_config_reloads", "Pipeline (re)loads", ["result"], registry=r)
         for result in ("ok", "error"):
             self.config_reloads.labels(result)
+        self.series_score = Histogram(
+            "radpipe_series_score",
+            "A series' probability per finding, as its SR reports it",
+            ["pipeline", "finding"],
+            buckets=_SCORE_BUCKETS,
+            registry=r,
+        )
+        self.findings = Counter(
+            "radpipe_findings",
+            "Series evaluated per finding, by Present/Absent",
+            ["pipeline", "finding", "evaluation"],
+            registry=r,
+        )
+        self.series_lesions = Histogram(
+            "radpipe_series_lesions",
+            "Lesions outlined per series and segment",
+            ["pipeline", "segment"],
+            buckets=_LESION_BUCKETS,
+            registry=r,
+        )
+        self.input_slices = Histogram(
+            "radpipe_input_slices", "Images per series the model saw", ["pipeline"], buckets=_SLICE_BUCKETS, registry=r
+        )
+        self.input_pixel_spacing = Histogram(
+            "radpipe_input_pixel_spacing_mm",
+            "In-plane pixel spacing (row spacing) of each series the model saw",
+            ["pipeline"],
+            buckets=_SPACING_BUCKETS,
+            registry=r,
+        )
+        self.input_series = Counter(
+            "radpipe_input_series",
+            "Series the model saw, by manufacturer (a bounded set)",
+            ["pipeline", "manufacturer"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "radpipe_model_info",
             "Loaded models (value is always 1)",
@@ -114,6 +195,10 @@ class Metrics:
         """Register the scrape-time collector for queue depths and spool free space."""
         self.registry.register(_StateCollector(queue_depths, free_bytes))
 
+    def observe_baselines(self, bands: Callable[[], Iterable[Band]]) -> None:
+        """Register the scrape-time collector of the loaded pipelines' baseline bands."""
+        self.registry.register(_BaselineCollector(bands))
+
     def add_pipeline_labels(self, pipeline: str, destinations: Iterable[str]) -> None:
         """Create a pipeline's series up front so dashboards see zeros, not gaps."""
         for status in ("done", "failed"):
@@ -121,6 +206,62 @@ class Metrics:
         for destination in destinations:
             self.results_delivered.labels(destination)
             self.dispatch_failures.labels(destination)
+        self.input_slices.labels(pipeline)
+        self.input_pixel_spacing.labels(pipeline)
+        for manufacturer in (*MANUFACTURERS, *MANUFACTURER_OTHER):
+            self.input_series.labels(pipeline, manufacturer)
+
+    def observe_input(self, pipeline: str, headers: Sequence[Dataset]) -> None:
+        """What the model saw of one series: its image count, pixel spacing and manufacturer."""
+        first = headers[0]
+        self.input_slices.labels(pipeline).observe(len(headers))
+        spacing = _pixel_spacing(first)
+        if spacing is not None:
+            self.input_pixel_spacing.labels(pipeline).observe(spacing)
+        self.input_series.labels(pipeline, manufacturer_label(first.get("Manufacturer"))).inc()
+
+    def observe_finding(self, pipeline: str, finding: str, probability: float, present: bool) -> None:
+        """One finding of a finished series: its score and its Present/Absent verdict."""
+        self.series_score.labels(pipeline, finding).observe(probability)
+        for evaluation in EVALUATIONS:  # both exist from the first series on, so rates start at 0
+            self.findings.labels(pipeline, finding, evaluation)
+        self.findings.labels(pipeline, finding, "present" if present else "absent").inc()
+
+    def observe_lesions(self, pipeline: str, segment: str, count: int) -> None:
+        self.series_lesions.labels(pipeline, segment).observe(count)
+
+
+def _pixel_spacing(header: Dataset) -> float | None:
+    """The row spacing in mm; None when absent or not a positive number (not observed)."""
+    try:
+        spacing = float(header.PixelSpacing[0])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    return spacing if math.isfinite(spacing) and spacing > 0 else None
+
+
+def manufacturer_label(value: object) -> str:
+    """A header's Manufacturer as one of the bounded label values (see :data:`MANUFACTURERS`)."""
+    text = str(value or "").strip().lower()
+    if not text:
+        return "unknown"
+    return next((name for name, pattern in _MANUFACTURER_PATTERNS.items() if pattern.search(text)), "other")
+
+
+class _BaselineCollector(Collector):
+    def __init__(self, bands: Callable[[], Iterable[Band]]) -> None:
+        self._bands = bands
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "radpipe_finding_baseline",
+            "A finding's validated band per quantity (the pipeline's monitoring block): low and high bound",
+            labels=["pipeline", "finding", "quantity", "bound"],
+        )
+        for band in self._bands():
+            family.add_metric([band.pipeline, band.finding, band.quantity, "low"], band.low)
+            family.add_metric([band.pipeline, band.finding, band.quantity, "high"], band.high)
+        yield family
 
 
 class _StateCollector(Collector):

@@ -30,6 +30,7 @@ from pydicom.datadict import tag_for_keyword
 
 from plugin.accel.recipe import Recipe, task_problem
 from plugin.match import Rule, parse_match
+from plugin.metrics import BASELINE_QUANTITIES, Band
 from plugin.preprocess import PreprocessStep
 from plugin.yamlfile import Location, YAMLError, YAMLFile, read_yaml, validation_errors
 
@@ -209,6 +210,36 @@ class Postprocess(_Strict):
         return segments
 
 
+_Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _ordered(band: tuple[float, float] | None) -> tuple[float, float] | None:
+    if band is not None and band[0] > band[1]:
+        raise ValueError(f"[low, high]: low {band[0]} is above high {band[1]}")
+    return band
+
+
+_FractionBand = Annotated[tuple[_Fraction, _Fraction], AfterValidator(_ordered)]
+
+
+class FindingBaseline(_Strict):
+    """What validation measured for one finding, as ``[low, high]`` fractions: the share of
+    series evaluated Present (``positive_rate``) and the mean series probability
+    (``mean_score``) that production should stay within. The node exports each bound as
+    ``radpipe_finding_baseline{quantity, bound}``; the drift alerts of
+    ``deploy/prometheus/alerts.yml`` fire when a day of series leaves the band."""
+
+    positive_rate: _FractionBand | None = None
+    mean_score: _FractionBand | None = None
+
+
+class Monitoring(_Strict):
+    """``findings``: a baseline band per finding label, e.g.
+    ``{findings: {nodule: {positive_rate: [0.05, 0.2], mean_score: [0.1, 0.3]}}}``."""
+
+    findings: dict[str, FindingBaseline] = {}
+
+
 class SROutput(_Strict):
     """``comprehensive3d`` (default) or ``enhanced`` SR for PACS that lack the former."""
 
@@ -281,6 +312,7 @@ class Pipeline(_Strict):
     outputs: list[Annotated[Output, AfterValidator(_fits_input)]] = Field(default=[Output(sr=SROutput())], min_length=1)
     destinations: list[str] | None = None
     priority: int = Field(default=0, ge=-100, le=100)
+    monitoring: Monitoring = Monitoring()
 
     _rule: Rule | None = PrivateAttr(default=None)
     _source: Path | None = PrivateAttr(default=None)
@@ -315,6 +347,12 @@ class Pipeline(_Strict):
                 errors.append(
                     (("outputs", kinds.index("sr")), "sr: its lesions point at their segments: add an output seg: {}")
                 )
+        labels = [f.label for f in self.postprocess.findings]
+        errors += [
+            (("monitoring", "findings", label), f"{label!r} is not a finding of this pipeline (findings: {labels})")
+            for label in self.monitoring.findings
+            if label not in labels
+        ]
         if self.model.optimize is not None and (problem := task_problem(self.model.optimize, self.task)):
             errors.append((("model", "optimize"), problem))  # caught by validate, not first by optimize
         if errors:
@@ -340,6 +378,15 @@ class Pipeline(_Strict):
     def artifact_dir(self) -> Path:
         base = self._source.parent if self._source else Path.cwd()
         return (base / self.model.artifact).resolve()
+
+    def bands(self) -> list[Band]:
+        """The baseline bands of ``monitoring``, as the metrics export them."""
+        return [
+            Band(self.name, label, quantity, *band)
+            for label, baseline in self.monitoring.findings.items()
+            for quantity in BASELINE_QUANTITIES
+            if (band := getattr(baseline, quantity)) is not None
+        ]
 
     def destinations_in(self, configured: list[str]) -> list[str]:
         """Where results go: the listed destinations, or every configured one when the

@@ -40,12 +40,12 @@ from plugin.outputs.kos import key_images, key_object_selection
 from plugin.outputs.seg import segmentation_object
 from plugin.outputs.sr import AlgorithmIdentity, measurement_report, volumetric_measurement_report
 from plugin.pipeline import Pipeline
-from plugin.postprocess import ModelOutput, findings
+from plugin.postprocess import Finding, ModelOutput, findings
 from plugin.prepare import Prepared, Preparer, WorkerDied
 from plugin.preprocess import PreprocessStep, preprocess_volume
 from plugin.quarantine import Quarantine
 from plugin.router import Router
-from plugin.segment import segment
+from plugin.segment import Segmentation, segment
 from plugin.spool import write_durably
 from plugin.volume import Placement, Resampling, VolumeError, infer_volume, segment_volume, series_grid
 from plugin.worker import Worker
@@ -153,6 +153,7 @@ class Runner(Worker):
         self._destinations = destinations
         self._quarantine = quarantine
         self._metrics = metrics
+        metrics.observe_baselines(lambda: [band for p in router.pipelines for band in p.bands()])
 
     def step(self) -> bool:
         job = self._journal.claim_job()
@@ -406,10 +407,21 @@ class Runner(Worker):
         )
         with timer.stage("write"):
             if pipeline.task == "segmentation":
-                written, summary = self._write_segmentation(work, model_output, algorithm)
+                segmentation = segment(pipeline.postprocess, artifact.classes, model_output)
+                written, summary = self._write_segmentation(work, segmentation, algorithm)
             else:
-                written, summary = self._write_findings(work, model_output, algorithm)
+                result = findings(pipeline.postprocess, artifact.classes, model_output)
+                written, summary = self._write_findings(work, result, algorithm)
         self._journal.complete_job(job.id, written, pipeline.destinations_in(self._destinations))
+        # The series' result is final (journaled): monitoring sees it once, as the SR reports it.
+        self._metrics.observe_input(name, [s.header for s in work.sources])
+        if pipeline.task == "segmentation":
+            for spec in segmentation.segments:
+                count = sum(lesion.label == spec.label for lesion in segmentation.lesions)
+                self._metrics.observe_lesions(name, spec.label, count)
+        else:
+            for finding in result:
+                self._metrics.observe_finding(name, finding.spec.label, finding.probability, finding.present)
         if self.next_stage is not None:
             self.next_stage.wake()  # the dispatcher sends it now, not at its next poll
         timer.observe(self._metrics, name)
@@ -430,10 +442,9 @@ class Runner(Worker):
         return [pydicom.dcmread(previous.path)] if previous and Path(previous.path).is_file() else []
 
     def _write_findings(
-        self, work: Work, model_output: ModelOutput, algorithm: AlgorithmIdentity
+        self, work: Work, result: list[Finding], algorithm: AlgorithmIdentity
     ) -> tuple[list[tuple[str, str, str]], str]:
         """A classification's SR and key images; what was written and a summary line."""
-        result = findings(work.pipeline.postprocess, work.artifact.classes, model_output)
         headers = [s.header for s in work.sources]
         written: list[tuple[str, str, str]] = []
         for output in work.pipeline.outputs:
@@ -449,11 +460,10 @@ class Runner(Worker):
         return written, summary
 
     def _write_segmentation(
-        self, work: Work, model_output: ModelOutput, algorithm: AlgorithmIdentity
+        self, work: Work, segmentation: Segmentation, algorithm: AlgorithmIdentity
     ) -> tuple[list[tuple[str, str, str]], str]:
         """A segmentation's SEG and, pointing into it, its SR; what was written and a
         summary line. The SEG is written first whatever the order of the outputs."""
-        segmentation = segment(work.pipeline.postprocess, work.artifact.classes, model_output)
         headers = [s.header for s in work.sources]
         [seg_output] = [o.seg for o in work.pipeline.outputs if o.seg is not None]  # exactly one (pipeline.py)
         seg = segmentation_object(headers, segmentation, algorithm, seg_output.type)

@@ -2,7 +2,12 @@
 
 import urllib.request
 
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from pydicom import Dataset
+
+from plugin.metrics import MANUFACTURER_OTHER, MANUFACTURERS, Band, Metrics, manufacturer_label
 
 CONTRACT = {
     "radpipe_instances_received",
@@ -38,3 +43,83 @@ def test_metrics_endpoint_serves_the_contract(start_node):
     depths = {s.labels["queue"]: s.value for s in families["radpipe_queue_depth"].samples}
     assert depths == {"assembly": 0, "jobs": 0, "running": 0, "dispatch": 0, "dead_letter": 0}
     assert families["radpipe_spool_free_bytes"].samples[0].value > 0
+
+
+def _header(**attributes: object) -> Dataset:
+    ds = Dataset()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_monitoring_observations_on_a_fresh_registry() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.add_pipeline_labels("lung", [])
+    get = metrics.registry.get_sample_value
+    # Input series exist at zero for every manufacturer value before the first series.
+    assert get("radpipe_input_series_total", {"pipeline": "lung", "manufacturer": "other"}) == 0
+    assert get("radpipe_input_slices_count", {"pipeline": "lung"}) == 0
+
+    headers = [_header(Manufacturer="SIEMENS", PixelSpacing=[0.7, 0.7], PatientName="Doe^Jane")] * 40
+    metrics.observe_input("lung", headers)
+    metrics.observe_input("lung", [_header(Manufacturer="Acme^Jane")])
+    assert get("radpipe_input_slices_bucket", {"pipeline": "lung", "le": "32.0"}) == 1  # the 1-image series
+    assert get("radpipe_input_slices_bucket", {"pipeline": "lung", "le": "64.0"}) == 2
+    assert get("radpipe_input_pixel_spacing_mm_count", {"pipeline": "lung"}) == 1  # none given: not observed
+    assert get("radpipe_input_pixel_spacing_mm_sum", {"pipeline": "lung"}) == 0.7
+    assert get("radpipe_input_series_total", {"pipeline": "lung", "manufacturer": "siemens"}) == 1
+    assert get("radpipe_input_series_total", {"pipeline": "lung", "manufacturer": "other"}) == 1
+
+    metrics.observe_finding("lung", "nodule", 0.93, True)
+    metrics.observe_finding("lung", "nodule", 0.12, False)
+    metrics.observe_finding("lung", "nodule", 0.41, False)
+    labels = {"pipeline": "lung", "finding": "nodule"}
+    assert get("radpipe_findings_total", {**labels, "evaluation": "present"}) == 1
+    assert get("radpipe_findings_total", {**labels, "evaluation": "absent"}) == 2
+    assert get("radpipe_series_score_bucket", {**labels, "le": "0.5"}) == 2
+    assert get("radpipe_series_score_sum", labels) == pytest.approx(1.46)
+
+    metrics.observe_lesions("liver", "lesion", 0)
+    metrics.observe_lesions("liver", "lesion", 4)
+    assert get("radpipe_series_lesions_bucket", {"pipeline": "liver", "segment": "lesion", "le": "0.0"}) == 1
+    assert get("radpipe_series_lesions_bucket", {"pipeline": "liver", "segment": "lesion", "le": "5.0"}) == 2
+
+    # Nothing a header held besides the mapped manufacturer is a label value.
+    exposition = generate_latest(metrics.registry).decode()
+    assert "Doe" not in exposition and "Acme" not in exposition and "Jane" not in exposition
+
+
+@pytest.mark.parametrize(
+    ("manufacturer", "label"),
+    [
+        ("GE MEDICAL SYSTEMS", "ge"),
+        ("GE Healthcare", "ge"),
+        ("Vantage Imaging", "other"),  # "ge" inside a word is not GE
+        ("SIEMENS", "siemens"),
+        ("Siemens Healthineers", "siemens"),
+        ("Philips Medical Systems", "philips"),
+        ("TOSHIBA", "canon"),
+        ("Canon Medical Systems", "canon"),
+        ("Hitachi Medical Corporation", "fujifilm"),
+        ("UIH", "united_imaging"),
+        ("radpipe", "radpipe"),
+        ("", "unknown"),
+        (None, "unknown"),
+        ("Doe^John", "other"),
+    ],
+)
+def test_manufacturer_label_is_bounded(manufacturer: str | None, label: str) -> None:
+    assert manufacturer_label(manufacturer) == label
+    assert label in (*MANUFACTURERS, *MANUFACTURER_OTHER)
+
+
+def test_baseline_bands_are_read_at_scrape_time() -> None:
+    metrics = Metrics(CollectorRegistry())
+    bands = [Band("lung", "nodule", "positive_rate", 0.1, 0.3)]
+    metrics.observe_baselines(lambda: bands)
+    get = metrics.registry.get_sample_value
+    labels = {"pipeline": "lung", "finding": "nodule", "quantity": "positive_rate"}
+    assert get("radpipe_finding_baseline", {**labels, "bound": "low"}) == 0.1
+    assert get("radpipe_finding_baseline", {**labels, "bound": "high"}) == 0.3
+    bands.clear()  # a reload that drops the band: its series goes with it
+    assert get("radpipe_finding_baseline", {**labels, "bound": "low"}) is None

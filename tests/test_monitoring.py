@@ -18,7 +18,15 @@ from prometheus_client import CollectorRegistry
 
 from plugin.app import Node
 from plugin.config import NodeConfig
-from plugin.metrics import QUEUES, REJECT_REASONS, STAGES
+from plugin.metrics import (
+    BASELINE_QUANTITIES,
+    EVALUATIONS,
+    MANUFACTURER_OTHER,
+    MANUFACTURERS,
+    QUEUES,
+    REJECT_REASONS,
+    STAGES,
+)
 from tests.conftest import REPO, free_port, node_config, storescu, wait_for, write_pipeline
 from tests.promql import exported_names, metric_names
 
@@ -42,10 +50,10 @@ def http_get(url: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def live_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    """One node for the module, with the demo pipeline and a destination (so the
-    per-destination series exist)."""
+    """One node for the module, with the demo pipeline (and a baseline band) and a
+    destination, so the per-destination and band series exist."""
     tmp = tmp_path_factory.mktemp("monitored")
-    write_pipeline(tmp / "pipelines")
+    write_pipeline(tmp / "pipelines", monitoring={"findings": {"nodule": {"positive_rate": [0.3, 0.7]}}})
     config = node_config(tmp, destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}})
     config["dispatch"] = {"tries": 1, "backoff_seconds": 0}
     node = Node(NodeConfig.model_validate(config), CollectorRegistry())
@@ -142,7 +150,15 @@ def test_every_promql_expression_uses_exported_metrics(live_node: Node) -> None:
     assert not unknown, unknown
     # Label values the node defines (a typo would make a panel or an alert silently empty).
     for where, expr in expressions.items():
-        for label, values in (("queue", QUEUES), ("stage", STAGES), ("reason", REJECT_REASONS)):
+        for label, values in (
+            ("queue", QUEUES),
+            ("stage", STAGES),
+            ("reason", REJECT_REASONS),
+            ("evaluation", EVALUATIONS),
+            ("quantity", BASELINE_QUANTITIES),
+            ("bound", ("low", "high")),
+            ("manufacturer", (*MANUFACTURERS, *MANUFACTURER_OTHER)),
+        ):
             for value in re.findall(rf'\b{label}\s*=\s*"([^"]*)"', expr):
                 assert value in values, f"{where}: {label}={value!r} is not one of {values}"
     # The dashboard shows what the issue asks for.
@@ -153,8 +169,15 @@ def test_every_promql_expression_uses_exported_metrics(live_node: Node) -> None:
         "radpipe_queue_depth",
         "radpipe_instances_rejected_total",
         "radpipe_model_info",
+        "radpipe_series_score_bucket",
+        "radpipe_findings_total",
+        "radpipe_finding_baseline",
+        "radpipe_series_lesions_sum",
+        "radpipe_input_slices_bucket",
+        "radpipe_input_pixel_spacing_mm_bucket",
+        "radpipe_input_series_total",
     ):
-        assert name in used
+        assert name in used, name
 
 
 def test_grafana_provisioning_points_at_the_dashboard() -> None:

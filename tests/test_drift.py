@@ -1,0 +1,257 @@
+"""Model drift, end to end: a real node scores baseline-like series and then series as a
+miscalibrated scanner would send them; what it exports moves, and the shipped drift alerts,
+fed by promtool with the node's own scraped values, fire for the shifted traffic only.
+
+The shift: the same synthetic chest CT written with Rescale Intercept -1024 (pixels read
+1024 HU too dark, a known export error) and every second slice (5 mm instead of 2.5 mm).
+"""
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom.uid import generate_uid
+
+from plugin.app import Node
+from plugin.demo.phantom import PIXEL_SPACING_MM
+from plugin.demo.series import write_synthetic_study
+from plugin.metrics import Band
+from plugin.pipeline import PipelineError, load_pipeline
+from tests.conftest import DEMO_ARTIFACT, results, storescu, wait_for, write_pipeline
+from tests.test_monitoring import PROMETHEUS, http_get, metrics_url, tool
+
+PIPELINE = "lung-nodule-demo"
+NODULE = {"pipeline": PIPELINE, "finding": "nodule"}
+# What the demo model gives on its synthetic studies (half of them with nodules), as a
+# validation would state it in the pipeline file.
+BAND = {"positive_rate": [0.3, 0.7], "mean_score": [0.45, 0.8]}
+DRIFT_ALERTS = ("RadpipePositiveRateOutOfBand", "RadpipeMeanScoreOutOfBand")
+MINUTES = 150  # promtool time: the alerts' `for: 1h` has passed at 2h
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(node: Node) -> Samples:
+    """The node's counters and histograms, and its baseline bands, from ``/metrics``."""
+    samples: Samples = {}
+    for family in text_string_to_metric_families(http_get(metrics_url(node)).decode()):
+        if family.type in ("counter", "histogram") or family.name == "radpipe_finding_baseline":
+            for sample in family.samples:
+                if not sample.name.endswith("_created"):
+                    samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def scored(node: Node) -> float:
+    """Series the node has scored for the finding (none yet: the histogram has no series)."""
+    return scrape(node).get(("radpipe_series_score_count", tuple(sorted(NODULE.items()))), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after[key] - before.get(key, 0.0)
+
+
+def input_series(instance: str, before: Samples, after: Samples) -> list[dict[str, str]]:
+    """promtool input series of an instance whose traffic, every minute, is what the node
+    counted between the two scrapes; gauges (the bands) hold their scraped value."""
+    series = []
+    for (name, labels), after_value in sorted(after.items()):
+        matchers = ", ".join(f"{k}={json.dumps(v)}" for k, v in (("job", "radpipe"), ("instance", instance), *labels))
+        if name == "radpipe_finding_baseline":
+            values = f"{after_value}x{MINUTES}"
+        else:
+            values = f"0+{after_value - before.get((name, labels), 0.0):.9f}x{MINUTES}"
+        series.append({"series": f"{name}{{{matchers}}}", "values": values})
+    return series
+
+
+def sr_probabilities(paths: list[Path]) -> list[float]:
+    """Every probability (DCM 122157) the SRs report."""
+
+    def walk(items: pydicom.Sequence) -> list[float]:
+        found = []
+        for item in items:
+            if item.ConceptNameCodeSequence[0].CodeValue == "122157":
+                found.append(float(item.MeasuredValueSequence[0].NumericValue))
+            found += walk(item.get("ContentSequence", []))
+        return found
+
+    return [p for path in paths for p in walk(pydicom.dcmread(path).ContentSequence)]
+
+
+def miscalibrated(paths: list[Path], out_dir: Path) -> list[Path]:
+    """Every second slice of a series, with Rescale Intercept -1024, as a new study."""
+    study, series = generate_uid(), generate_uid()
+    out_dir.mkdir(parents=True)
+    copies = []
+    for path in paths[::2]:
+        ds = pydicom.dcmread(path)
+        ds.RescaleIntercept = "-1024"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        copies.append(out_dir / f"{ds.SOPInstanceUID}.dcm")
+        ds.save_as(copies[-1])
+    return copies
+
+
+def promtool_test(tmp_path: Path, tests: list[dict]) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "drift_test.yml"
+    rules = [str(PROMETHEUS / "alerts.yml")]
+    path.write_text(yaml.safe_dump({"rule_files": rules, "evaluation_interval": "1m", "tests": tests}))
+    return subprocess.run(
+        [tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+
+
+def test_shifted_inputs_move_the_metrics_and_fire_the_drift_alerts(
+    tmp_path: Path, start_node: Callable[..., Node], dcmtk: None
+) -> None:
+    write_pipeline(tmp_path / "pipelines", monitoring={"findings": {"nodule": BAND}})
+    assert [b.quantity for b in load_pipeline(tmp_path / "pipelines" / f"{PIPELINE}.yaml").bands()] == list(BAND)
+    baseline = [s.paths for seed in range(3) for s in write_synthetic_study(tmp_path / f"s{seed}", seed, n_slices=16)]
+    shifted = [miscalibrated(paths, tmp_path / f"shifted{i}") for i, paths in enumerate(baseline)]
+    node = start_node()
+    scrapes = [scrape(node)]
+    for batch in (baseline, shifted):
+        assert storescu(node.port, *(p for paths in batch for p in paths)).returncode == 0
+        done = len(baseline) * len(scrapes)
+        wait_for(lambda: scored(node) == done, timeout=60, what=f"{done} series scored")  # noqa: B023
+        scrapes.append(scrape(node))
+    start, after_baseline, after_shift = scrapes
+
+    # The scores the node exports are the SRs' probabilities, one per series.
+    probabilities = sr_probabilities(results(node.results_dir))
+    assert len(probabilities) == 2 * len(baseline)
+    assert value(after_shift, "radpipe_series_score_sum", **NODULE) == pytest.approx(sum(probabilities))
+
+    # What moved, phase by phase.
+    phases = {"baseline": (start, after_baseline), "shifted": (after_baseline, after_shift)}
+    observed = {}
+    for phase, (before, after) in phases.items():
+        count = delta(before, after, "radpipe_series_score_count", **NODULE)
+        present = delta(before, after, "radpipe_findings_total", **NODULE, evaluation="present")
+        absent = delta(before, after, "radpipe_findings_total", **NODULE, evaluation="absent")
+        assert count == present + absent == len(baseline)
+        observed[phase] = {
+            "positive_rate": present / count,
+            "mean_score": delta(before, after, "radpipe_series_score_sum", **NODULE) / count,
+            "slices_le_8": delta(before, after, "radpipe_input_slices_bucket", pipeline=PIPELINE, le="8.0"),
+            "slices_le_16": delta(before, after, "radpipe_input_slices_bucket", pipeline=PIPELINE, le="16.0"),
+            "synthetic": delta(before, after, "radpipe_input_series_total", pipeline=PIPELINE, manufacturer="radpipe"),
+        }
+    print("observed per phase:", observed)
+    for quantity, (low, high) in BAND.items():
+        assert low <= observed["baseline"][quantity] <= high, (quantity, observed)
+        assert observed["shifted"][quantity] > high, (quantity, observed)
+    assert observed["baseline"]["slices_le_8"] == 0 and observed["baseline"]["slices_le_16"] == len(baseline)
+    assert observed["shifted"]["slices_le_8"] == len(baseline)
+    assert observed["baseline"]["synthetic"] == observed["shifted"]["synthetic"] == len(baseline)
+    spacing = value(after_shift, "radpipe_input_pixel_spacing_mm_sum", pipeline=PIPELINE)
+    assert spacing == pytest.approx(2 * len(baseline) * PIXEL_SPACING_MM)
+    assert value(after_shift, "radpipe_finding_baseline", **NODULE, quantity="mean_score", bound="high") == 0.8
+
+    # promtool, on the scraped values: the shifted traffic fires both alerts, the baseline neither.
+    annotations = {
+        "RadpipePositiveRateOutOfBand": (
+            "positive rate",
+            f"{observed['shifted']['positive_rate'] * 100:.4g}% of the last day's series on shifted:9400 were "
+            f"nodule Present, outside the band validated for {PIPELINE}",
+        ),
+        "RadpipeMeanScoreOutOfBand": (
+            "mean score",
+            f"The last day's series on shifted:9400 scored {observed['shifted']['mean_score']:.2f} on average for "
+            f"nodule, outside the band validated for {PIPELINE}",
+        ),
+    }
+
+    def expected(alert: str) -> dict:
+        what, description = annotations[alert]
+        return {
+            "exp_labels": {"severity": "warning", "instance": "shifted:9400", **NODULE},
+            "exp_annotations": {
+                "summary": f"radpipe pipeline {PIPELINE}: nodule {what} out of its band",
+                "description": f"{description}: check the inputs (scanner, protocol, calibration) before "
+                "trusting its results.",
+            },
+        }
+
+    def case(phase: str, fires: bool) -> dict:
+        return {
+            "name": f"{phase} traffic",
+            "interval": "1m",
+            "input_series": input_series(f"{phase}:9400", *phases[phase]),
+            "alert_rule_test": [
+                {"eval_time": "2h", "alertname": alert, "exp_alerts": [expected(alert)] if fires else []}
+                for alert in DRIFT_ALERTS
+            ],
+        }
+
+    out = promtool_test(tmp_path, [case("baseline", fires=False), case("shifted", fires=True)])
+    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+    # The same cases with the expectations swapped fail, each alert in each case.
+    out = promtool_test(tmp_path, [case("baseline", fires=True), case("shifted", fires=False)])
+    assert out.returncode == 1, out.stdout + out.stderr
+    for phase in phases:
+        for alert in DRIFT_ALERTS:
+            assert f"name: {phase} traffic,\n    alertname: {alert}, time: 2h" in out.stderr, out.stderr
+
+
+HEAD = (
+    "name: p\nversion: 1\nmatch: {Modality: CT}\nmodel: {artifact: ARTIFACT}\npostprocess:\n"
+    '  findings: [{label: nodule, code: [SCT, "27925004", Nodule]}]\nmonitoring:\n  findings:\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("band", "error"),
+    [
+        (
+            "    nodule: {positive_rate: [0.7, 0.2]}\n",
+            "9:14: monitoring.findings.nodule.positive_rate: [low, high]: low 0.7 is above high 0.2",
+        ),
+        (
+            "    nodule: {mean_score: [0.1, 1.5]}\n",
+            "9:32: monitoring.findings.nodule.mean_score.1: Input should be less than or equal to 1",
+        ),
+        (
+            "    nodule: {mean_score: [0.1]}\n",
+            "9:14: monitoring.findings.nodule.mean_score.1: Field required",
+        ),
+        (
+            "    nodule: {positive_rate: [0.1, 0.2], median: [0, 1]}\n",
+            "9:41: monitoring.findings.nodule.median: Extra inputs are not permitted",
+        ),
+        (
+            "    mass: {positive_rate: [0.1, 0.2]}\n",
+            "9:5: monitoring.findings.mass: 'mass' is not a finding of this pipeline (findings: ['nodule'])",
+        ),
+    ],
+)
+def test_a_bad_band_is_reported_at_its_key(tmp_path: Path, band: str, error: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text((HEAD + band).replace("ARTIFACT", str(DEMO_ARTIFACT)))
+    with pytest.raises(PipelineError) as raised:
+        load_pipeline(path)
+    assert str(raised.value) == f"{path}:{error}"
+
+
+def test_bands_of_a_pipeline(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        (HEAD + "    nodule: {mean_score: [0.2, 0.4], positive_rate: [0.05, 0.25]}\n").replace(
+            "ARTIFACT", str(DEMO_ARTIFACT)
+        )
+    )
+    assert load_pipeline(path).bands() == [
+        Band("p", "nodule", "positive_rate", 0.05, 0.25),
+        Band("p", "nodule", "mean_score", 0.2, 0.4),
+    ]
