@@ -7,6 +7,7 @@ The shift: the same synthetic chest CT written with Rescale Intercept -1024 (pix
 """
 
 import json
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from plugin.demo.phantom import PIXEL_SPACING_MM
 from plugin.demo.series import write_synthetic_study
 from plugin.metrics import Band
 from plugin.pipeline import PipelineError, load_pipeline
-from tests.conftest import DEMO_ARTIFACT, results, storescu, wait_for, write_pipeline
+from tests.conftest import DEMO_ARTIFACT, REPO, results, storescu, wait_for, write_pipeline
 from tests.test_monitoring import PROMETHEUS, http_get, metrics_url, tool
 
 PIPELINE = "lung-nodule-demo"
@@ -254,4 +255,14 @@ def test_bands_of_a_pipeline(tmp_path: Path) -> None:
     assert load_pipeline(path).bands() == [
         Band("p", "nodule", "positive_rate", 0.05, 0.25),
         Band("p", "nodule", "mean_score", 0.2, 0.4),
+    ]
+
+
+def test_the_readme_band_example_is_valid(tmp_path: Path) -> None:
+    [example] = re.findall(r"```yaml\n(monitoring:\n.*?)```", (REPO / "README.md").read_text(), re.S)
+    path = tmp_path / "p.yaml"
+    path.write_text(HEAD.replace("ARTIFACT", str(DEMO_ARTIFACT)).removesuffix("monitoring:\n  findings:\n") + example)
+    assert [(b.quantity, b.low, b.high) for b in load_pipeline(path).bands()] == [
+        ("positive_rate", 0.05, 0.2),
+        ("mean_score", 0.1, 0.3),
     ]
