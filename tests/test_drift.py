@@ -31,16 +31,17 @@ NODULE = {"pipeline": PIPELINE, "finding": "nodule"}
 # What the demo model gives on its synthetic studies (half of them with nodules), as a
 # validation would state it in the pipeline file.
 BAND = {"positive_rate": [0.3, 0.7], "mean_score": [0.45, 0.8]}
-DRIFT_ALERTS = ("RadpipePositiveRateOutOfBand", "RadpipeMeanScoreOutOfBand")
-MINUTES = 150  # promtool time: the alerts' `for: 1h` has passed at 2h
+BAND_ALERTS = ("RadpipePositiveRateOutOfBand", "RadpipeMeanScoreOutOfBand")
+MONITORED = ("radpipe_series_", "radpipe_finding", "radpipe_input_")
+STEP, DAY = "10m", 144  # promtool's sample and evaluation interval, and a day of them
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def scrape(node: Node) -> Samples:
-    """The node's counters and histograms, and its baseline bands, from ``/metrics``."""
+    """The node's model monitoring metrics (scores, verdicts, inputs, bands) from ``/metrics``."""
     samples: Samples = {}
     for family in text_string_to_metric_families(http_get(metrics_url(node)).decode()):
-        if family.type in ("counter", "histogram") or family.name == "radpipe_finding_baseline":
+        if family.name.startswith(MONITORED):
             for sample in family.samples:
                 if not sample.name.endswith("_created"):
                     samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
@@ -61,16 +62,27 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return after[key] - before.get(key, 0.0)
 
 
-def input_series(instance: str, before: Samples, after: Samples) -> list[dict[str, str]]:
-    """promtool input series of an instance whose traffic, every minute, is what the node
-    counted between the two scrapes; gauges (the bands) hold their scraped value."""
+def input_series(instance: str, stretches: list[tuple[Samples, Samples, int]], bands: bool) -> list[dict[str, str]]:
+    """promtool input series of an instance whose traffic every 10 minutes is what the node
+    counted between two scrapes, for each stretch of that many steps in turn; the bands
+    hold their scraped value (or are left out: a pipeline without a band)."""
+    total = sum(steps for *_, steps in stretches)
     series = []
-    for (name, labels), after_value in sorted(after.items()):
-        matchers = ", ".join(f"{k}={json.dumps(v)}" for k, v in (("job", "radpipe"), ("instance", instance), *labels))
+    for key, scraped in sorted(stretches[-1][1].items()):
+        name, labels = key
         if name == "radpipe_finding_baseline":
-            values = f"{after_value}x{MINUTES}"
+            if not bands:
+                continue
+            values = f"{scraped}x{total}"
         else:
-            values = f"0+{after_value - before.get((name, labels), 0.0):.9f}x{MINUTES}"
+            parts, level = [], 0.0
+            for i, (before, after, steps) in enumerate(stretches):
+                step = after.get(key, 0.0) - before.get(key, 0.0)
+                start, count = (0.0, steps) if i == 0 else (level + step, steps - 1)
+                parts.append(f"{start:.9f}+{step:.9f}x{count}")
+                level = start + step * count
+            values = " ".join(parts)
+        matchers = ", ".join(f"{k}={json.dumps(v)}" for k, v in (("job", "radpipe"), ("instance", instance), *labels))
         series.append({"series": f"{name}{{{matchers}}}", "values": values})
     return series
 
@@ -107,7 +119,7 @@ def miscalibrated(paths: list[Path], out_dir: Path) -> list[Path]:
 def promtool_test(tmp_path: Path, tests: list[dict]) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "drift_test.yml"
     rules = [str(PROMETHEUS / "alerts.yml")]
-    path.write_text(yaml.safe_dump({"rule_files": rules, "evaluation_interval": "1m", "tests": tests}))
+    path.write_text(yaml.safe_dump({"rule_files": rules, "evaluation_interval": STEP, "tests": tests}))
     return subprocess.run(
         [tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
@@ -160,50 +172,83 @@ def test_shifted_inputs_move_the_metrics_and_fire_the_drift_alerts(
     assert spacing == pytest.approx(2 * len(baseline) * PIXEL_SPACING_MM)
     assert value(after_shift, "radpipe_finding_baseline", **NODULE, quantity="mean_score", bound="high") == 0.8
 
-    # promtool, on the scraped values: the shifted traffic fires both alerts, the baseline neither.
-    annotations = {
-        "RadpipePositiveRateOutOfBand": (
-            "positive rate",
-            f"{observed['shifted']['positive_rate'] * 100:.4g}% of the last day's series on shifted:9400 were "
-            f"nodule Present, outside the band validated for {PIPELINE}",
-        ),
-        "RadpipeMeanScoreOutOfBand": (
-            "mean score",
-            f"The last day's series on shifted:9400 scored {observed['shifted']['mean_score']:.2f} on average for "
-            f"nodule, outside the band validated for {PIPELINE}",
-        ),
-    }
-
-    def expected(alert: str) -> dict:
-        what, description = annotations[alert]
+    # promtool, on the scraped values: the shifted traffic fires the band alerts, the baseline
+    # does not; without a band, a week of baseline and then a day of shifted traffic fires
+    # the week-long alert.
+    def alert(instance: str, summary: str, description: str) -> dict:
         return {
-            "exp_labels": {"severity": "warning", "instance": "shifted:9400", **NODULE},
+            "exp_labels": {"severity": "warning", "instance": instance, **NODULE},
             "exp_annotations": {
-                "summary": f"radpipe pipeline {PIPELINE}: nodule {what} out of its band",
+                "summary": f"radpipe pipeline {PIPELINE}: nodule {summary}",
                 "description": f"{description}: check the inputs (scanner, protocol, calibration) before "
                 "trusting its results.",
             },
         }
 
-    def case(phase: str, fires: bool) -> dict:
-        return {
-            "name": f"{phase} traffic",
-            "interval": "1m",
-            "input_series": input_series(f"{phase}:9400", *phases[phase]),
-            "alert_rule_test": [
-                {"eval_time": "2h", "alertname": alert, "exp_alerts": [expected(alert)] if fires else []}
-                for alert in DRIFT_ALERTS
-            ],
-        }
+    shifted_alerts = {
+        "RadpipePositiveRateOutOfBand": alert(
+            "shifted:9400",
+            "positive rate out of its band",
+            f"{observed['shifted']['positive_rate'] * 100:.4g}% of the last day's series on shifted:9400 were "
+            f"nodule Present, outside the band validated for {PIPELINE}",
+        ),
+        "RadpipeMeanScoreOutOfBand": alert(
+            "shifted:9400",
+            "mean score out of its band",
+            f"The last day's series on shifted:9400 scored {observed['shifted']['mean_score']:.2f} on average for "
+            f"nodule, outside the band validated for {PIPELINE}",
+        ),
+    }
+    score_shift = alert(
+        "unbanded:9400",
+        "scores shifted from last week",
+        f"The last day's mean nodule score on unbanded:9400 is "
+        f"{abs(observed['shifted']['mean_score'] - observed['baseline']['mean_score']):.2f} away from the 7 days "
+        f"before; {PIPELINE} states no band (monitoring.findings), so last week is the baseline",
+    )
 
-    out = promtool_test(tmp_path, [case("baseline", fires=False), case("shifted", fires=True)])
+    def cases(swapped: bool) -> list[dict]:
+        """The three cases; ``swapped`` expects the opposite of what should happen."""
+
+        def when(fires: bool, expected: dict) -> list[dict]:
+            return [expected] if fires != swapped else []
+
+        return [
+            {
+                "name": f"{phase} traffic",
+                "interval": STEP,
+                "input_series": input_series(f"{phase}:9400", [(*phases[phase], DAY)], bands=True),
+                "alert_rule_test": [
+                    {"eval_time": "2h", "alertname": name, "exp_alerts": when(phase == "shifted", shifted_alerts[name])}
+                    for name in BAND_ALERTS
+                ],
+            }
+            for phase in phases
+        ] + [
+            {
+                "name": "a week of baseline traffic, then a day of shifted traffic, no band",
+                "interval": STEP,
+                "input_series": input_series(
+                    "unbanded:9400", [(*phases["baseline"], 8 * DAY), (*phases["shifted"], DAY + 6)], bands=False
+                ),
+                "alert_rule_test": [
+                    {"eval_time": "8d", "alertname": "RadpipeScoreShift", "exp_alerts": when(False, score_shift)},
+                    {"eval_time": "9d", "alertname": "RadpipeScoreShift", "exp_alerts": when(True, score_shift)},
+                    *({"eval_time": "9d", "alertname": name, "exp_alerts": []} for name in BAND_ALERTS),
+                ],
+            }
+        ]
+
+    out = promtool_test(tmp_path, cases(swapped=False))
     assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
-    # The same cases with the expectations swapped fail, each alert in each case.
-    out = promtool_test(tmp_path, [case("baseline", fires=True), case("shifted", fires=False)])
+    # With the expectations swapped, promtool fails every one of them.
+    out = promtool_test(tmp_path, cases(swapped=True))
     assert out.returncode == 1, out.stdout + out.stderr
     for phase in phases:
-        for alert in DRIFT_ALERTS:
-            assert f"name: {phase} traffic,\n    alertname: {alert}, time: 2h" in out.stderr, out.stderr
+        for name in BAND_ALERTS:
+            assert f"name: {phase} traffic,\n    alertname: {name}, time: 2h" in out.stderr, out.stderr
+    for time in ("8d", "9d"):
+        assert f"alertname: RadpipeScoreShift, time: {time}," in out.stderr, out.stderr
 
 
 HEAD = (
