@@ -140,6 +140,41 @@ def route(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+@command(
+    CONFIG,
+    arg("--since", metavar="AGE", help="only what arrived in this last span: 30m, 12h, 7d, 2w (default: all)"),
+    arg("pipeline", type=Path, help="pipeline file (need not be in the pipelines folder)"),
+)
+def replay(args: argparse.Namespace) -> int:
+    """Judge a pipeline's match and completion rules over the series the node received (from the
+    journal; nothing is re-sent): the series it would take, and why not the others."""
+    import time
+
+    from plugin.config import load_config
+    from plugin.journal import Journal
+    from plugin.pipeline import load_pipeline_files
+    from plugin.replay import parse_duration, replay, report
+
+    try:
+        since = time.time() - parse_duration(args.since) if args.since else 0.0
+    except ValueError as e:
+        print(f"--since: {e}")
+        return 1
+    config = load_config(args.config)
+    (pipeline,) = load_pipeline_files([args.pipeline], set(config.destinations))
+    path = (config.storage.dir / "journal.sqlite").absolute()
+    if not path.is_file():
+        print(f"no journal at {path}: has the node run with this config?")
+        return 1
+    journal = Journal(path)
+    try:
+        verdicts = replay(pipeline, journal, since)
+    finally:
+        journal.close()
+    print("\n".join(report(pipeline, verdicts, since)))
+    return 0
+
+
 @command(CONFIG, arg("--jobs", type=int, default=10, help="how many recent jobs to list"))
 def status(args: argparse.Namespace) -> int:
     """Show the pipelines folder, queues, recent jobs, failed jobs and dead letters (reads the journal)."""

@@ -231,6 +231,18 @@ class Journal:
             ).fetchall()
         return [PendingSeries(*row) for row in rows]
 
+    def received_series(self, since: float = 0.0) -> list[PendingSeries]:
+        """Every series with instances received at or after ``since`` (epoch seconds), pending
+        or not, in order of arrival; ``first_path`` is the instance the assembler would route on."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_instance_uid, series_instance_uid, COUNT(*), MIN(received_at),"
+                " MAX(received_at), MIN(path) FROM instances WHERE received_at >= ?"
+                " GROUP BY study_instance_uid, series_instance_uid ORDER BY MIN(received_at), series_instance_uid",
+                (since,),
+            ).fetchall()
+        return [PendingSeries(*row) for row in rows]
+
     def create_batches(
         self, study_uid: str, series: Sequence[tuple[PendingSeries, Sequence[JobSpec]]], study_jobs: Sequence[JobSpec]
     ) -> list[int]:
