@@ -143,17 +143,20 @@ def route(args: argparse.Namespace) -> int:
 @command(
     CONFIG,
     arg("--since", metavar="AGE", help="only what arrived in this last span: 30m, 12h, 7d, 2w (default: all)"),
+    arg("--run", action="store_true", help="also run it on those series' instances in the spool; nothing is sent"),
+    arg("--out", type=Path, default=Path("radpipe-replay"), help="where --run keeps its journal and results"),
     arg("pipeline", type=Path, help="pipeline file (need not be in the pipelines folder)"),
 )
 def replay(args: argparse.Namespace) -> int:
     """Judge a pipeline's match and completion rules over the series the node received (from the
-    journal; nothing is re-sent): the series it would take, and why not the others."""
+    journal; nothing is re-sent): the series it would take, and why not the others. With --run,
+    also run it on them, results kept in --out."""
     import time
 
     from plugin.config import load_config
     from plugin.journal import Journal
     from plugin.pipeline import load_pipeline_files
-    from plugin.replay import parse_duration, replay, report
+    from plugin.replay import parse_duration, replay, report, run_locally, run_report
 
     try:
         since = time.time() - parse_duration(args.since) if args.since else 0.0
@@ -166,12 +169,21 @@ def replay(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"no journal at {path}: has the node run with this config?")
         return 1
+    if args.run and (args.out / "journal.sqlite").exists():
+        print(f"{args.out} holds an earlier run: choose another --out")
+        return 1
     journal = Journal(path)
     try:
         verdicts = replay(pipeline, journal, since)
+        print("\n".join(report(pipeline, verdicts, since)))
+        if args.run:
+            local = run_locally(pipeline, journal, verdicts, args.out, since)
+            try:
+                print("\n".join(run_report(local, args.out)))
+            finally:
+                local.close()
     finally:
         journal.close()
-    print("\n".join(report(pipeline, verdicts, since)))
     return 0
 
 

@@ -243,6 +243,14 @@ class Journal:
             ).fetchall()
         return [PendingSeries(*row) for row in rows]
 
+    def received_instances(self, since: float = 0.0) -> list[InstanceRecord]:
+        """Every instance received at or after ``since`` (epoch seconds), pending or not."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM instances WHERE received_at >= ? ORDER BY received_at, sop_instance_uid", (since,)
+            ).fetchall()
+        return [InstanceRecord(*row) for row in rows]
+
     def create_batches(
         self, study_uid: str, series: Sequence[tuple[PendingSeries, Sequence[JobSpec]]], study_jobs: Sequence[JobSpec]
     ) -> list[int]:

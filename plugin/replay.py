@@ -1,20 +1,21 @@
 """Replay: what a pipeline would have taken of what the node received, judged from the journal.
 
-Nothing is re-sent or re-run. Each journaled series is judged as the assembler judges it:
-the router's match rule on the header of the series' first instance (read from the spool up
-to Pixel Data), then the pipeline's completion rule on the journaled instance count. Quiet
+Nothing is re-sent. Each journaled series is judged as the assembler judges it: the router's
+match rule on the header of the series' first instance (read from the spool up to Pixel
+Data), then the pipeline's completion rule on the journaled instance count. Quiet
 period, maximum wait and expected count only decide *when* a series closes, and every
 received series closes eventually, so ``min_instances`` is the one completion rule that
-decides *whether* a job is queued.
+decides *whether* a job is queued. :func:`run_locally` (``--run``) then runs the pipeline on
+what it would take, kept apart from the node.
 """
 
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from plugin.journal import Journal, PendingSeries
+from plugin.journal import JobSpec, Journal, PendingSeries
 from plugin.pipeline import Pipeline
 from plugin.router import Router, UnreadableFile, read_header
 
@@ -78,4 +79,68 @@ def report(pipeline: Pipeline, verdicts: list[SeriesVerdict], since: float) -> l
     lines += [f"  study {s.study_instance_uid}  series {s.series_instance_uid}  {s.count} instance(s)" for s in taken]
     lines.append(f"would not take {sum(reasons.values())} series:")
     lines += [f"  {n:>5}  {reason}" for reason, n in sorted(reasons.items(), key=lambda item: (-item[1], item[0]))]
+    return lines
+
+
+def run_locally(
+    pipeline: Pipeline, journal: Journal, verdicts: list[SeriesVerdict], out: Path, since: float
+) -> Journal:
+    """Run the pipeline on the instances of the series it would take, as the node would (the
+    node's runner, on the spool's files), with a journal of its own in ``out``: results land in
+    ``out/results``, nothing is dispatched and the node's journal is only read. Returns that
+    journal (open), whose jobs and results say what came of each series."""
+    from prometheus_client import CollectorRegistry  # the runner's imports (torch) only for --run
+
+    from plugin.metrics import Metrics
+    from plugin.models.pool import ModelPool
+    from plugin.prepare import Preparer
+    from plugin.quarantine import Quarantine
+    from plugin.runner import Runner
+
+    taken = {v.series.series_instance_uid for v in verdicts if v.failure is None}
+    studies = {v.series.study_instance_uid for v in verdicts if v.failure is None}
+    study_level = pipeline.completion.level == "study"
+    local = Journal(out / "journal.sqlite")
+    for record in journal.received_instances(since):
+        if (record.study_instance_uid in studies) if study_level else (record.series_instance_uid in taken):
+            local.record_instance(replace(record, batch_id=None))
+    spec = JobSpec(pipeline.name, pipeline.version, pipeline.sha256, pipeline.priority)
+    by_study: dict[str, list[PendingSeries]] = {}
+    for series in local.pending_series():
+        by_study.setdefault(series.study_instance_uid, []).append(series)
+    for study_uid, pending in by_study.items():
+        if study_level:
+            local.create_batches(study_uid, [(s, []) for s in pending], [spec])
+        else:
+            local.create_batches(study_uid, [(s, [spec]) for s in pending], [])
+    metrics = Metrics(CollectorRegistry())
+    runner = Runner(
+        local,
+        Router([pipeline]),
+        ModelPool(metrics),
+        out / "results",
+        [],
+        Quarantine(out / "quarantine"),
+        metrics,
+        Preparer(0),
+    )
+    try:
+        while runner.step():
+            pass
+    finally:
+        runner.stop()
+    return local
+
+
+def run_report(local: Journal, out: Path) -> list[str]:
+    """Each local job: its status and error, the series (or study) it ran on, what it wrote."""
+    lines = [f"ran on the spool's instances, results in {out / 'results'} (nothing dispatched):"]
+    for job in local.jobs():
+        records = local.batch_instances(job.batch_id)
+        series = sorted({r.series_instance_uid for r in records})
+        where = f"series {series[0]}" if len(series) == 1 else f"{len(series)} series"
+        written = ", ".join(f"{r.kind} {Path(r.path).relative_to(out)}" for r in local.results(job.id))
+        lines.append(
+            f"  job #{job.id} {job.status}  study {records[0].study_instance_uid}  {where}: {job.error or written}"
+        )
     return lines

@@ -15,6 +15,7 @@ from tests.conftest import PYDICOM_FILES, storescu, write_pipeline
 DEMO_MATCH = {"Modality": "CT", "Manufacturer": "radpipe", "ManufacturerModelName": "radpipe phantom"}
 _TAKEN = re.compile(r"^  study (\S+)  series (\S+)  (\d+) instance\(s\)$")
 _REFUSED = re.compile(r"^ +(\d+)  (.+)$")
+_RAN = re.compile(r"^  job #\d+ (\w+)  study (\S+)  series (\S+): sr (\S+)$")
 
 
 def _uids(path: Path) -> tuple[str, str]:
@@ -78,6 +79,23 @@ def test_replay_over_a_received_journal(
                 "Manufacturer == 'radpipe' failed (actual: GE MEDICAL SYSTEMS)": 1,
             }
         ),
+    )
+
+    # --run: the node's runner on the spool's files, results kept in --out, the node's journal untouched.
+    out = tmp_path / "out"
+    code, ran = radpipe("replay", str(write_pipeline(pipelines)), "--config", str(config), "--run", "--out", str(out))
+    assert code == 0, ran
+    jobs = [m.groups() for line in ran.splitlines() if (m := _RAN.match(line))]
+    assert {(status, study, series) for status, study, series, _ in jobs} == {
+        ("done", study, series) for study, series, _ in synthetic
+    }
+    for _, study, series, path in jobs:
+        evidence = pydicom.dcmread(out / path).CurrentRequestedProcedureEvidenceSequence[0]
+        assert (evidence.StudyInstanceUID, evidence.ReferencedSeriesSequence[0].SeriesInstanceUID) == (study, series)
+    assert node.journal.jobs() == []
+    assert radpipe("replay", str(write_pipeline(pipelines)), "--config", str(config), "--run", "--out", str(out)) == (
+        1,
+        f"{out} holds an earlier run: choose another --out\n",
     )
 
     not_synthetic = write_pipeline(
