@@ -187,6 +187,41 @@ def replay(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    CONFIG,
+    arg("--since", metavar="AGE", help="only series the shadow finished in this last span: 30m, 12h, 7d, 2w"),
+    arg("live", help="name of the live pipeline (the reference)"),
+    arg("shadow", help="name of the shadow pipeline that shadows it"),
+)
+def compare(args: argparse.Namespace) -> int:
+    """Compare a shadow pipeline with the live one it shadows, from the journal: per finding
+    agreement, sensitivity and specificity (the live result as reference), and every series
+    where they disagree, by Study/Series Instance UID."""
+    import time
+
+    from plugin.compare import report
+    from plugin.config import load_config
+    from plugin.journal import Journal
+    from plugin.replay import parse_duration
+
+    try:
+        since = time.time() - parse_duration(args.since) if args.since else 0.0
+    except ValueError as e:
+        print(f"--since: {e}")
+        return 1
+    path = (load_config(args.config).storage.dir / "journal.sqlite").absolute()
+    if not path.is_file():
+        print(f"no journal at {path}: has the node run with this config?")
+        return 1
+    journal = Journal(path)
+    try:
+        pairs = journal.finding_pairs(args.live, args.shadow, since)
+    finally:
+        journal.close()
+    print("\n".join(report(args.live, args.shadow, pairs, since)))
+    return 0
+
+
 @command(CONFIG, arg("--jobs", type=int, default=10, help="how many recent jobs to list"))
 def status(args: argparse.Namespace) -> int:
     """Show the pipelines folder, queues, recent jobs, failed jobs and dead letters (reads the journal)."""

@@ -76,6 +76,15 @@ CREATE TABLE IF NOT EXISTS deliveries (
     delivered_at REAL,
     PRIMARY KEY (result_id, destination)
 );
+-- What each classification job found, per finding: what a shadow pipeline is compared on.
+-- (CREATE ... IF NOT EXISTS: a journal of an earlier radpipe gains it empty on open.)
+CREATE TABLE IF NOT EXISTS findings (
+    job_id INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    probability REAL NOT NULL,
+    present INTEGER NOT NULL,
+    PRIMARY KEY (job_id, label)
+);
 -- Each destination's sender polls for its due deliveries several times a second: this
 -- keeps that poll proportional to what is pending, not to everything ever delivered.
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, next_attempt_at)
@@ -142,6 +151,24 @@ class ResultRecord:
     kind: str
     path: str
     sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class FindingPair:
+    """One finding of one series (``series_instance_uid`` None: a study) as a shadow
+    pipeline and the live pipeline it shadows each reported it."""
+
+    study_instance_uid: str
+    series_instance_uid: str | None
+    label: str
+    live_probability: float
+    live_present: bool
+    shadow_probability: float
+    shadow_present: bool
+
+    @property
+    def agree(self) -> bool:
+        return self.live_present == self.shadow_present
 
 
 @dataclass(frozen=True)
@@ -331,11 +358,22 @@ class Journal:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
         return [JobRecord(*row) for row in rows]
 
-    def complete_job(self, job_id: int, results: Sequence[tuple[str, str, str]], destinations: Sequence[str]) -> None:
-        """The job's results (kind, path, SOP Instance UID) are on disk: mark the job done
-        and queue one delivery per result and destination."""
+    def complete_job(
+        self,
+        job_id: int,
+        results: Sequence[tuple[str, str, str]],
+        destinations: Sequence[str],
+        findings: Sequence[tuple[str, float, bool]] = (),
+    ) -> None:
+        """The job's results (kind, path, SOP Instance UID) are on disk: mark the job done,
+        keep its ``findings`` (label, probability, present) and queue one delivery per
+        result and destination."""
         with self._transaction() as db:
             db.execute("UPDATE jobs SET status = 'done', finished_at = ? WHERE id = ?", (time.time(), job_id))
+            db.executemany(
+                "INSERT INTO findings (job_id, label, probability, present) VALUES (?, ?, ?, ?)",
+                [(job_id, label, probability, int(present)) for label, probability, present in findings],
+            )
             for kind, path, sop_uid in results:
                 cursor = db.execute(
                     "INSERT INTO results (job_id, kind, path, sop_instance_uid) VALUES (?, ?, ?, ?)",
@@ -350,6 +388,27 @@ class Journal:
         with self._lock:
             rows = self._db.execute("SELECT * FROM results WHERE job_id = ? ORDER BY id", (job_id,)).fetchall()
         return [ResultRecord(*row) for row in rows]
+
+    def finding_pairs(
+        self, live: str, shadow: str, since: float = 0.0, shadow_job: int | None = None
+    ) -> list[FindingPair]:
+        """Every finding that ``shadow`` and ``live`` both reported on the same batch (its
+        shadow job finished since ``since``; with ``shadow_job``, of that job only)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT b.study_instance_uid, b.series_instance_uid, sf.label, lf.probability, lf.present,"
+                " sf.probability, sf.present FROM jobs sj"
+                " JOIN jobs lj ON lj.batch_id = sj.batch_id AND lj.pipeline = ? AND lj.status = 'done'"
+                " JOIN batches b ON b.id = sj.batch_id JOIN findings sf ON sf.job_id = sj.id"
+                " JOIN findings lf ON lf.job_id = lj.id AND lf.label = sf.label"
+                " WHERE sj.pipeline = ? AND sj.status = 'done' AND sj.finished_at >= ? AND (? IS NULL OR sj.id = ?)"
+                " ORDER BY sj.id, sf.label",
+                (live, shadow, since, shadow_job, shadow_job),
+            ).fetchall()
+        return [
+            FindingPair(study, series, label, live_p, bool(live_present), shadow_p, bool(shadow_present))
+            for study, series, label, live_p, live_present, shadow_p, shadow_present in rows
+        ]
 
     def fail_job(self, job_id: int, error: str) -> None:
         with self._transaction() as db:
@@ -493,6 +552,7 @@ class Journal:
             jobs = f"SELECT id FROM jobs WHERE batch_id IN ({batches})"
             results = f"SELECT id FROM results WHERE job_id IN ({jobs})"
             db.execute(f"DELETE FROM deliveries WHERE result_id IN ({results})", (study_uid,))
+            db.execute(f"DELETE FROM findings WHERE job_id IN ({jobs})", (study_uid,))
             db.execute(f"DELETE FROM results WHERE job_id IN ({jobs})", (study_uid,))
             db.execute(f"DELETE FROM jobs WHERE batch_id IN ({batches})", (study_uid,))
             db.execute("DELETE FROM batches WHERE study_instance_uid = ?", (study_uid,))

@@ -8,7 +8,8 @@ Model monitoring: what each finished series gave (its score, Present/Absent, les
 what the model saw (slices, pixel spacing, manufacturer), per pipeline, so that alert rules
 can tell when production leaves the band the model was validated in. Every label value is
 from a bounded set: pipeline and finding names, and a manufacturer mapped onto
-:data:`MANUFACTURERS`; nothing from a patient.
+:data:`MANUFACTURERS`; nothing from a patient. A shadow pipeline's findings are also set
+against those of the live pipeline it shadows (agree/disagree, score difference).
 """
 
 import math
@@ -24,6 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydicom import Dataset
+
+from plugin.journal import FindingPair
 
 STAGES = ("receive", "wait", "load", "preprocess", "infer", "write", "dispatch")
 QUEUES = ("assembly", "jobs", "running", "dispatch", "dead_letter")
@@ -78,8 +81,10 @@ _MANUFACTURER_PATTERNS = {
     name: re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b") for name, words in MANUFACTURERS.items()
 }
 EVALUATIONS = ("present", "absent")
+AGREEMENTS = ("agree", "disagree")  # a shadow's Present/Absent against its live pipeline's
 BASELINE_QUANTITIES = ("positive_rate", "mean_score")  # the keys of a pipeline's monitoring.findings.<label>
 
+_DIFFERENCE_BUCKETS = (-0.5, -0.2, -0.1, -0.05, -0.01, 0.01, 0.05, 0.1, 0.2, 0.5)
 _SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 _LESION_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50)
 _SLICE_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -184,6 +189,19 @@ class Metrics:
             ["pipeline", "manufacturer"],
             registry=r,
         )
+        self.shadow_agreement = Counter(
+            "radpipe_shadow_agreement",
+            "Series a shadow pipeline and the live one it shadows both evaluated, per finding: agree or disagree",
+            ["pipeline", "live", "finding", "agreement"],
+            registry=r,
+        )
+        self.shadow_score_difference = Histogram(
+            "radpipe_shadow_score_difference",
+            "A shadow pipeline's series probability minus its live pipeline's, per finding",
+            ["pipeline", "live", "finding"],
+            buckets=_DIFFERENCE_BUCKETS,
+            registry=r,
+        )
         self.model_info = Gauge(
             "radpipe_model_info",
             "Loaded models (value is always 1)",
@@ -226,6 +244,14 @@ class Metrics:
         for evaluation in EVALUATIONS:  # both exist from the first series on, so rates start at 0
             self.findings.labels(pipeline, finding, evaluation)
         self.findings.labels(pipeline, finding, "present" if present else "absent").inc()
+
+    def observe_agreement(self, shadow: str, live: str, pair: FindingPair) -> None:
+        """One finding of a series that a shadow and its live pipeline both evaluated."""
+        labels = (shadow, live, pair.label)
+        for agreement in AGREEMENTS:  # both exist from the first series on, so rates start at 0
+            self.shadow_agreement.labels(*labels, agreement)
+        self.shadow_agreement.labels(*labels, "agree" if pair.agree else "disagree").inc()
+        self.shadow_score_difference.labels(*labels).observe(pair.shadow_probability - pair.live_probability)
 
     def observe_lesions(self, pipeline: str, segment: str, count: int) -> None:
         self.series_lesions.labels(pipeline, segment).observe(count)

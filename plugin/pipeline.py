@@ -299,7 +299,18 @@ def _fits_input(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+SHADOW_PRIORITY = -100  # the lowest: a shadow's jobs wait for every live job
+
+
 class Pipeline(_Strict):
+    """One pipeline file. ``mode: shadow`` (default ``live``) tries a candidate on live
+    traffic without reporting it: with ``shadow_of: <live pipeline's name>`` it runs on each
+    series (or study) that live pipeline takes and its own ``match`` also accepts (copy the
+    live one's), after it (``priority`` defaults to -100 and must be below the live one's);
+    its SR/SEG are written and journaled but never sent, whatever ``destinations`` says.
+    Example: ``mode: shadow``, ``shadow_of: lung-nodule-demo``. ``radpipe compare`` and the
+    ``radpipe_shadow_*`` metrics set its findings against the live one's."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     version: str = Field(min_length=1, max_length=32)
     task: Literal["classification", "segmentation"] = "classification"
@@ -313,6 +324,8 @@ class Pipeline(_Strict):
     destinations: list[str] | None = None
     priority: int = Field(default=0, ge=-100, le=100)
     monitoring: Monitoring = Monitoring()
+    mode: Literal["live", "shadow"] = "live"
+    shadow_of: str | None = None
 
     _rule: Rule | None = PrivateAttr(default=None)
     _source: Path | None = PrivateAttr(default=None)
@@ -322,6 +335,14 @@ class Pipeline(_Strict):
     @classmethod
     def _version_as_text(cls, value: Any) -> Any:
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shadow_runs_last(cls, data: Any) -> Any:
+        """A shadow waits for live work unless its file says otherwise (checked across files)."""
+        if isinstance(data, dict) and data.get("mode") == "shadow":
+            return {"priority": SHADOW_PRIORITY, **data}
+        return data
 
     @model_validator(mode="after")
     def _fits_task(self) -> "Pipeline":
@@ -353,6 +374,10 @@ class Pipeline(_Strict):
             for label in self.monitoring.findings
             if label not in labels
         ]
+        if self.mode == "shadow" and self.shadow_of is None:
+            errors.append((("mode",), "a shadow names the live pipeline it shadows: add shadow_of: <its name>"))
+        if self.mode == "live" and self.shadow_of is not None:
+            errors.append((("shadow_of",), "only a pipeline with mode: shadow shadows another"))
         if self.model.optimize is not None and (problem := task_problem(self.model.optimize, self.task)):
             errors.append((("model", "optimize"), problem))  # caught by validate, not first by optimize
         if errors:
@@ -390,12 +415,40 @@ class Pipeline(_Strict):
 
     def destinations_in(self, configured: list[str]) -> list[str]:
         """Where results go: the listed destinations, or every configured one when the
-        pipeline lists none (``destinations: []`` sends nowhere)."""
+        pipeline lists none (``destinations: []`` sends nowhere); a shadow's go nowhere."""
+        if self.mode == "shadow":
+            return []
         return configured if self.destinations is None else self.destinations
 
 
 class PipelineError(Exception):
     """Pipeline files are invalid; ``str()`` is one ``file:line:column: message`` per error."""
+
+
+def _shadow_problem(shadow: Pipeline, source: YAMLFile, pipelines: list[Pipeline]) -> str | None:
+    """Why a shadow cannot run beside the live pipeline it names (None: it can, or it is live)."""
+    if shadow.mode != "shadow":
+        return None
+    live = next((p for p in pipelines if p.name == shadow.shadow_of and p.mode == "live"), None)
+    if live is None:
+        live_names = sorted(p.name for p in pipelines if p.mode == "live")
+        return (
+            f"{source.where(('shadow_of',))}: shadow_of: no live pipeline {shadow.shadow_of!r} "
+            f"is loaded with it (live pipelines: {live_names or 'none'})"
+        )
+    for key, mine, theirs in (
+        ("task", shadow.task, live.task),
+        ("completion.level", shadow.completion.level, live.completion.level),
+    ):
+        if mine != theirs:
+            where = source.where(tuple(key.split(".")))
+            return f"{where}: {key}: {mine!r} differs from {theirs!r} of the live pipeline {live.name}"
+    if shadow.priority >= live.priority:
+        return (
+            f"{source.where(('priority',))}: priority: a shadow runs after its live pipeline: "
+            f"set it below {live.priority} ({live.name}'s)"
+        )
+    return None
 
 
 def _check_artifact(pipeline: Pipeline, source: YAMLFile) -> list[str]:
@@ -485,6 +538,7 @@ def load_pipeline_files(paths: list[Path], destinations: set[str]) -> list[Pipel
     pipelines: list[Pipeline] = []
     errors: list[str] = []
     names: dict[str, Path] = {}
+    loaded: list[tuple[Pipeline, YAMLFile]] = []
     for path in paths:
         pipeline, source, file_errors = read_pipeline(path)
         errors += file_errors
@@ -503,6 +557,8 @@ def load_pipeline_files(paths: list[Path], destinations: set[str]) -> list[Pipel
             )
         names[pipeline.name] = path
         pipelines.append(pipeline)
+        loaded.append((pipeline, source))
+    errors += [error for p, source in loaded if (error := _shadow_problem(p, source, pipelines))]
     if errors:
         raise PipelineError("\n".join(errors))
     return sorted(pipelines, key=lambda p: (-p.priority, p.name))

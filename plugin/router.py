@@ -64,7 +64,21 @@ class Router:
             return self._versions.get(sha256)
 
     def explain(self, header: Dataset) -> list[Verdict]:
-        return [Verdict(p, p.rule.failure(header)) for p in self.pipelines]
+        """A shadow takes only what its live pipeline takes (and its own rule accepts)."""
+        pipelines = self.pipelines
+        failures = {p.name: p.rule.failure(header) for p in pipelines}
+        return [
+            Verdict(
+                p,
+                failures[p.name]
+                or (
+                    f"shadows {p.shadow_of}, which does not take it"
+                    if p.shadow_of is not None and failures.get(p.shadow_of) is not None
+                    else None
+                ),
+            )
+            for p in pipelines
+        ]
 
     def matching(self, header: Dataset) -> list[Pipeline]:
         return [v.pipeline for v in self.explain(header) if v.matches]

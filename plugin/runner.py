@@ -412,7 +412,11 @@ class Runner(Worker):
             else:
                 result = findings(pipeline.postprocess, artifact.classes, model_output)
                 written, summary = self._write_findings(work, result, algorithm)
-        self._journal.complete_job(job.id, written, pipeline.destinations_in(self._destinations))
+        reported = [] if pipeline.task == "segmentation" else [(f.spec.label, f.probability, f.present) for f in result]
+        self._journal.complete_job(job.id, written, pipeline.destinations_in(self._destinations), reported)
+        if pipeline.shadow_of is not None:  # its live job ran first (priority); counted once, here
+            for pair in self._journal.finding_pairs(pipeline.shadow_of, name, shadow_job=job.id):
+                self._metrics.observe_agreement(name, pipeline.shadow_of, pair)
         # The series' result is final (journaled): monitoring sees it once, as the SR reports it.
         self._metrics.observe_input(name, [s.header for s in work.sources])
         if pipeline.task == "segmentation":
