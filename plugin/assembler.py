@@ -23,6 +23,7 @@ import pydicom
 from pydicom import Dataset
 
 from plugin.journal import JobSpec, Journal, PendingSeries
+from plugin.logs import log_context
 from plugin.metrics import Metrics
 from plugin.pipeline import Completion, Pipeline
 from plugin.router import Router
@@ -87,26 +88,33 @@ class Assembler(Worker):
         for series in self._journal.pending_series():
             studies.setdefault(series.study_instance_uid, []).append(series)
         for study_uid, pending in studies.items():
-            plans = []
-            for series in pending:
-                header = self._header(series)
-                plans.append((series, header, self._router.matching(header) if header is not None else []))
-            study_level = {p.name: p for _, _, matches in plans for p in matches if p.completion.level == "study"}
-            if study_level:
-                rules = [p.completion for _, _, matches in plans for p in matches]
-                first = min(s.first_received for s in pending)
-                last = max(s.last_received for s in pending)
-                count = sum(s.count for s in pending)
-                if is_complete(rules, first, last, count, plans[0][1], now):
-                    self._close(study_uid, plans, list(study_level.values()), now)
-                    closed = True
-                continue
-            for plan in plans:
-                series, header, matches = plan
-                rules = [p.completion for p in matches]
-                if is_complete(rules, series.first_received, series.last_received, series.count, header, now):
-                    self._close(study_uid, [plan], [], now)
-                    closed = True
+            with log_context(study_uid=study_uid):
+                closed |= self._step_study(study_uid, pending, now)
+        return closed
+
+    def _step_study(self, study_uid: str, pending: list[PendingSeries], now: float) -> bool:
+        """Close the study's complete series, or the whole study; True if any was."""
+        plans = []
+        for series in pending:
+            header = self._header(series)
+            plans.append((series, header, self._router.matching(header) if header is not None else []))
+        study_level = {p.name: p for _, _, matches in plans for p in matches if p.completion.level == "study"}
+        if study_level:
+            rules = [p.completion for _, _, matches in plans for p in matches]
+            first = min(s.first_received for s in pending)
+            last = max(s.last_received for s in pending)
+            count = sum(s.count for s in pending)
+            if not is_complete(rules, first, last, count, plans[0][1], now):
+                return False
+            self._close(study_uid, plans, list(study_level.values()), now)
+            return True
+        closed = False
+        for plan in plans:
+            series, header, matches = plan
+            rules = [p.completion for p in matches]
+            if is_complete(rules, series.first_received, series.last_received, series.count, header, now):
+                self._close(study_uid, [plan], [], now)
+                closed = True
         return closed
 
     def _close(

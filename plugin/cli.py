@@ -5,12 +5,17 @@ import logging
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from plugin import __version__
-from plugin.logs import FORMATS
+from plugin.logs import FORMATS, trace_id
 from plugin.logs import configure as configure_logging
+
+if TYPE_CHECKING:
+    from plugin.journal import Journal
 
 Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Handler, list[tuple[tuple[str, ...], dict]]]] = {}
@@ -151,8 +156,6 @@ def replay(args: argparse.Namespace) -> int:
     """Judge a pipeline's match and completion rules over the series the node received (from the
     journal; nothing is re-sent): the series it would take, and why not the others. With --run,
     also run it on them, results kept in --out."""
-    import time
-
     from plugin.config import load_config
     from plugin.journal import Journal
     from plugin.pipeline import load_pipeline_files
@@ -197,8 +200,6 @@ def compare(args: argparse.Namespace) -> int:
     """Compare a shadow pipeline with the live one it shadows, from the journal: per finding
     agreement, sensitivity and specificity (the live result as reference), and every series
     where they disagree, by Study/Series Instance UID."""
-    import time
-
     from plugin.compare import report
     from plugin.config import load_config
     from plugin.journal import Journal
@@ -222,9 +223,15 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
-@command(CONFIG, arg("--jobs", type=int, default=10, help="how many recent jobs to list"))
+@command(
+    CONFIG,
+    arg("--jobs", type=int, default=10, help="how many recent jobs to list"),
+    arg("--trace", metavar="ID", help="only this study's path: instances, jobs and deliveries"),
+    arg("--study", metavar="UID", help="the same, by StudyInstanceUID"),
+)
 def status(args: argparse.Namespace) -> int:
-    """Show the pipelines folder, queues, recent jobs, failed jobs and dead letters (reads the journal)."""
+    """Show the pipelines folder, queues, recent jobs, failed jobs and dead letters with their
+    studies' trace ids; with --trace or --study, one study's path (reads the journal)."""
     from plugin.app import read_pipelines
     from plugin.config import load_config
     from plugin.journal import Journal
@@ -243,22 +250,61 @@ def status(args: argparse.Namespace) -> int:
         return 1
     journal = Journal(path)
     try:
+        if args.trace or args.study:
+            study = args.study or journal.study_of_trace(args.trace)
+            if study is None:
+                print(f"trace {args.trace}: no such study in the journal")
+                return 1
+            print("\n".join(study_path(journal, study)))
+            return 0
         print("queues: " + ", ".join(f"{name}={depth}" for name, depth in journal.queue_depths().items()))
         print("recent jobs:")
         for job in journal.recent_jobs(args.jobs):
             error = f"  {job.error}" if job.error else ""
-            print(f"  #{job.id:<5} {job.status:<8} {job.pipeline} v{job.pipeline_version}{error}")
+            trace = trace_id(journal.batch_study(job.batch_id) or "")
+            print(f"  #{job.id:<5} {job.status:<8} trace={trace} {job.pipeline} v{job.pipeline_version}{error}")
         failed = [j for j in journal.jobs() if j.status == "failed"]
         print(f"failed jobs: {len(failed)}" + ("  (radpipe retry)" if failed else ""))
+        for job in failed:
+            print(f"  #{job.id} trace={trace_id(journal.batch_study(job.batch_id) or '')} {job.pipeline}: {job.error}")
         dead = journal.deliveries(status="dead")
         print(f"dead letters: {len(dead)}" + ("  (radpipe retry --dead-letter)" if dead else ""))
         for delivery in dead:
+            trace = trace_id(delivery.study_instance_uid)
             print(
-                f"  job #{delivery.job_id} -> {delivery.destination}: {delivery.attempts} tries, {delivery.last_error}"
+                f"  job #{delivery.job_id} trace={trace} -> {delivery.destination}: {delivery.attempts} tries,"
+                f" {delivery.last_error}"
             )
     finally:
         journal.close()
     return 0
+
+
+def study_path(journal: "Journal", study_uid: str) -> list[str]:
+    """One study's way through the node, as ``status --trace`` prints it."""
+
+    def when(seconds: float | None) -> str:
+        return "-" if seconds is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+    count, first, last = journal.study_received(study_uid)
+    lines = [
+        f"trace {trace_id(study_uid)}: study {study_uid}",
+        f"instances: {count} received, {when(first)} .. {when(last)}",
+    ]
+    jobs = journal.study_jobs(study_uid)
+    lines.append(f"jobs: {len(jobs)}")
+    for job in jobs:
+        error = f"  {job.error}" if job.error else ""
+        lines.append(
+            f"  #{job.id:<5} {job.status:<8} {job.pipeline} v{job.pipeline_version}"
+            f" created {when(job.created_at)}, started {when(job.started_at)}, finished {when(job.finished_at)}{error}"
+        )
+    deliveries = journal.deliveries(study_uid=study_uid)
+    lines.append(f"deliveries: {len(deliveries)}")
+    for d in deliveries:
+        error = f"  {d.last_error}" if d.last_error else ""
+        lines.append(f"  job #{d.job_id} -> {d.destination}: {d.status}, {d.attempts} tries{error}")
+    return lines
 
 
 @command(

@@ -79,7 +79,7 @@ class Outbox:
         self._journal.record_attempt(delivery.result_id, delivery.destination, None)
         self._metrics.results_delivered.labels(delivery.destination).inc()
         self._metrics.stage_seconds.labels("dispatch", delivery.pipeline).observe(seconds)
-        with log_context(f"job-{delivery.job_id}/{delivery.destination}"):
+        with log_context(f"job-{delivery.job_id}/{delivery.destination}", delivery.study_instance_uid):
             log.info("job %d -> %s: delivered", delivery.job_id, delivery.destination)
 
     def failed(self, delivery: Delivery, error: Exception, retry: bool = True) -> None:
@@ -92,7 +92,7 @@ class Outbox:
         self._journal.record_attempt(delivery.result_id, delivery.destination, reason, retry_at)
         self._metrics.dispatch_failures.labels(delivery.destination).inc()
         tries = delivery.attempts + 1
-        with log_context(f"job-{delivery.job_id}/{delivery.destination}"):
+        with log_context(f"job-{delivery.job_id}/{delivery.destination}", delivery.study_instance_uid):
             if retry_at is None:
                 log.error(
                     "job %d -> %s: dead-lettered after %d tries: %s",

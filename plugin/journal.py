@@ -10,6 +10,9 @@ Lifecycle:
      or unrouted), plus a study batch when a study-level pipeline matched
   -> job queued -> running -> done (results written; one delivery per result and destination) | failed
   -> delivery pending (retried with backoff) -> delivered | dead (dead letter; ``retry`` requeues)
+
+A study's trace id (``logs.trace_id``) is not stored: it is a function of
+``study_instance_uid``, computed where it is needed (:meth:`Journal.study_of_trace`).
 """
 
 import sqlite3
@@ -19,6 +22,8 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from plugin.logs import trace_id
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -315,6 +320,37 @@ class Journal:
                 ids.append(batch(None, study_jobs))
         return ids
 
+    def batch_study(self, batch_id: int) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT study_instance_uid FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return row[0] if row else None
+
+    def study_of_trace(self, trace: str) -> str | None:
+        """The Study Instance UID whose trace id is ``trace``, among the journaled ones."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_instance_uid FROM instances UNION SELECT study_instance_uid FROM batches"
+            ).fetchall()
+        return next((uid for (uid,) in rows if trace_id(uid) == trace), None)
+
+    def study_received(self, study_uid: str) -> tuple[int, float | None, float | None]:
+        """How many instances of the study were received, the first and the last when."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*), MIN(received_at), MAX(received_at) FROM instances WHERE study_instance_uid = ?",
+                (study_uid,),
+            ).fetchone()
+        return row[0], row[1], row[2]
+
+    def study_jobs(self, study_uid: str) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT j.* FROM jobs j JOIN batches b ON b.id = j.batch_id"
+                " WHERE b.study_instance_uid = ? ORDER BY j.id",
+                (study_uid,),
+            ).fetchall()
+        return [JobRecord(*row) for row in rows]
+
     def batch_routing(self, batch_id: int) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT routing FROM batches WHERE id = ?", (batch_id,)).fetchone()
@@ -456,9 +492,14 @@ class Journal:
             ).fetchall()
         return [Delivery(*row) for row in rows]
 
-    def deliveries(self, job_id: int | None = None, status: str | None = None) -> list[Delivery]:
+    def deliveries(
+        self, job_id: int | None = None, status: str | None = None, study_uid: str | None = None
+    ) -> list[Delivery]:
         where: list[str] = []
         params: list[object] = []
+        if study_uid is not None:
+            where.append("b.study_instance_uid = ?")
+            params.append(study_uid)
         if job_id is not None:
             where.append("r.job_id = ?")
             params.append(job_id)

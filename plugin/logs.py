@@ -3,7 +3,9 @@ who the patient is.
 
 Handlers and workers wrap their work in :func:`log_context`; a filter on the output
 handler copies that id into every record, so modules keep logging with plain
-``getLogger(__name__)`` calls. Only ``cli.py`` calls :func:`configure` (STYLE 8).
+``getLogger(__name__)`` calls. Work on one study also carries the study's trace id
+(:func:`trace_id`), the same at every stage and on every node, so one study can be
+followed from receipt to delivery. Only ``cli.py`` calls :func:`configure` (STYLE 8).
 Every event is one line, in text or JSON, so tracebacks do not break line-based shippers.
 
 Patient identity: work on a patient's data runs inside :func:`redacting` with that
@@ -15,6 +17,7 @@ too, for values nobody registered. Uncaught exceptions of threads are logged the
 so stderr carries nothing but records.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +37,8 @@ from pydicom.multival import MultiValue
 NO_CONTEXT = "-"
 # The id of what the current thread is working on: assoc-<n>, job-<id>, job-<id>/<destination>.
 current_context: ContextVar[str] = ContextVar("radpipe_log_context", default=NO_CONTEXT)
+# The trace id of the study the current thread works on (:func:`trace_id`).
+current_trace: ContextVar[str] = ContextVar("radpipe_trace", default=NO_CONTEXT)
 # Identifying values of the patient whose data the current thread works on.
 _identifying: ContextVar[tuple[str, ...]] = ContextVar("radpipe_identifying", default=())
 
@@ -59,17 +64,37 @@ MIN_REDACTED_LENGTH = 3
 _QUOTED = re.compile(r"""(["'])[^"'\n]{1,256}\1""")
 
 FORMATS = ("text", "json")
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s %(context)s] %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s trace=%(trace)s [%(threadName)s %(context)s] %(message)s"
+TRACE_DIGITS = 16
+
+
+def trace_id(study_uid: str) -> str:
+    """A study's trace id: the first 16 hex digits of the SHA-256 of its Study Instance
+    UID. Every stage and node derives the same one without coordination; short and
+    greppable, and it does not give the UID away."""
+    return hashlib.sha256(study_uid.encode("ascii", "replace")).hexdigest()[:TRACE_DIGITS]
 
 
 @contextmanager
-def log_context(value: str) -> Iterator[None]:
-    """Tag every record logged inside the block (in this thread) with ``value``."""
-    token = current_context.set(value)
+def log_context(value: str | None = None, study_uid: str | None = None) -> Iterator[None]:
+    """Tag every record logged inside the block (in this thread) with ``value`` (None:
+    the enclosing one) and, given ``study_uid``, with its :func:`trace_id` (otherwise
+    the enclosing one, or what :func:`follow` sets inside)."""
+    tokens = (
+        current_context.set(current_context.get() if value is None else value),
+        current_trace.set(current_trace.get() if study_uid is None else trace_id(study_uid)),
+    )
     try:
         yield
     finally:
-        current_context.reset(token)
+        current_trace.reset(tokens[1])
+        current_context.reset(tokens[0])
+
+
+def follow(study_uid: str) -> None:
+    """Tag the rest of the enclosing :func:`log_context` block with the study's trace
+    id: for a handler that learns the study only from the data it reads."""
+    current_trace.set(trace_id(study_uid))
 
 
 def identifying_values(datasets: Iterable[Dataset]) -> tuple[str, ...]:
@@ -105,11 +130,14 @@ def scrub(text: str) -> str:
 
 
 class ContextFilter(logging.Filter):
-    """Adds ``record.context``; put it on the handler so records of every logger get it."""
+    """Adds ``record.context`` and ``record.trace``; put it on the handler so records of
+    every logger get them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "context"):
             record.context = current_context.get()
+        if not hasattr(record, "trace"):
+            record.trace = current_trace.get()
         return True
 
 
@@ -147,8 +175,8 @@ class OneLineFormatter(logging.Formatter):
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time (UTC, ISO 8601), level, logger, context, message,
-    and the traceback as ``exception`` when there is one."""
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, context, trace,
+    message, and the traceback as ``exception`` when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -156,6 +184,7 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "context": getattr(record, "context", NO_CONTEXT),
+            "trace": getattr(record, "trace", NO_CONTEXT),
             "message": record.getMessage(),
         }
         if record.exc_info and not record.exc_text:

@@ -35,6 +35,7 @@ from plugin.acceptor import (
 from plugin.config import NodeSection, TLSConfig
 from plugin.durability import GroupSync
 from plugin.journal import InstanceRecord, Journal
+from plugin.logs import follow, log_context
 from plugin.metrics import Metrics
 from plugin.pdu import printable
 from plugin.quarantine import Quarantine
@@ -196,6 +197,8 @@ def _store(request: StoreRequest, storage: Storage) -> None:
             raise Refusal(StoreStatus.CANNOT_UNDERSTAND, "undecodable", "not a DICOM data set")
         study_uid = str(dataset.get("StudyInstanceUID", ""))
         series_uid = str(dataset.get("SeriesInstanceUID", ""))
+        if study_uid:
+            follow(study_uid)  # this instance's records, its refusal's included, carry the study's trace id
         encapsulated = request.transfer_syntax.is_encapsulated
         check_pixel_module(dataset, encapsulated, limits.max_instance_bytes)
     except Refusal:
@@ -232,6 +235,7 @@ def _store(request: StoreRequest, storage: Storage) -> None:
             )
             journal.record_instance(record, replace=lost)
             storage.group_sync.sync()  # file, directory entry and journal row: on disk before success
+            log.debug("C-STORE from %s: instance stored (%d bytes)", request.calling_ae, len(data))
         except OSError as e:
             raise Refusal(StoreStatus.OUT_OF_RESOURCES, "storage_error", f"cannot store: {e}") from e
 
@@ -331,7 +335,7 @@ def handle_store(request: StoreRequest, storage: Storage) -> int:
     """Store one instance durably, journal it, and only then answer success. Never
     raises: every failure is a named status (:class:`Attempt`)."""
     start = time.perf_counter()
-    with Attempt(request, storage) as attempt:
+    with log_context(), Attempt(request, storage) as attempt:  # the scope of the instance's trace id
         _check_context(request)
         _store(request, storage)
         storage.metrics.instances_received.labels(request.calling_ae).inc()

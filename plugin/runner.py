@@ -75,6 +75,7 @@ class Work:
     waiting: int = 0  # images handed to the batcher and not inferred yet
     error: Exception | None = None
     identity: tuple[str, ...] = ()  # the patient's identifying values: never logged (logs.redacting)
+    study_uid: str | None = None  # its batch's study: the job's records carry its trace id
 
 
 class Batcher:
@@ -249,7 +250,8 @@ class Runner(Worker):
 
     def _start(self, job: JobRecord) -> Work | None:
         """The job's pipeline, model and input headers; None (job failed) if any is missing."""
-        with log_context(f"job-{job.id}"):
+        study_uid = self._journal.batch_study(job.batch_id)
+        with log_context(f"job-{job.id}", study_uid):
             try:
                 pipeline = self._pipeline(job)
                 timer = StageTimer()
@@ -264,9 +266,8 @@ class Runner(Worker):
                     raise JobError("no_images", "no images among the inputs (non-image SOP classes only)")
                 if not all(referenceable(s.header) for s in sources):
                     raise JobError("invalid_uid", "an input's Study, Series or SOP Instance UID is not a valid UID")
-                return Work(
-                    job, pipeline, artifact, sources, timer, identity=identifying_values(s.header for s in sources)
-                )
+                identity = identifying_values(s.header for s in sources)
+                return Work(job, pipeline, artifact, sources, timer, identity=identity, study_uid=study_uid)
             except Exception as e:
                 self._fail(job, e)
                 return None
@@ -299,7 +300,7 @@ class Runner(Worker):
         """Decode and preprocess the job's images into the batcher; False (job failed, its
         images dropped) on a decode error."""
         with (
-            log_context(f"job-{work.job.id}"),
+            log_context(f"job-{work.job.id}", work.study_uid),
             redacting(work.identity),
             closing(self._prepared(work, work.pipeline.preprocess)) as prepared,
         ):
@@ -327,7 +328,7 @@ class Runner(Worker):
             self._metrics.inference_batch_size.observe(len(batch))
             return logits
 
-        with log_context(f"job-{job.id}"), redacting(work.identity):
+        with log_context(f"job-{job.id}", work.study_uid), redacting(work.identity):
             try:
                 try:
                     source = series_grid([s.header for s in work.sources])
@@ -378,7 +379,7 @@ class Runner(Worker):
     def _finish_inferred(self, fed: list[Work]) -> list[Work]:
         """Write the results of every job whose images are all inferred; return the rest."""
         for work in [w for w in fed if not w.waiting]:
-            with log_context(f"job-{work.job.id}"), redacting(work.identity):
+            with log_context(f"job-{work.job.id}", work.study_uid), redacting(work.identity):
                 try:
                     if work.error is not None:
                         raise work.error
