@@ -8,14 +8,17 @@ import pydicom
 import pytest
 import torch
 import yaml
+from scipy import ndimage
 
 from plugin.demo import train_seg
 from plugin.demo.phantom import LUNG_HU, make_volume, render_volume
 from plugin.demo.series import SLICE_THICKNESS_MM, series_geometry, write_synthetic_study
 from plugin.models.artifact import read_manifest
 from plugin.pipeline import load_pipeline
+from plugin.postprocess import ModelOutput
 from plugin.preprocess import preprocess_volume
-from plugin.volume import Resampling, series_grid
+from plugin.segment import segment
+from plugin.volume import Placement, Resampling, series_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "pipelines" / "lung-nodule-seg-demo.yaml"
@@ -83,3 +86,29 @@ def test_the_committed_model_is_small_and_scored():
     window = pipeline.input.sliding_window
     assert window is not None
     assert [manifest["input"][k] for k in ("depth", "height", "width")] == list(window.roi_size)
+
+
+def test_the_training_target_comes_back_as_the_drawn_volume():
+    """A model that gave exactly its training target would be measured, once the node has put
+    its probabilities back on the series and thresholded them halfway, at each nodule's drawn
+    volume: the model's grid is fine enough for the smallest nodules the SR must measure (5 mm;
+    on a 1.4 mm grid 3 in 16 of them came out more than 15 % off)."""
+    pipeline = train_seg.read_pipeline(PIPELINE)
+    halfway = pipeline.postprocess.segments[0].model_copy(update={"threshold": 0.5, "min_volume_mm3": 0})
+    postprocess = pipeline.postprocess.model_copy(update={"segments": [halfway]})
+    for seed in range(3):
+        volume = render_volume(np.random.default_rng(seed), 12, 3)
+        case = train_seg.training_case(pipeline, volume)
+        _, _, grid = train_seg.model_input(pipeline, volume)
+        p = case.label.float()
+        logits = torch.stack([torch.log1p(-p + 1e-6), torch.log(p + 1e-6)])[None]
+        placement = Placement(series_geometry(*volume.hu.shape), grid, np.zeros((1, 3)))
+        found = segment(postprocess, train_seg.CLASSES, ModelOutput(logits, placement))
+        # each outlined voxel counts for the nodule drawn nearest to it (nodules may touch)
+        nearest = ndimage.distance_transform_edt(volume.mask == 0, return_distances=False, return_indices=True)
+        owner = volume.mask[tuple(nearest)]
+        for index, radius in enumerate(volume.nodules[:, 3]):
+            drawn = volume.mask == index + 1
+            measured = (found.masks[0] & (owner == index + 1)).sum()
+            print(f"{2 * radius:.1f} mm: {measured} voxels against {drawn.sum()} drawn")
+            assert measured == pytest.approx(drawn.sum(), rel=0.1)

@@ -89,8 +89,7 @@ def test_the_seg_outlines_the_drawn_nodules_and_the_sr_measures_them(study, writ
         error = nearest.volume_mm3 / nodule.volume_mm3 - 1
         print(f"nodule {nodule.diameter_mm:.1f} mm: {nearest.volume_mm3:.0f} mm3 against {nodule.volume_mm3:.0f} drawn")
         assert np.linalg.norm(np.subtract(nearest.centroid, nodule.centroid)) < nodule.diameter_mm / 4
-        # the demo model's outlines lie inside the drawn edge: issue 13 asks for 15 %, this model reaches 25 %
-        assert abs(error) <= 0.25
+        assert abs(error) <= 0.15  # issue 13's bound for nodules of 5 mm and more
         assert abs(nearest.diameter_mm - nodule.diameter_mm) <= 0.25 * nodule.diameter_mm
 
 
@@ -102,6 +101,8 @@ def test_a_series_without_nodules_gets_an_sr_of_what_its_seg_outlines(study, wri
     seg = hd.seg.segread(seg_path)
     masks = seg.get_pixels_by_source_instance([_uid(p) for p in negative.paths])[..., 0] > 0
     lesions = read_volumetric_measurement_report(report)
+    # issue 13 asks for none; this demo model still outlines vessels that run along the slices
+    # (round in each one) on this series: the count is printed, not yet asserted
     print(f"lesions outlined on a series without nodules: {len(lesions)}")
     assert len(lesions) == _components(masks)
     if not lesions:  # an SR that says so

@@ -29,9 +29,9 @@ def loss_of(logits: Tensor, labels: Tensor) -> Tensor:
     (small lesions would drown in background voxels under cross-entropy alone)."""
     if labels.dim() == 1:
         return F.cross_entropy(logits, labels)
-    from monai.losses import DiceCELoss
+    from plugin.demo.train_seg import segmentation_loss
 
-    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)(logits, labels[:, None].long())
+    return segmentation_loss(logits, labels[:, None].long())
 
 
 def finetune(

@@ -43,12 +43,21 @@ UNET: dict[str, Any] = {
     "spatial_dims": 3,
     "in_channels": 1,
     "out_channels": len(CLASSES),
-    "channels": [8, 16, 32, 64],
-    "strides": [2, 2, 2],
+    "channels": [8, 16, 32, 64, 128],
+    # the last level halves the slices' plane only (a 16-slice window is 2 deep there): it
+    # sees about 100 mm across, enough to tell a vessel's branch from a round nodule
+    "strides": [2, 2, 2, [1, 2, 2]],
     "num_res_units": 1,
 }
 _N_SLICES = 40  # per phantom volume: 100 mm, several windows deep
 _BODY = 0.28  # windowed value above which a voxel is not air (-930 HU)
+_DENSE_HU, _LUNG_HU = -450.0, -700.0  # vessels and nodules -100..100 HU, lung -850
+_LUNG_AROUND_MM, _LUNG_NEAR_MM, _ALONG_MM = 15.0, 4.0, 5.0
+# Where training windows are centred, and how often: on a nodule (each nodule as likely, so
+# that small ones are not outnumbered by large ones' voxels) or on a hard negative (see
+# Case); the rest anywhere in the body.
+_ON_NODULE = 0.4
+_ON_NEGATIVE = {"tube": 0.15, "vessel": 0.15, "edge": 0.15}
 
 
 def read_pipeline(path: Path) -> Pipeline:
@@ -60,24 +69,31 @@ def read_pipeline(path: Path) -> Pipeline:
 def model_input(pipeline: Pipeline, volume: PhantomVolume) -> tuple[Tensor, Resampling, Grid]:
     """What the node feeds the model for ``volume`` written as a series: ``[1, 1, D, H, W]``,
     the resampling that put it on the model's grid, and that grid after preprocessing."""
-    resampling = Resampling(series_geometry(*volume.hu.shape), pipeline.input.orientation, pipeline.input.spacing)
-    hu = resampling(torch.from_numpy(volume.hu).float())
+    hu, resampling = _on_grid(pipeline, volume)
     image, grid = preprocess_volume(pipeline.preprocess, hu[None, None], resampling.target)
     return image, resampling, grid
+
+
+def _on_grid(pipeline: Pipeline, volume: PhantomVolume) -> tuple[Tensor, Resampling]:
+    """``volume``'s HU written as a series and resampled onto the model's grid, and that resampling."""
+    resampling = Resampling(series_geometry(*volume.hu.shape), pipeline.input.orientation, pipeline.input.spacing)
+    return resampling(torch.from_numpy(volume.hu).float()), resampling
 
 
 @dataclass(frozen=True)
 class Case:
     """A training volume on the model's grid: ``image`` ``[1, D, H, W]`` as the node feeds
-    it, ``shares`` ``[M, D, H, W]`` each nodule's share of each voxel."""
+    it; ``label`` ``[D, H, W]`` the voxels at least half nodule (the training target); and
+    where windows are centred (``[N, 3]`` voxels each): ``nodules`` one list per nodule, and
+    the hard negatives: ``negatives["vessel"]`` dense voxels amid lung, ``["tube"]`` those
+    also dense 5 mm above and below (a vessel along the slices: round in every one of them),
+    ``["edge"]`` dense voxels next to lung but not amid it (vessels leaving the hilum, the
+    chest wall)."""
 
     image: Tensor
-    shares: Tensor
-
-    @property
-    def label(self) -> Tensor:
-        """Voxels at least half nodule: the training target."""
-        return self.shares.sum(0) >= 0.5
+    label: Tensor
+    nodules: list[Tensor]
+    negatives: dict[str, Tensor]
 
 
 def phantom_volumes(seed: np.random.SeedSequence, n: int) -> list[PhantomVolume]:
@@ -91,10 +107,28 @@ def phantom_volumes(seed: np.random.SeedSequence, n: int) -> list[PhantomVolume]
 
 def training_case(pipeline: Pipeline, volume: PhantomVolume) -> Case:
     """``volume`` on the model's grid, each nodule's mask resampled as the image is."""
-    image, resampling, _ = model_input(pipeline, volume)
-    shares = [resampling(torch.from_numpy(volume.mask == i + 1).float()) for i in range(len(volume.nodules))]
-    empty = torch.zeros((0, *resampling.target.shape))
-    return Case(image[0], torch.stack(shares) if shares else empty)
+    hu, resampling = _on_grid(pipeline, volume)
+    image, _ = preprocess_volume(pipeline.preprocess, hu[None, None], resampling.target)
+    label = torch.zeros(resampling.target.shape, dtype=torch.bool)
+    nodules = []
+    for index in range(len(volume.nodules)):
+        share = resampling(torch.from_numpy(volume.mask == index + 1).float())
+        label |= share >= 0.5
+        nodules.append((share >= 0.5).nonzero() if bool((share >= 0.5).any()) else (share == share.max()).nonzero())
+
+    def in_slice(mm: float) -> list[int]:
+        return [1, *(max(1, round(mm / s)) for s in resampling.target.spacing[1:])]
+
+    array = hu.numpy()
+    dense = (hu > _DENSE_HU) & ~label
+    amid_lung = torch.from_numpy(ndimage.uniform_filter(array, size=in_slice(_LUNG_AROUND_MM), mode="nearest") < -500)
+    near_lung = torch.from_numpy(ndimage.minimum_filter(array, size=in_slice(_LUNG_NEAR_MM), mode="nearest") < _LUNG_HU)
+    vessels = dense & amid_lung
+    along = max(1, round(_ALONG_MM / resampling.target.spacing[0]))
+    tubes = torch.zeros_like(vessels)
+    tubes[along:-along] = vessels[along:-along] & dense[: -2 * along] & dense[2 * along :]
+    negatives = {"vessel": vessels, "tube": tubes, "edge": dense & near_lung & ~amid_lung}
+    return Case(image[0].clone(), label, nodules, {kind: voxels.nonzero() for kind, voxels in negatives.items()})
 
 
 def _inside_body(image: Tensor, generator: torch.Generator, tries: int = 20) -> Tensor:
@@ -108,26 +142,46 @@ def _inside_body(image: Tensor, generator: torch.Generator, tries: int = 20) -> 
     return voxel
 
 
+def _pick(items: Tensor | list[Any], generator: torch.Generator) -> Any:
+    return items[int(torch.randint(len(items), (1,), generator=generator))]
+
+
 def patch(cases: list[Case], roi: tuple[int, int, int], generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """A window of ``roi`` voxels: half of them around a nodule (when the volume has one),
-    the rest around a voxel inside the body, so vessels are the usual background. Random flips."""
-    case = cases[int(torch.randint(len(cases), (1,), generator=generator))]
-    shape = torch.tensor(case.image.shape[1:])
+    """A window of ``roi`` voxels centred near a nodule, on a hard negative or anywhere in
+    the body (see ``_ON_NODULE``), randomly flipped along the slices and the columns."""
     size = torch.tensor(roi)
-    if len(case.shares) and float(torch.rand(1, generator=generator)) < 0.5:
-        share = case.shares[int(torch.randint(len(case.shares), (1,), generator=generator))]
-        voxels = (share >= 0.5).nonzero()
-        if not len(voxels):
-            voxels = (share == share.max()).nonzero()
-        centre = voxels[int(torch.randint(len(voxels), (1,), generator=generator))]
-        start = centre - size // 2 + (torch.rand(3, generator=generator) * size / 2 - size / 4).long()
+    draw = float(torch.rand(1, generator=generator)) - _ON_NODULE
+    nodules = [(case, voxels) for case in cases for voxels in case.nodules]
+    if draw < 0 and nodules:
+        case, voxels = _pick(nodules, generator)
+        centre = _pick(voxels, generator) + (torch.rand(3, generator=generator) * size / 2 - size / 4).long()
     else:
-        start = _inside_body(case.image[0], generator) - size // 2
-    d, h, w = (int(v) for v in torch.clamp(start, torch.zeros(3, dtype=torch.long), shape - size))
+        case, centre = _pick(cases, generator), None
+        for kind, share in _ON_NEGATIVE.items():
+            draw -= share
+            if draw < 0:
+                having = [case for case in cases if len(case.negatives[kind])]
+                if having:
+                    case = _pick(having, generator)
+                    centre = _pick(case.negatives[kind], generator)
+                break
+        if centre is None:
+            centre = _inside_body(case.image[0], generator)
+    shape = torch.tensor(case.image.shape[1:])
+    start = torch.clamp(centre - size // 2, torch.zeros(3, dtype=torch.long), shape - size)
+    d, h, w = (int(v) for v in start)
     window = (slice(d, d + roi[0]), slice(h, h + roi[1]), slice(w, w + roi[2]))
     image, label = case.image[(slice(None), *window)], case.label[window][None].long()
     flips = [axis for axis in (1, 3) if float(torch.rand(1, generator=generator)) < 0.5]
     return (image.flip(flips), label.flip(flips)) if flips else (image, label)
+
+
+def segmentation_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Dice + cross-entropy of ``logits`` ``[N, K, D, H, W]`` against class indices
+    ``[N, 1, D, H, W]``. Dice per window, not over the batch: a 5 mm nodule weighs as much
+    as a 20 mm one in the next window, and an outline in a window without a nodule costs
+    that window's whole Dice."""
+    return DiceCELoss(to_onehot_y=True, softmax=True)(logits, labels)
 
 
 @torch.inference_mode()
@@ -194,9 +248,9 @@ def train(
     out_dir: Path,
     pipeline_path: Path = PIPELINE,
     seed: int = 0,
-    n_train: int = 40,
-    n_val: int = 10,
-    steps: int = 1500,
+    n_train: int = 60,
+    n_val: int = 20,
+    steps: int = 8000,
     batch_size: int = 2,
 ) -> dict[str, Any]:
     """Train, evaluate on held-out volumes, save the artifact; returns its manifest."""
@@ -219,7 +273,6 @@ def _train(
     print(f"data: {n_train} train + {n_val} held-out volumes in {time.monotonic() - started:.0f}s", flush=True)
 
     model = UNet(**UNET)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
@@ -227,7 +280,7 @@ def _train(
     total = 0.0
     for step in range(1, steps + 1):
         images, labels = zip(*(patch(training, roi, generator) for _ in range(batch_size)), strict=True)
-        loss = loss_fn(model(torch.stack(images)), torch.stack(labels))
+        loss = segmentation_loss(model(torch.stack(images)), torch.stack(labels))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -266,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     parser.add_argument("--pipeline", type=Path, default=PIPELINE, help="the pipeline the model is for")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=40, help="training volumes")
-    parser.add_argument("--n-val", type=int, default=10, help="held-out volumes")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--n-train", type=int, default=60, help="training volumes")
+    parser.add_argument("--n-val", type=int, default=20, help="held-out volumes")
+    parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args(argv)
