@@ -2,6 +2,7 @@
 and journaled but never sent; its agreement with the live one is exported and compared."""
 
 import re
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +19,7 @@ from plugin.journal import FindingPair, JobSpec, Journal, PendingSeries
 from plugin.outputs.sr import ReportedFinding, read_measurement_report
 from plugin.pipeline import PipelineError, load_pipeline_files
 from plugin.router import Router
-from tests.conftest import DEMO_PIPELINE, storescu, wait_for, write_pipeline
-from tests.test_dispatch import start_pacs
+from tests.conftest import DEMO_PIPELINE, free_port, storescu, wait_for, write_pipeline
 from tests.test_monitoring import http_get, metrics_url
 
 LIVE, SHADOW = "lung-nodule-demo", "lung-nodule-shadow"
@@ -49,8 +49,13 @@ def reported(paths: list[str]) -> dict[str, ReportedFinding]:
 def test_a_shadow_is_never_sent_and_compare_reports_its_agreement(
     tmp_path: Path, start_node: Callable[..., Node], radpipe: Callable[..., tuple[int, str]], dcmtk: None
 ) -> None:
-    received: list[pydicom.Dataset] = []
-    pacs, port = start_pacs(received)
+    port, pacs_dir = free_port(), tmp_path / "pacs"  # dcmtk's storescp as the destination
+    pacs_dir.mkdir()
+    pacs = subprocess.Popen(
+        ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         write_pipeline(tmp_path / "pipelines", destinations=["pacs"])
         write_shadow(tmp_path / "pipelines", destinations=["pacs"])  # never sent there all the same
@@ -65,7 +70,7 @@ def test_a_shadow_is_never_sent_and_compare_reports_its_agreement(
             return jobs if len(jobs) == 2 * n_series and all(j.status == "done" for j in jobs) else []
 
         jobs = wait_for(finished, timeout=60, what="both pipelines' jobs done")
-        wait_for(lambda: len(received) == n_series, what="the live SRs at the PACS")
+        wait_for(lambda: len(list(pacs_dir.iterdir())) >= n_series, what="the live SRs at the PACS")
         live_jobs = {j.batch_id: j for j in jobs if j.pipeline == LIVE}
         shadow_jobs = {j.batch_id: j for j in jobs if j.pipeline == SHADOW}
         assert live_jobs.keys() == shadow_jobs.keys() and len(live_jobs) == n_series
@@ -80,9 +85,11 @@ def test_a_shadow_is_never_sent_and_compare_reports_its_agreement(
         wait_for(
             lambda: all(d.status == "delivered" for j in live_jobs.values() for d in node.journal.deliveries(j.id))
         )
+        received = [pydicom.dcmread(path, stop_before_pixels=True) for path in pacs_dir.iterdir()]
         assert sorted(ds.SOPInstanceUID for ds in received) == sorted(live_srs)  # exactly the live results
     finally:
-        pacs.shutdown()
+        pacs.terminate()
+        pacs.wait(timeout=10)
 
     # What the two pipelines reported, read back from their SRs and paired by series.
     headers = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in sent)}
