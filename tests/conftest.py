@@ -30,6 +30,21 @@ DEID_HUMANS = Path(__import__("deid_data").__file__).parent / "data" / "humans"
 os.environ["TCP_NODELAY"] = "1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torchs_own_deprecation() -> None:
+    """torch 2.13 raises one DeprecationWarning on our behalf: inductor's int8 lowering (radpipe
+    optimize, an int8 artifact loaded) imports torch/utils/mkldnn.py, whose decorators use
+    ``torch.jit.script_method``. A fixed text about torch's code, carrying nothing the node
+    handles. Asserted here, where it is raised and exactly once per process (the module stays
+    imported), so that every other warning stays an error in every test."""
+    with pytest.warns(DeprecationWarning) as caught:
+        import torch.utils.mkldnn  # noqa: F401
+    assert caught.list  # one per decorated method of that module, every one of them this
+    for warning in caught.list:
+        assert str(warning.message).startswith("`torch.jit.script_method` is deprecated.")
+        assert Path(warning.filename).as_posix().endswith("torch/jit/_script.py")
+
+
 @pytest.fixture(autouse=True)
 def strict_pydicom() -> Iterator[None]:
     """What radpipe writes must be valid: pydicom raises on invalid values it writes."""

@@ -1,7 +1,6 @@
 """Logs: one line per event, JSON with ``--log-format json``, each line of an association's
 or a job's work tagged with its id, and no patient identity in any line."""
 
-import ast
 import json
 import logging
 import os
@@ -95,21 +94,3 @@ def test_serve_logs_json_lines_with_association_and_job_ids(tmp_path: Path, demo
     text = log_path.read_text()
     for value in (str(header.PatientName), str(header.PatientID)):
         assert value and value not in text
-
-
-def test_the_one_ignored_warning_is_torchs_own():
-    """pyproject ignores one warning: torch's DeprecationWarning about its own
-    torch/utils/mkldnn.py, raised when inductor imports it. Imported alone with every warning
-    an error, that is exactly what happens: a fixed text, from torch.jit._script."""
-    script = (
-        "import warnings\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        "    import torch.utils.mkldnn\n"
-        "seen = {(w.category.__name__, w.filename.rsplit('site-packages/', 1)[-1], str(w.message)) for w in caught}\n"
-        "print(sorted(seen))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    [(category, filename, message)] = ast.literal_eval(out.stdout.strip())
-    assert (category, filename) == ("DeprecationWarning", "torch/jit/_script.py")
-    assert message.startswith("`torch.jit.script_method` is deprecated.")
