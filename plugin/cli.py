@@ -15,6 +15,7 @@ from plugin.logs import FORMATS, trace_id
 from plugin.logs import configure as configure_logging
 
 if TYPE_CHECKING:
+    from plugin.config import NodeConfig
     from plugin.journal import Journal
 
 Handler = Callable[[argparse.Namespace], int]
@@ -36,6 +37,26 @@ def command(*arguments: tuple[tuple[str, ...], dict]) -> Callable[[Handler], Han
 
 
 CONFIG = arg("--config", type=Path, help="node config file (radpipe.yaml); default: built-in defaults")
+
+
+def _journal_path(config: "NodeConfig") -> Path | None:
+    """The node's journal file; None, with the reason printed, when there is none."""
+    path = (config.storage.dir / "journal.sqlite").absolute()
+    if path.is_file():
+        return path
+    print(f"no journal at {path}: has the node run with this config?")
+    return None
+
+
+def _since(age: str | None) -> float | None:
+    """``--since AGE`` as epoch seconds (0: all); None, with the reason printed, for a bad AGE."""
+    from plugin.replay import parse_duration
+
+    try:
+        return time.time() - parse_duration(age) if age else 0.0
+    except ValueError as e:
+        print(f"--since: {e}")
+        return None
 
 
 @command(CONFIG)
@@ -159,18 +180,15 @@ def replay(args: argparse.Namespace) -> int:
     from plugin.config import load_config
     from plugin.journal import Journal
     from plugin.pipeline import load_pipeline_files
-    from plugin.replay import parse_duration, replay, report, run_locally, run_report
+    from plugin.replay import replay, report, run_locally, run_report
 
-    try:
-        since = time.time() - parse_duration(args.since) if args.since else 0.0
-    except ValueError as e:
-        print(f"--since: {e}")
+    since = _since(args.since)
+    if since is None:
         return 1
     config = load_config(args.config)
     (pipeline,) = load_pipeline_files([args.pipeline], set(config.destinations))
-    path = (config.storage.dir / "journal.sqlite").absolute()
-    if not path.is_file():
-        print(f"no journal at {path}: has the node run with this config?")
+    path = _journal_path(config)
+    if path is None:
         return 1
     if args.run and (args.out / "journal.sqlite").exists():
         print(f"{args.out} holds an earlier run: choose another --out")
@@ -203,16 +221,12 @@ def compare(args: argparse.Namespace) -> int:
     from plugin.compare import report
     from plugin.config import load_config
     from plugin.journal import Journal
-    from plugin.replay import parse_duration
 
-    try:
-        since = time.time() - parse_duration(args.since) if args.since else 0.0
-    except ValueError as e:
-        print(f"--since: {e}")
+    since = _since(args.since)
+    if since is None:
         return 1
-    path = (load_config(args.config).storage.dir / "journal.sqlite").absolute()
-    if not path.is_file():
-        print(f"no journal at {path}: has the node run with this config?")
+    path = _journal_path(load_config(args.config))
+    if path is None:
         return 1
     journal = Journal(path)
     try:
@@ -244,9 +258,8 @@ def status(args: argparse.Namespace) -> int:
         print(f"pipelines: {len(names)} in {directory}" + (f": {', '.join(names)}" if names else ""))
     except PipelineError:
         print(f"pipelines: invalid set in {directory} (radpipe validate {directory} lists the errors)")
-    path = (config.storage.dir / "journal.sqlite").absolute()
-    if not path.is_file():
-        print(f"no journal at {path}: has the node run with this config?")
+    path = _journal_path(config)
+    if path is None:
         return 1
     journal = Journal(path)
     try:

@@ -6,10 +6,10 @@ those it called Absent that the shadow also called Absent. Series are named by S
 Series Instance UID only: no patient name or ID is ever shown.
 """
 
-import time
 from dataclasses import dataclass
 
 from plugin.journal import FindingPair
+from plugin.replay import describe_since
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def _verdict(present: bool, probability: float) -> str:
 
 def report(live: str, shadow: str, pairs: list[FindingPair], since: float) -> list[str]:
     """The comparison as printed: a row per finding, then every disagreement by UID."""
-    window = f"since {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(since))}" if since else "ever"
+    window = describe_since(since)
     lines = [f"{shadow} (shadow) against {live} (live, the reference), series both evaluated {window}:"]
     header = ("finding", "series", "agree", "disagree", "agreement", "sensitivity", "specificity", "mean_diff")
     lines.append("  ".join(f"{h:>11}" for h in header))

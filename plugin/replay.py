@@ -31,6 +31,11 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _SECONDS[m.group(2)]
 
 
+def describe_since(since: float) -> str:
+    """``since`` (epoch seconds, 0: all) as the reports print it."""
+    return f"since {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(since))}" if since else "ever"
+
+
 @dataclass(frozen=True)
 class SeriesVerdict:
     """One received series and why the pipeline would not take it (``failure`` None: it would)."""
@@ -69,7 +74,7 @@ def replay(pipeline: Pipeline, journal: Journal, since: float = 0.0) -> list[Ser
 def report(pipeline: Pipeline, verdicts: list[SeriesVerdict], since: float) -> list[str]:
     """The replay as printed: the series it would take by UID, the others counted per first
     failed condition. UIDs only: no patient name or ID is ever shown."""
-    window = f"since {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(since))}" if since else "ever"
+    window = describe_since(since)
     taken = [v.series for v in verdicts if v.failure is None]
     reasons = Counter(v.failure for v in verdicts if v.failure is not None)
     lines = [
