@@ -8,10 +8,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # dcmtk (storescu/echoscu, dcmcrle/dcmcjpls), dicom3tools (dciodvfy),
 # orthanc (the PACS of the round-trip test), orthanc-dicomweb (its DICOMweb plugin, the
 # STOW-RS peer of tests/test_dicomweb.py), prometheus (prometheus, promtool), systemd
-# (systemd-analyze verifies the unit file). Orthanc installs into /usr/sbin. Each pair is
-# a command, or a file pattern for what is not a command, and the package that brings it.
+# (systemd-analyze verifies the unit file), postgresql (initdb/pg_ctl: tests/postgres.py
+# runs its own server for the PostgreSQL journal; the packaged cluster stays off).
+# Orthanc installs into /usr/sbin, PostgreSQL into /usr/lib/postgresql/<major>/bin. Each
+# pair is a command, or a file pattern for what is not a command, and the package that brings it.
 DEBIAN_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc promtool:prometheus prometheus:prometheus \
-	systemd-analyze:systemd /usr/lib/orthanc/libOrthancDicomWeb.so*:orthanc-dicomweb
+	systemd-analyze:systemd /usr/lib/orthanc/libOrthancDicomWeb.so*:orthanc-dicomweb \
+	/usr/lib/postgresql/*/bin/initdb:postgresql
 
 .PHONY: serve test install install-test system-deps lint
 

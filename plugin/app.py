@@ -5,7 +5,7 @@ both start it through here."""
 import logging
 import time
 from pathlib import Path
-from threading import Thread
+from threading import Event, Thread
 from wsgiref.simple_server import WSGIServer
 
 import pydicom
@@ -17,7 +17,7 @@ from plugin.config import NodeConfig
 from plugin.dicomweb import StowServer, start_stow_server
 from plugin.dispatch import Dispatcher
 from plugin.durability import GroupSync
-from plugin.journal import Journal
+from plugin.journal import Journal, JournalUnavailable
 from plugin.metrics import Metrics, serve_metrics
 from plugin.models.artifact import ArtifactError
 from plugin.models.pool import ModelPool
@@ -59,7 +59,7 @@ class Node:
         self.config = config
         self.metrics = Metrics(registry)
         storage = config.storage.dir
-        self.journal = Journal(storage / "journal.sqlite")
+        self.journal = Journal(config.journal_location)  # PostgreSQL: connects when the server answers
         self.spool = Spool(storage / "spool")
         self.quarantine = Quarantine(storage / "quarantine")
         self.group_sync = GroupSync(storage)
@@ -90,13 +90,16 @@ class Node:
         self.servers: list[AssociationServer] = []
         self.stow_server: StowServer | None = None
         self.metrics_server: tuple[WSGIServer, Thread] | None = None
+        self._stopping = Event()
 
     @property
     def results_dir(self) -> Path:
         return self.config.results_dir
 
     def start(self) -> None:
-        """Warm every model, resume interrupted work, then start listening."""
+        """Warm every model, wait for the journal, resume interrupted work, then start
+        listening. Returns without starting anything more if :meth:`stop` is called while
+        it waits for the journal."""
         for pipeline in self.router.pipelines:
             self.metrics.add_pipeline_labels(pipeline.name, pipeline.destinations_in(list(self.config.destinations)))
             try:
@@ -104,14 +107,16 @@ class Node:
             except ArtifactError as e:  # its jobs will fail with the same message; others run
                 log.error("pipeline %s: model not loaded: %s", pipeline.name, e)
             log.info("pipeline %s v%s loaded from %s", pipeline.name, pipeline.version, pipeline.source)
-        resumed = self.journal.requeue_running_jobs()
+        if self.config.metrics.port:  # first: radpipe_journal_up tells while the node waits for its journal
+            self.metrics_server = serve_metrics(self.metrics, self.config.metrics.host, self.config.metrics.port)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics_server[0].server_port)
+        resumed = self._wait_for_journal()
+        if resumed is None:
+            return
         if resumed:
             log.info("resuming %d job(s) interrupted by the last shutdown", resumed)
         for worker in self.workers:
             worker.start()
-        if self.config.metrics.port:
-            self.metrics_server = serve_metrics(self.metrics, self.config.metrics.host, self.config.metrics.port)
-            log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics_server[0].server_port)
         limits = StoreLimits(
             min_free_bytes=self.config.storage.min_free_mb * 2**20,
             max_instance_bytes=self.config.storage.max_instance_mb * 2**20,
@@ -120,6 +125,21 @@ class Node:
         storage = Storage(self.spool, self.journal, self.group_sync, self.quarantine, self.metrics, limits)
         self.servers = start_servers(self.config.node, storage)
         self.stow_server = start_stow_server(self.config.node, storage, self.config.storage.dir)
+
+    def _wait_for_journal(self, longest: float = 30.0) -> int | None:
+        """Requeue the jobs the last shutdown interrupted, as soon as the journal answers:
+        a node started while its PostgreSQL is down waits for it, saying so, rather than
+        exiting (and being restarted in a loop). How many were requeued; None if stopped."""
+        delay = 1.0
+        while not self._stopping.is_set():
+            try:
+                return self.journal.requeue_running_jobs()
+            except JournalUnavailable as e:
+                log.warning("journal %s unreachable; waiting for it, next try in %.0f s: %s",
+                            self.config.journal.model_dump()["url"], delay, e)  # fmt: skip
+            self._stopping.wait(delay)
+            delay = min(2 * delay, longest)
+        return None
 
     @property
     def port(self) -> int:
@@ -131,6 +151,7 @@ class Node:
         workers finish their current step, close the journal. A job still running at the
         deadline stays 'running' in the journal and is queued again on the next start."""
         deadline = time.monotonic() + self.config.node.shutdown_seconds
+        self._stopping.set()
         for server in self.servers:
             server.stop(max(0.0, deadline - time.monotonic()))  # one deadline for every listener and worker
         if self.stow_server is not None:

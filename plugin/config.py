@@ -8,13 +8,14 @@ the same keys with their defaults.
 """
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from plugin.yamlfile import Location, YAMLError, YAMLFile, read_yaml, validation_errors
 
@@ -106,6 +107,31 @@ class StorageSection(_Section):
     min_free_mb: int = Field(default=1024, ge=0)
     max_instance_mb: int = Field(default=2048, ge=1)
     retention_days: float = Field(default=30.0, ge=0)
+
+
+# A password in a connection URI: user:PASSWORD@ or ?password=PASSWORD.
+_URI_PASSWORD = re.compile(r"(?<=://)([^:@/]*):[^@/]*@|(?<=[?&]password=)[^&]*")
+
+
+class JournalSection(_Section):
+    """Where the journal (every instance, job and delivery) lives.
+
+    url: null (default) = the SQLite file ``journal.sqlite`` in ``storage.dir``, for one
+    node; a ``postgresql://`` URL (libpq's connection URI; its query may add libpq options
+    such as ``sslmode=verify-full``) = PostgreSQL, which several nodes can share. The node
+    creates the tables on first use; the database and its role are the operator's. A node
+    started while the server is down waits for it (log line, ``radpipe_journal_up`` 0).
+    The effective config is logged with the password masked.
+    Example: ``journal: {url: "postgresql://radpipe:secret@db.example:5432/radpipe"}``.
+    """
+
+    url: str | None = Field(default=None, pattern=r"^postgres(ql)?://")
+
+    @field_serializer("url")
+    def _masked(self, url: str | None) -> str | None:
+        if url is None:
+            return None
+        return _URI_PASSWORD.sub(lambda m: f"{m.group(1)}:***@" if m.group(1) is not None else "***", url)
 
 
 class MetricsSection(_Section):
@@ -217,6 +243,7 @@ class Destination(_Section):
 class NodeConfig(_Section):
     node: NodeSection = NodeSection()
     storage: StorageSection = StorageSection()
+    journal: JournalSection = JournalSection()
     metrics: MetricsSection = MetricsSection()
     pipelines: PipelinesSection = PipelinesSection()
     runner: RunnerSection = RunnerSection()
@@ -226,6 +253,11 @@ class NodeConfig(_Section):
     @property
     def results_dir(self) -> Path:
         return self.storage.dir / "results"
+
+    @property
+    def journal_location(self) -> Path | str:
+        """What :class:`plugin.journal.Journal` opens: the PostgreSQL URL, or the SQLite file."""
+        return self.journal.url or self.storage.dir / "journal.sqlite"
 
 
 class ConfigError(Exception):

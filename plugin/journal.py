@@ -1,8 +1,11 @@
-"""The journal: every state change of every instance, job and delivery, in SQLite (WAL).
+"""The journal: every state change of every instance, job and delivery, in SQLite (WAL)
+or, with ``journal.url: postgresql://...``, in PostgreSQL (several nodes, one journal).
 
 Each public method is one transaction, so after a crash the journal holds either the
-whole change or none of it. All SQL lives here and sticks to what PostgreSQL also
-accepts, so another backend can replace this module without touching its callers.
+whole change or none of it. All of the journal's SQL lives here, written once for both
+back ends (``?`` placeholders, SQLite's column types): what differs between them (how to
+connect, lock and claim, and PostgreSQL's types) is a small back-end object, SQLite's
+below and PostgreSQL's in :mod:`plugin.journal_pg`.
 
 Lifecycle:
   instance received (batch_id NULL = pending)
@@ -18,10 +21,11 @@ A study's trace id (``logs.trace_id``) is not stored: it is a function of
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from plugin.logs import trace_id
 
@@ -95,6 +99,9 @@ CREATE TABLE IF NOT EXISTS findings (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, next_attempt_at)
     WHERE status = 'pending';
 """
+# One statement at a time: PostgreSQL's types replace SQLite's in each (plugin/journal_pg.py).
+SCHEMA_STATEMENTS = [statement.strip() for statement in SCHEMA.split(";\n") if statement.strip()]
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 
 
 @dataclass(frozen=True)
@@ -190,8 +197,63 @@ class Delivery:
     study_instance_uid: str
 
 
-class Journal:
-    """Thread-safe access to the journal database (one connection, one lock)."""
+class JournalUnavailable(Exception):
+    """The journal's database cannot be reached now (PostgreSQL down or restarting, no
+    pooled connection free in time). Nothing of the change was committed: a caller that
+    can answer "later" does so (C-STORE 0xA700) and keeps running."""
+
+
+class Cursor(Protocol):
+    """What the journal reads from an executed statement (DB-API)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    @property
+    def description(self) -> Any: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Connection(Protocol):
+    """The part of DB-API the journal's SQL runs on, with ``?`` placeholders."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> object: ...
+
+
+class Backend(Protocol):
+    """What differs between the journal's databases; the SQL itself does not."""
+
+    # Appended to the SELECT that picks the job to claim: PostgreSQL's nodes claim side by
+    # side (FOR UPDATE SKIP LOCKED); SQLite's single writer needs nothing.
+    claim_lock: str
+
+    def prepare(self, create: Callable[[Connection], None]) -> None:
+        """Have ``create`` (schema and migrations) run once, before the first statement
+        of this process."""
+
+    def ddl(self, statement: str) -> str:
+        """A statement of :data:`SCHEMA` in this database's types."""
+
+    def transaction(self) -> AbstractContextManager[Connection]:
+        """One write transaction: committed at the end of the block, rolled back on error."""
+
+    def reading(self) -> AbstractContextManager[Connection]:
+        """A connection for reads."""
+
+    def close(self) -> None: ...
+
+
+class SqliteBackend:
+    """One connection and one lock for the node's threads: SQLite has one writer at a time
+    anyway, and BEGIN IMMEDIATE makes a claim exclusive (other processes on the same file
+    wait for it) without any row locks."""
+
+    claim_lock = ""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,21 +264,18 @@ class Journal:
         # survive power loss before the node answers (a received instance) is flushed by
         # the node's group sync. Anything else lost that way is redone idempotently.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        self._migrate()
 
-    def _migrate(self) -> None:
-        """Bring a journal written by an earlier radpipe to this schema, keeping every row."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(instances)")}
-        if "sha256" in columns:  # radpipe <= 0.1 hashed every instance; sameness is now decided by content
-            self._db.execute("ALTER TABLE instances DROP COLUMN sha256")
-
-    def close(self) -> None:
+    def prepare(self, create: Callable[[Connection], None]) -> None:
+        # Statement by statement (autocommit): on an existing journal every one is a no-op
+        # that takes no write lock, so a reader (radpipe status) opens it beside a busy node.
         with self._lock:
-            self._db.close()
+            create(self._db)
+
+    def ddl(self, statement: str) -> str:
+        return statement
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -226,13 +285,64 @@ class Journal:
                 raise
             self._db.execute("COMMIT")
 
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        with self._lock:
+            yield self._db
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class Journal:
+    """Thread-safe access to the journal: ``location`` is the SQLite file's path, or a
+    ``postgresql://`` URL (a libpq connection URI)."""
+
+    def __init__(self, location: Path | str) -> None:
+        self._backend: Backend
+        if isinstance(location, str) and location.startswith(POSTGRESQL_SCHEMES):
+            from plugin.journal_pg import PostgresBackend  # psycopg only where it is used
+
+            self._backend = PostgresBackend(location)
+        else:
+            self._backend = SqliteBackend(Path(location))
+        self._backend.prepare(self._create)
+
+    def _create(self, db: Connection) -> None:
+        for statement in SCHEMA_STATEMENTS:
+            db.execute(self._backend.ddl(statement))
+        self._migrate(db)
+
+    def _migrate(self, db: Connection) -> None:
+        """Bring a journal written by an earlier radpipe to this schema, keeping every row."""
+        columns = {column[0] for column in db.execute("SELECT * FROM instances WHERE 1 = 0").description}
+        if "sha256" in columns:  # radpipe <= 0.1 hashed every instance; sameness is now decided by content
+            db.execute("ALTER TABLE instances DROP COLUMN sha256")
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def _all(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
+        with self._backend.reading() as db:
+            return db.execute(sql, parameters).fetchall()
+
+    def _one(self, sql: str, parameters: Sequence[Any] = ()) -> Any:
+        with self._backend.reading() as db:
+            return db.execute(sql, parameters).fetchone()
+
+    def _change(self, sql: str, parameters: Sequence[Any] = ()) -> int:
+        """One statement in a transaction of its own; how many rows it changed."""
+        with self._backend.transaction() as db:
+            return int(db.execute(sql, parameters).rowcount)
+
     # -- instances ---------------------------------------------------------------------
 
     def record_instance(self, record: InstanceRecord, replace: bool = False) -> None:
         """Journal a stored instance, pending. With ``replace`` (the instance's file was
         lost before it was flushed), its earlier row is replaced and it is pending again.
         Whether a known SOP Instance UID is the same instance is the node's call."""
-        with self._transaction() as db:
+        with self._backend.transaction() as db:
             if replace:
                 db.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,))
             db.execute(
@@ -250,37 +360,33 @@ class Journal:
             )
 
     def instance(self, sop_instance_uid: str) -> InstanceRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
+        row = self._one("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
         return InstanceRecord(*row) if row else None
 
     def pending_series(self) -> list[PendingSeries]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT study_instance_uid, series_instance_uid, COUNT(*), MIN(received_at),"
-                " MAX(received_at), MIN(path) FROM instances WHERE batch_id IS NULL"
-                " GROUP BY study_instance_uid, series_instance_uid"
-            ).fetchall()
+        rows = self._all(
+            "SELECT study_instance_uid, series_instance_uid, COUNT(*), MIN(received_at),"
+            " MAX(received_at), MIN(path) FROM instances WHERE batch_id IS NULL"
+            " GROUP BY study_instance_uid, series_instance_uid"
+        )
         return [PendingSeries(*row) for row in rows]
 
     def received_series(self, since: float = 0.0) -> list[PendingSeries]:
         """Every series with instances received at or after ``since`` (epoch seconds), pending
         or not, in order of arrival; ``first_path`` is the instance the assembler would route on."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT study_instance_uid, series_instance_uid, COUNT(*), MIN(received_at),"
-                " MAX(received_at), MIN(path) FROM instances WHERE received_at >= ?"
-                " GROUP BY study_instance_uid, series_instance_uid ORDER BY MIN(received_at), series_instance_uid",
-                (since,),
-            ).fetchall()
+        rows = self._all(
+            "SELECT study_instance_uid, series_instance_uid, COUNT(*), MIN(received_at),"
+            " MAX(received_at), MIN(path) FROM instances WHERE received_at >= ?"
+            " GROUP BY study_instance_uid, series_instance_uid ORDER BY MIN(received_at), series_instance_uid",
+            (since,),
+        )
         return [PendingSeries(*row) for row in rows]
 
     def received_instances(self, since: float = 0.0) -> list[InstanceRecord]:
         """Every instance received at or after ``since`` (epoch seconds), pending or not."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM instances WHERE received_at >= ? ORDER BY received_at, sop_instance_uid", (since,)
-            ).fetchall()
+        rows = self._all(
+            "SELECT * FROM instances WHERE received_at >= ? ORDER BY received_at, sop_instance_uid", (since,)
+        )
         return [InstanceRecord(*row) for row in rows]
 
     def create_batches(
@@ -293,15 +399,16 @@ class Journal:
         study so far. Returns the batch ids, the study batch last."""
         now = time.time()
         ids = []
-        with self._transaction() as db:
+        with self._backend.transaction() as db:
 
             def batch(series_uid: str | None, jobs: Sequence[JobSpec]) -> int:
-                cursor = db.execute(
-                    "INSERT INTO batches (study_instance_uid, series_instance_uid, created_at, routing)"
-                    " VALUES (?, ?, ?, ?)",
-                    (study_uid, series_uid, now, "routed" if jobs else "unrouted"),
+                batch_id = int(
+                    db.execute(
+                        "INSERT INTO batches (study_instance_uid, series_instance_uid, created_at, routing)"
+                        " VALUES (?, ?, ?, ?) RETURNING id",
+                        (study_uid, series_uid, now, "routed" if jobs else "unrouted"),
+                    ).fetchone()[0]
                 )
-                batch_id = int(cursor.lastrowid or 0)
                 db.executemany(
                     "INSERT INTO jobs (batch_id, pipeline, pipeline_version, pipeline_sha256, priority,"
                     " status, created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?)",
@@ -321,78 +428,71 @@ class Journal:
         return ids
 
     def batch_study(self, batch_id: int) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT study_instance_uid FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        row = self._one("SELECT study_instance_uid FROM batches WHERE id = ?", (batch_id,))
         return row[0] if row else None
 
     def study_of_trace(self, trace: str) -> str | None:
         """The Study Instance UID whose trace id is ``trace``, among the journaled ones."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT study_instance_uid FROM instances UNION SELECT study_instance_uid FROM batches"
-            ).fetchall()
+        rows = self._all("SELECT study_instance_uid FROM instances UNION SELECT study_instance_uid FROM batches")
         return next((uid for (uid,) in rows if trace_id(uid) == trace), None)
 
     def study_received(self, study_uid: str) -> tuple[int, float | None, float | None]:
         """How many instances of the study were received, the first and the last when."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT COUNT(*), MIN(received_at), MAX(received_at) FROM instances WHERE study_instance_uid = ?",
-                (study_uid,),
-            ).fetchone()
+        row = self._one(
+            "SELECT COUNT(*), MIN(received_at), MAX(received_at) FROM instances WHERE study_instance_uid = ?",
+            (study_uid,),
+        )
         return row[0], row[1], row[2]
 
     def study_jobs(self, study_uid: str) -> list[JobRecord]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT j.* FROM jobs j JOIN batches b ON b.id = j.batch_id"
-                " WHERE b.study_instance_uid = ? ORDER BY j.id",
-                (study_uid,),
-            ).fetchall()
+        rows = self._all(
+            "SELECT j.* FROM jobs j JOIN batches b ON b.id = j.batch_id WHERE b.study_instance_uid = ? ORDER BY j.id",
+            (study_uid,),
+        )
         return [JobRecord(*row) for row in rows]
 
     def batch_routing(self, batch_id: int) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT routing FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        row = self._one("SELECT routing FROM batches WHERE id = ?", (batch_id,))
         return row[0] if row else None
 
     def batch_instances(self, batch_id: int) -> list[InstanceRecord]:
         """Every instance of the batch's series (or, for a study batch, study) received up
         to this batch: a re-run after late arrivals sees the whole series, not only the
         late instances."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT i.* FROM instances i JOIN batches b ON i.study_instance_uid = b.study_instance_uid"
-                " WHERE b.id = ? AND i.batch_id IS NOT NULL AND i.batch_id <= b.id"
-                " AND (b.series_instance_uid IS NULL OR i.series_instance_uid = b.series_instance_uid)"
-                " ORDER BY i.sop_instance_uid",
-                (batch_id,),
-            ).fetchall()
+        rows = self._all(
+            "SELECT i.* FROM instances i JOIN batches b ON i.study_instance_uid = b.study_instance_uid"
+            " WHERE b.id = ? AND i.batch_id IS NOT NULL AND i.batch_id <= b.id"
+            " AND (b.series_instance_uid IS NULL OR i.series_instance_uid = b.series_instance_uid)"
+            " ORDER BY i.sop_instance_uid",
+            (batch_id,),
+        )
         return [InstanceRecord(*row) for row in rows]
 
     # -- jobs --------------------------------------------------------------------------
 
     def claim_job(self, pipeline_sha256: str | None = None) -> JobRecord | None:
         """Mark the most urgent queued job as running and return it; with
-        ``pipeline_sha256``, only if that job was routed to this pipeline version."""
-        with self._transaction() as db:
+        ``pipeline_sha256``, only if that job was routed to this pipeline version. Safe
+        with several claimants: each job goes to one (the back end's ``claim_lock``)."""
+        with self._backend.transaction() as db:
             row = db.execute(
                 "SELECT id, pipeline_sha256 FROM jobs WHERE status = 'queued' ORDER BY priority DESC, id LIMIT 1"
+                + self._backend.claim_lock
             ).fetchone()
             if row is None or pipeline_sha256 not in (None, row[1]):
                 return None
-            db.execute("UPDATE jobs SET status = 'running', started_at = ? WHERE id = ?", (time.time(), row[0]))
-            return JobRecord(*db.execute("SELECT * FROM jobs WHERE id = ?", (row[0],)).fetchone())
+            return JobRecord(
+                *db.execute(
+                    "UPDATE jobs SET status = 'running', started_at = ? WHERE id = ? RETURNING *", (time.time(), row[0])
+                ).fetchone()
+            )
 
     def job(self, job_id: int) -> JobRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return JobRecord(*row) if row else None
 
     def jobs(self) -> list[JobRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
-        return [JobRecord(*row) for row in rows]
+        return [JobRecord(*row) for row in self._all("SELECT * FROM jobs ORDER BY id")]
 
     def complete_job(
         self,
@@ -404,25 +504,24 @@ class Journal:
         """The job's results (kind, path, SOP Instance UID) are on disk: mark the job done,
         keep its ``findings`` (label, probability, present) and queue one delivery per
         result and destination."""
-        with self._transaction() as db:
+        with self._backend.transaction() as db:
             db.execute("UPDATE jobs SET status = 'done', finished_at = ? WHERE id = ?", (time.time(), job_id))
             db.executemany(
                 "INSERT INTO findings (job_id, label, probability, present) VALUES (?, ?, ?, ?)",
                 [(job_id, label, probability, int(present)) for label, probability, present in findings],
             )
             for kind, path, sop_uid in results:
-                cursor = db.execute(
-                    "INSERT INTO results (job_id, kind, path, sop_instance_uid) VALUES (?, ?, ?, ?)",
+                result_id = db.execute(
+                    "INSERT INTO results (job_id, kind, path, sop_instance_uid) VALUES (?, ?, ?, ?) RETURNING id",
                     (job_id, kind, path, sop_uid),
-                )
+                ).fetchone()[0]
                 db.executemany(
                     "INSERT INTO deliveries (result_id, destination, status) VALUES (?, ?, 'pending')",
-                    [(cursor.lastrowid, d) for d in destinations],
+                    [(result_id, d) for d in destinations],
                 )
 
     def results(self, job_id: int) -> list[ResultRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM results WHERE job_id = ? ORDER BY id", (job_id,)).fetchall()
+        rows = self._all("SELECT * FROM results WHERE job_id = ? ORDER BY id", (job_id,))
         return [ResultRecord(*row) for row in rows]
 
     def finding_pairs(
@@ -430,33 +529,30 @@ class Journal:
     ) -> list[FindingPair]:
         """Every finding that ``shadow`` and ``live`` both reported on the same batch (its
         shadow job finished since ``since``; with ``shadow_job``, of that job only)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT b.study_instance_uid, b.series_instance_uid, sf.label, lf.probability, lf.present,"
-                " sf.probability, sf.present FROM jobs sj"
-                " JOIN jobs lj ON lj.batch_id = sj.batch_id AND lj.pipeline = ? AND lj.status = 'done'"
-                " JOIN batches b ON b.id = sj.batch_id JOIN findings sf ON sf.job_id = sj.id"
-                " JOIN findings lf ON lf.job_id = lj.id AND lf.label = sf.label"
-                " WHERE sj.pipeline = ? AND sj.status = 'done' AND sj.finished_at >= ? AND (? IS NULL OR sj.id = ?)"
-                " ORDER BY sj.id, sf.label",
-                (live, shadow, since, shadow_job, shadow_job),
-            ).fetchall()
+        rows = self._all(
+            "SELECT b.study_instance_uid, b.series_instance_uid, sf.label, lf.probability, lf.present,"
+            " sf.probability, sf.present FROM jobs sj"
+            " JOIN jobs lj ON lj.batch_id = sj.batch_id AND lj.pipeline = ? AND lj.status = 'done'"
+            " JOIN batches b ON b.id = sj.batch_id JOIN findings sf ON sf.job_id = sj.id"
+            " JOIN findings lf ON lf.job_id = lj.id AND lf.label = sf.label"
+            " WHERE sj.pipeline = ? AND sj.status = 'done' AND sj.finished_at >= ?"
+            " AND (CAST(? AS BIGINT) IS NULL OR sj.id = ?)"  # typed: PostgreSQL cannot infer a bare NULL's type
+            " ORDER BY sj.id, sf.label",
+            (live, shadow, since, shadow_job, shadow_job),
+        )
         return [
             FindingPair(study, series, label, live_p, bool(live_present), shadow_p, bool(shadow_present))
             for study, series, label, live_p, live_present, shadow_p, shadow_present in rows
         ]
 
     def fail_job(self, job_id: int, error: str) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
-                (time.time(), error, job_id),
-            )
+        self._change(
+            "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?", (time.time(), error, job_id)
+        )
 
     def requeue_running_jobs(self) -> int:
         """On start: jobs a crash interrupted run again (their result UIDs are deterministic)."""
-        with self._transaction() as db:
-            return db.execute("UPDATE jobs SET status = 'queued' WHERE status = 'running'").rowcount
+        return self._change("UPDATE jobs SET status = 'queued' WHERE status = 'running'")
 
     # -- deliveries --------------------------------------------------------------------
 
@@ -478,18 +574,13 @@ class Journal:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        with self._lock:
-            rows = self._db.execute(sql, params).fetchall()
-        return [Delivery(*row) for row in rows]
+        return [Delivery(*row) for row in self._all(sql, params)]
 
     def deliveries_elsewhere(self, destinations: Collection[str]) -> list[Delivery]:
         """Pending deliveries to any destination but ``destinations``: those to a
         destination the config no longer has."""
         where = f" AND d.destination NOT IN ({', '.join('?' * len(destinations))})" if destinations else ""
-        with self._lock:
-            rows = self._db.execute(
-                f"{self._DELIVERY} WHERE d.status = 'pending'{where} ORDER BY d.result_id", list(destinations)
-            ).fetchall()
+        rows = self._all(f"{self._DELIVERY} WHERE d.status = 'pending'{where} ORDER BY d.result_id", list(destinations))
         return [Delivery(*row) for row in rows]
 
     def deliveries(
@@ -507,8 +598,7 @@ class Journal:
             where.append("d.status = ?")
             params.append(status)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
-        with self._lock:
-            rows = self._db.execute(f"{self._DELIVERY}{clause} ORDER BY d.result_id, d.destination", params).fetchall()
+        rows = self._all(f"{self._DELIVERY}{clause} ORDER BY d.result_id, d.destination", params)
         return [Delivery(*row) for row in rows]
 
     def record_attempt(
@@ -518,46 +608,44 @@ class Journal:
         otherwise the delivery is retried at ``retry_at``, or dead-lettered when None."""
         now = time.time()
         status = "delivered" if error is None else ("pending" if retry_at is not None else "dead")
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,"
-                " first_attempt_at = COALESCE(first_attempt_at, ?), next_attempt_at = ?, delivered_at = ?"
-                " WHERE result_id = ? AND destination = ?",
-                (status, error, now, retry_at or 0, now if error is None else None, result_id, destination),
-            )
+        self._change(
+            "UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,"
+            " first_attempt_at = COALESCE(first_attempt_at, ?), next_attempt_at = ?, delivered_at = ?"
+            " WHERE result_id = ? AND destination = ?",
+            (status, error, now, retry_at or 0, now if error is None else None, result_id, destination),
+        )
+
+    # ``CAST(? AS TEXT) IS NULL``: typed, as PostgreSQL cannot infer a bare NULL's type.
+    _OF_STUDY = "SELECT id FROM batches WHERE CAST(? AS TEXT) IS NULL OR study_instance_uid = ?"
 
     def requeue_dead_letters(self, study_uid: str | None = None) -> int:
         """Give dead-lettered deliveries (of one study, or all) a fresh start."""
-        with self._transaction() as db:
-            return db.execute(
-                "UPDATE deliveries SET status = 'pending', attempts = 0, first_attempt_at = NULL,"
-                " next_attempt_at = 0 WHERE status = 'dead' AND (? IS NULL OR result_id IN ("
-                " SELECT r.id FROM results r JOIN jobs j ON j.id = r.job_id JOIN batches b ON b.id = j.batch_id"
-                " WHERE b.study_instance_uid = ?))",
-                (study_uid, study_uid),
-            ).rowcount
+        return self._change(
+            "UPDATE deliveries SET status = 'pending', attempts = 0, first_attempt_at = NULL,"
+            " next_attempt_at = 0 WHERE status = 'dead' AND result_id IN (SELECT r.id FROM results r"
+            f" JOIN jobs j ON j.id = r.job_id WHERE j.batch_id IN ({self._OF_STUDY}))",
+            (study_uid, study_uid),
+        )
 
     def requeue_failed_jobs(self, study_uid: str | None = None) -> int:
         """Run failed jobs (of one study, or all) again."""
-        with self._transaction() as db:
-            return db.execute(
-                "UPDATE jobs SET status = 'queued', error = NULL WHERE status = 'failed' AND (? IS NULL OR"
-                " batch_id IN (SELECT id FROM batches WHERE study_instance_uid = ?))",
-                (study_uid, study_uid),
-            ).rowcount
+        return self._change(
+            "UPDATE jobs SET status = 'queued', error = NULL"
+            f" WHERE status = 'failed' AND batch_id IN ({self._OF_STUDY})",
+            (study_uid, study_uid),
+        )
 
     def previous_result(self, job: JobRecord, kind: str = "sr") -> ResultRecord | None:
         """The latest earlier result of the same pipeline for the same series (or study):
         what a re-run after late arrivals supersedes."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT r.* FROM results r JOIN jobs j ON j.id = r.job_id JOIN batches b ON b.id = j.batch_id"
-                " JOIN batches mine ON mine.id = ? WHERE j.pipeline = ? AND r.kind = ? AND j.id < ?"
-                " AND b.study_instance_uid = mine.study_instance_uid"
-                " AND COALESCE(b.series_instance_uid, '') = COALESCE(mine.series_instance_uid, '')"
-                " ORDER BY j.id DESC LIMIT 1",
-                (job.batch_id, job.pipeline, kind, job.id),
-            ).fetchone()
+        row = self._one(
+            "SELECT r.* FROM results r JOIN jobs j ON j.id = r.job_id JOIN batches b ON b.id = j.batch_id"
+            " JOIN batches mine ON mine.id = ? WHERE j.pipeline = ? AND r.kind = ? AND j.id < ?"
+            " AND b.study_instance_uid = mine.study_instance_uid"
+            " AND COALESCE(b.series_instance_uid, '') = COALESCE(mine.series_instance_uid, '')"
+            " ORDER BY j.id DESC LIMIT 1",
+            (job.batch_id, job.pipeline, kind, job.id),
+        )
         return ResultRecord(*row) if row else None
 
     # -- retention ---------------------------------------------------------------------
@@ -566,15 +654,15 @@ class Journal:
         """Studies whose every instance is batched, every job finished and every result
         delivered, with nothing received since ``older_than``. Anything undelivered
         (pending or dead-lettered) keeps its study."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._backend.reading() as db:
+            rows = db.execute(
                 "SELECT study_instance_uid FROM instances GROUP BY study_instance_uid"
-                " HAVING MAX(received_at) < ? AND SUM(batch_id IS NULL) = 0",
+                " HAVING MAX(received_at) < ? AND COUNT(batch_id) = COUNT(*)",
                 (older_than,),
             ).fetchall()
             studies = []
             for (study_uid,) in rows:
-                busy = self._db.execute(
+                busy = db.execute(
                     "SELECT (SELECT COUNT(*) FROM jobs j JOIN batches b ON b.id = j.batch_id"
                     "        WHERE b.study_instance_uid = ? AND j.status IN ('queued', 'running'))"
                     " + (SELECT COUNT(*) FROM deliveries d JOIN results r ON r.id = d.result_id"
@@ -588,7 +676,7 @@ class Journal:
 
     def forget_study(self, study_uid: str) -> None:
         """Delete every row of a purged study, in one transaction."""
-        with self._transaction() as db:
+        with self._backend.transaction() as db:
             batches = "SELECT id FROM batches WHERE study_instance_uid = ?"
             jobs = f"SELECT id FROM jobs WHERE batch_id IN ({batches})"
             results = f"SELECT id FROM results WHERE job_id IN ({jobs})"
@@ -604,10 +692,10 @@ class Journal:
     def queue_depths(self) -> dict[str, int]:
         """Work waiting in each queue: pending instances, queued/running jobs, deliveries
         waiting to be sent, and dead letters."""
-        with self._lock:
-            pending = self._db.execute("SELECT COUNT(*) FROM instances WHERE batch_id IS NULL").fetchone()[0]
-            jobs = dict(self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
-            deliveries = dict(self._db.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status").fetchall())
+        with self._backend.reading() as db:
+            pending = db.execute("SELECT COUNT(*) FROM instances WHERE batch_id IS NULL").fetchone()[0]
+            jobs = dict(db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+            deliveries = dict(db.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status").fetchall())
         return {
             "assembly": pending,
             "jobs": jobs.get("queued", 0),
@@ -617,10 +705,7 @@ class Journal:
         }
 
     def queued_jobs(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0])
+        return int(self._one("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")[0])
 
     def recent_jobs(self, limit: int = 20) -> list[JobRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-        return [JobRecord(*row) for row in rows]
+        return [JobRecord(*row) for row in self._all("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))]

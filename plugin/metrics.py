@@ -26,7 +26,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydicom import Dataset
 
-from plugin.journal import FindingPair
+from plugin.journal import FindingPair, JournalUnavailable
 
 STAGES = ("receive", "wait", "load", "preprocess", "infer", "write", "dispatch")
 QUEUES = ("assembly", "jobs", "running", "dispatch", "dead_letter")
@@ -44,6 +44,7 @@ REJECT_REASONS = (
     "sop_class_mismatch",
     "storage_full",
     "processing_failure",
+    "journal_unavailable",
 )
 ASSOCIATION_REJECT_REASONS = ("calling_ae_not_allowed", "called_ae_mismatch", "too_many_associations")
 # How associations end other than by a release (plugin/acceptor.py): aborted by this node
@@ -296,10 +297,19 @@ class _StateCollector(Collector):
         self._free_bytes = free_bytes
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
+        # The depths' query doubles as the journal's probe: a scrape while its database is
+        # unreachable answers (up 0, no depths) instead of failing as a whole.
         depth = GaugeMetricFamily("radpipe_queue_depth", "Items waiting per queue", labels=["queue"])
-        for queue, value in self._queue_depths().items():
+        try:
+            depths, up = self._queue_depths(), 1
+        except JournalUnavailable:
+            depths, up = {}, 0
+        for queue, value in depths.items():
             depth.add_metric([queue], value)
         yield depth
+        yield GaugeMetricFamily(
+            "radpipe_journal_up", "1 if the journal's database answered this scrape's query, else 0", value=up
+        )
         yield GaugeMetricFamily(
             "radpipe_spool_free_bytes", "Free bytes on the spool's file system", value=self._free_bytes()
         )

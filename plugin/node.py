@@ -34,7 +34,7 @@ from plugin.acceptor import (
 )
 from plugin.config import NodeSection, TLSConfig
 from plugin.durability import GroupSync
-from plugin.journal import InstanceRecord, Journal
+from plugin.journal import InstanceRecord, Journal, JournalUnavailable
 from plugin.logs import follow, log_context
 from plugin.metrics import Metrics
 from plugin.pdu import printable
@@ -54,8 +54,8 @@ class StoreStatus(IntEnum):
     # class was never negotiated: nothing is stored.
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     # Refused: out of resources. Disk below its floor, the job queue over its cap, a
-    # write failed, or the disk or the journal is full: the sender keeps the instance and
-    # retries later.
+    # write failed, the disk or the journal is full, or the journal's database cannot be
+    # reached (PostgreSQL down): the sender keeps the instance and retries later.
     OUT_OF_RESOURCES = 0xA700
     # Error: data set does not match SOP class. UIDs missing or malformed, pixel module
     # inconsistent with the pixel data, absurd sizes, or a known SOP Instance UID with
@@ -317,6 +317,8 @@ class Attempt:
         log.debug("C-STORE handler failed", exc_info=error)
         if _is_full(error):
             return Refusal(StoreStatus.OUT_OF_RESOURCES, "storage_full", detail)
+        if isinstance(error, JournalUnavailable):  # nothing committed; the sender tries again later
+            return Refusal(StoreStatus.OUT_OF_RESOURCES, "journal_unavailable", detail)
         return Refusal(StoreStatus.PROCESSING_FAILURE, "processing_failure", detail)
 
     def _quarantine(self, reason: str, detail: str) -> str:

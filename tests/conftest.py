@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from plugin.app import Node
 from plugin.cli import main
 from plugin.config import NodeConfig
+from tests.postgres import own_postgres, postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PIPELINE = REPO / "pipelines" / "lung-nodule-demo.yaml"

@@ -1,9 +1,9 @@
 #!/bin/sh
 # Install the Debian packages that the tests drive for real (dcmtk, dicom3tools, orthanc,
-# orthanc-dicomweb, prometheus, ...) as tools only: their services (Orthanc, Prometheus,
-# the exporters that come along as recommended packages) are neither started by the
-# install nor enabled to start at boot. Run as root: `make test` calls it through sudo
-# when it is not root.
+# orthanc-dicomweb, prometheus, postgresql, ...) as tools only: their services (Orthanc,
+# Prometheus, the exporters that come along as recommended packages, PostgreSQL's packaged
+# cluster) are neither started by the install nor enabled to start at boot. Run as root:
+# `make test` calls it through sudo when it is not root.
 # Usage: tests/install-debian-tools.sh PACKAGE...
 set -eu
 policy=/usr/sbin/policy-rc.d  # invoke-rc.d asks it before starting a service (101: don't)
