@@ -7,8 +7,12 @@ pruned fp32, int8 (torchao static PTQ of the unpruned model), the optimized arti
 Runtime static int8 of the original (for an ONNX original, its own graph and its int8).
 Every int8 row is made by ``radpipe optimize``'s own code and loaded as the node loads
 it. For batch sizes 1, 8 and 32: latency p50/p95, images/s (batch / median latency),
-size on disk, and AUC on the same held-out images. Prints a table, writes ``bench.json``
-and draws ``bench.png``.
+size on disk, and AUC on the same held-out images. Every int8 variant made here is
+calibrated on the images ``radpipe optimize`` calibrates the recipe's int8 on (the
+recipe's data through the pipeline's preprocessing), and the speed ratios are given per
+batch size only against baselines within the recipe's AUC gate: beating one that lost
+its accuracy proves nothing, so it gets its AUC and the reason instead. Prints a table,
+writes ``bench.json`` and draws ``bench.png``.
 
 A segmentation model (a pipeline with ``task: segmentation``) gets its own rows: fp32
 eager and compiled, the optimized (pruned) model eager and compiled, int8 only where
@@ -32,11 +36,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from plugin.accel.data import DataSets, phantom_split
-from plugin.accel.evaluate import HeldoutVolumes, evaluate
+from plugin.accel.data import DataSets, Split, calibration_data, phantom_split
+from plugin.accel.evaluate import HeldoutVolumes, Scores, evaluate, gate
 from plugin.accel.export import export_onnx
 from plugin.accel.optimize import fixed_batch, int8_refusal, optimize, optimize_artifact, report, torch_model
-from plugin.accel.recipe import Recipe
+from plugin.accel.recipe import Accept, Recipe, accept_record
 from plugin.accel.volumes import heldout_volumes, training_windows
 from plugin.models.artifact import (
     MODEL_FILES,
@@ -176,9 +180,13 @@ def bench(
     batch_sizes: list[int],
     seconds: float,
     work: Path,
+    accept: Accept | None = None,
 ) -> tuple[list[Row], dict[str, Any]]:
     """Measure every variant that applies to the original's format; returns the rows and
-    the summary ratios. ``optimized_dir``: an optimized artifact to show beside them."""
+    the summary ratios. ``optimized_dir``: an optimized artifact to show beside them. Every
+    int8 variant made here is calibrated on ``data.calibration``. ``accept``: the recipe's
+    gate; a baseline that fails it against the original gets no speed ratio, since beating
+    a broken baseline says nothing."""
     cpu = torch.device("cpu")
     original = load_artifact(original_dir, cpu)
     optimized = load_artifact(optimized_dir, cpu) if optimized_dir is not None else None
@@ -220,30 +228,46 @@ def bench(
     variants["ORT int8 static"] = int8("ORT int8 static", onnx)
 
     rows: list[Row] = []
+    scores: dict[str, Scores] = {}
     classes = original.classes
     for name, (run, size) in variants.items():
-        scores = evaluate(run, data.heldout, classes, findings, batch=max(buckets), what=f"AUC of {name}")
+        scores[name] = evaluate(run, data.heldout, classes, findings, batch=max(buckets), what=f"AUC of {name}")
         for batch in batch_sizes:
             p50, p95, rate = measure(run, data.heldout.images, batch, seconds)
-            rows.append(Row(name, batch, p50, p95, rate, size / 1e6, scores.overall))
+            rows.append(Row(name, batch, p50, p95, rate, size / 1e6, scores[name].overall))
             print(f"{name:<22} batch {batch:>3}: {p50:8.2f} ms p50, {rate:8.1f} images/s", flush=True)
+    shown = best or ("ORT int8 static" if original.format == ONNX else "int8")
+    summary = {"original format": original.format, **summarize(rows, scores, shown, accept or Accept())}
+    summary["calibration"] = data.calibration.description
+    summary["optimized"] = optimized.manifest.get("name") if optimized is not None else None
+    return rows, summary
+
+
+def summarize(rows: list[Row], scores: dict[str, Scores], shown: str, accept: Accept) -> dict[str, Any]:
+    """``shown``'s speed over each baseline's per batch size and its AUC drop. The first
+    variant is the original as the node serves it unoptimized, the reference of every
+    drop; a baseline whose drop fails ``accept`` gets its AUC and the reason instead of a
+    ratio."""
+    original = next(iter(scores))
+    summary: dict[str, Any] = {"gate": accept_record(accept, "classification")}
 
     def speed(variant: str, batch: int) -> float:
         return next(r.per_s for r in rows if r.variant == variant and r.batch == batch)
 
-    def auc_of(variant: str) -> float:
-        return next(r.score for r in rows if r.variant == variant)
-
-    shown = best or ("ORT int8 static" if original.format == ONNX else "int8")
-    baseline = next(iter(variants))  # the original as the node serves it unoptimized
-    top = max(batch_sizes)
-    summary: dict[str, Any] = {"batch": top, "original format": original.format}
-    for other in dict.fromkeys((baseline, "ORT int8 static")):
-        if other != shown:
-            summary[f"{shown} / {other} (images/s)"] = round(speed(shown, top) / speed(other, top), 2)
-    summary[f"AUC drop of {shown}"] = round(auc_of(baseline) - auc_of(shown), 4)
-    summary["optimized"] = optimized.manifest.get("name") if optimized is not None else None
-    return rows, summary
+    for other in dict.fromkeys((original, "ORT fp32", "ORT int8 static")):
+        if other == shown or other not in scores:
+            continue
+        summary[f"AUC of {other}"] = round(scores[other].overall, 4)
+        failures = gate(other, scores[original], scores[other], accept).failures
+        key = f"{shown} / {other} (images/s)"
+        if failures:
+            summary[key] = "no ratio: a baseline that lost accuracy: " + "; ".join(failures)
+        else:
+            summary[key] = {
+                f"batch {b}": round(speed(shown, b) / speed(other, b), 2) for b in sorted({r.batch for r in rows})
+            }
+    summary[f"AUC drop of {shown}"] = round(scores[original].overall - scores[shown].overall, 4)
+    return summary
 
 
 def bench_volumes(
@@ -296,34 +320,41 @@ def bench_volumes(
     return rows, summary
 
 
-def _classification(
-    target: Path,
-    original_dir: Path,
-    optimized_dir: Path | None,
-    pipeline: Pipeline | None,
-    heldout: int,
-    batch_sizes: list[int],
-    seconds: float,
-    work: Path,
-) -> tuple[list[Row], dict[str, Any], str]:
-    """A classifier's rows, summary and held-out images' description."""
+@dataclass(frozen=True)
+class Inputs:
+    """What a classifier is benched on (:func:`bench_inputs`)."""
+
+    steps: list[PreprocessStep]
+    findings: list[str]
+    data: DataSets
+    accept: Accept
+
+
+def bench_inputs(
+    original_dir: Path, optimized_dir: Path | None, pipeline: Pipeline | None, heldout: int, workers: int
+) -> Inputs:
+    """The pipeline's preprocessing and findings (an artifact's record of them when no
+    pipeline is given), ``heldout`` slices of the recipe's held-out phantom stream, and the
+    recipe's gate. The recipe is the optimized artifact's, else the pipeline's: every int8
+    baseline is calibrated on the images ``radpipe optimize`` calibrated with it, its data
+    through the preprocessing the node applies."""
+    manifest = read_manifest(optimized_dir) if optimized_dir is not None else {}
     if pipeline is not None:
         steps = list(pipeline.preprocess)
         findings = [f.label for f in pipeline.postprocess.findings]
-        recipe = pipeline.model.optimize or Recipe()
+        base = pipeline.source.parent if pipeline.source else Path.cwd()
     else:  # the target is an optimized artifact
-        manifest = read_manifest(target)
         steps = [PreprocessStep.model_validate(s) for s in manifest["preprocessing"]["steps"]]
         findings = list(manifest["evaluation"]["original"]["per_class_auc"])
-        recipe = Recipe.model_validate(manifest["recipe"])
+        base = Path.cwd()  # the pipeline file's folder is not recorded
+    given = pipeline.model.optimize if pipeline is not None else None
+    recipe = Recipe.model_validate(manifest["recipe"]) if "recipe" in manifest else given or Recipe()
     classes = read_manifest(original_dir)["classes"]
-    train_seed, heldout_seed = np.random.SeedSequence(recipe.data.seed).spawn(2)
-    workers = os.cpu_count() or 1
-    calibration = phantom_split(steps, train_seed, recipe.calibration.samples, classes, workers)
-    held = phantom_split(steps, heldout_seed, heldout, classes, workers)
-    data = DataSets(train=calibration, heldout=held, calibration=calibration)
-    rows, summary = bench(original_dir, optimized_dir, steps, findings, data, batch_sizes, seconds, work)
-    return rows, summary, held.description
+    calibration = calibration_data(steps, recipe.data, recipe.calibration, classes, base, workers)
+    seed = recipe.data.seed
+    held = phantom_split(steps, np.random.SeedSequence(seed).spawn(2)[1], heldout, classes, workers)
+    held = Split(held.images, held.labels, f"{held.description} (seed {seed}, stream 1)")
+    return Inputs(steps, findings, DataSets(train=calibration, heldout=held, calibration=calibration), recipe.accept)
 
 
 def _segmentation(
@@ -387,9 +418,19 @@ def run(
             if segmentation and pipeline is not None:
                 rows, summary, described, batch_sizes = _segmentation(original_dir, optimized_dir, pipeline, seconds)
             else:
-                rows, summary, described = _classification(
-                    target, original_dir, optimized_dir, pipeline, heldout, batch_sizes, seconds, work
+                given = bench_inputs(original_dir, optimized_dir, pipeline, heldout, os.cpu_count() or 1)
+                rows, summary = bench(
+                    original_dir,
+                    optimized_dir,
+                    given.steps,
+                    given.findings,
+                    given.data,
+                    batch_sizes,
+                    seconds,
+                    work,
+                    given.accept,
                 )
+                described = given.data.heldout.description
         except (ValueError, ArtifactError) as e:  # a recipe that does not apply to the model's format
             print(e)
             return 2
@@ -412,7 +453,7 @@ def run(
     _chart(rows, max(batch_sizes), out / "bench.png", metric, unit)
     print(table(rows, metric, unit))
     for key, value in summary.items():
-        print(f"{key}: {value}")
+        print(f"{key}: {', '.join(f'{k} {v}' for k, v in value.items()) if isinstance(value, dict) else value}")
     print(f"load average during the run: {result['machine']['load_average_1_5_15']} on {os.cpu_count()} cores")
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return 0

@@ -123,9 +123,13 @@ def folder_splits(
 def calibration_split(steps: list[PreprocessStep], calibration: Calibration, train: Split) -> Split:
     """The images static quantization calibrates on: the first ``samples`` training images,
     or the first frames of the DICOM files in a folder (unlabelled)."""
-    if calibration.source == "training":
-        n = min(calibration.samples, len(train))
-        return Split(train.images[:n], train.labels[:n], f"first {n} training images ({train.description})")
+    if calibration.source != "training":
+        return _folder_calibration(steps, calibration)
+    n = min(calibration.samples, len(train))
+    return Split(train.images[:n], train.labels[:n], f"first {n} training images ({train.description})")
+
+
+def _folder_calibration(steps: list[PreprocessStep], calibration: Calibration) -> Split:
     folder = Path(calibration.source)
     files = sorted(p for p in folder.rglob("*") if p.is_file())[: calibration.samples]
     images = [preprocess(steps, torch.from_numpy(modality_frames(pydicom.dcmread(p)))[:1, None]) for p in files]
@@ -146,15 +150,56 @@ def load_data(
     pipeline file's folder)."""
     workers = workers if workers is not None else (os.cpu_count() or 1)
     if data.source == "phantom":
-        train_seed, heldout_seed = np.random.SeedSequence(data.seed).spawn(2)
-        train = phantom_split(steps, train_seed, data.train_samples, classes, workers)
-        heldout = phantom_split(steps, heldout_seed, data.heldout_samples, classes, workers)
-        train = Split(train.images, train.labels, f"{train.description} (seed {data.seed}, stream 0)")
-        heldout = Split(heldout.images, heldout.labels, f"{heldout.description} (seed {data.seed}, stream 1)")
+        train = phantom_stream(steps, data, 0, data.train_samples, classes, workers)
+        heldout = phantom_stream(steps, data, 1, data.heldout_samples, classes, workers)
     else:
-        if data.labels is None:
-            raise ValueError("data.labels: a DICOM folder needs a labels CSV")
-        train, heldout = folder_splits(steps, base / data.source, base / data.labels, classes)
-    if calibration.source not in ("training",):
-        calibration = Calibration(source=str(base / calibration.source), samples=calibration.samples)
-    return DataSets(train, heldout, calibration_split(steps, calibration, train))
+        train, heldout = _folder(steps, data, classes, base)
+    return DataSets(train, heldout, calibration_split(steps, _resolved(calibration, base), train))
+
+
+def phantom_stream(
+    steps: list[PreprocessStep], data: Data, stream: int, count: int, classes: list[str], workers: int
+) -> Split:
+    """The first ``count`` slices of a recipe's phantom stream (0: training, 1: held-out),
+    described as the whole stream. Only the chunks they lie in are made: each chunk has its
+    own child seed, so a prefix is the same images however long the stream."""
+    total = data.train_samples if stream == 0 else data.heldout_samples
+    made = min(total, -(-count // _CHUNK) * _CHUNK)
+    seed = np.random.SeedSequence(data.seed).spawn(2)[stream]
+    split = phantom_split(steps, seed, made, classes, workers)
+    described = f"{total} phantom slices (seed {data.seed}, stream {stream})"
+    return Split(split.images[:count], split.labels[:count], described)
+
+
+def _folder(steps: list[PreprocessStep], data: Data, classes: list[str], base: Path) -> tuple[Split, Split]:
+    if data.labels is None:
+        raise ValueError("data.labels: a DICOM folder needs a labels CSV")
+    return folder_splits(steps, base / data.source, base / data.labels, classes)
+
+
+def _resolved(calibration: Calibration, base: Path) -> Calibration:
+    """A calibration folder taken from ``base``."""
+    if calibration.source == "training":
+        return calibration
+    return Calibration(source=str(base / calibration.source), samples=calibration.samples)
+
+
+def calibration_data(
+    steps: list[PreprocessStep],
+    data: Data,
+    calibration: Calibration,
+    classes: list[str],
+    base: Path,
+    workers: int | None = None,
+) -> Split:
+    """The images ``radpipe optimize`` calibrates a recipe's int8 on (:func:`load_data`'s
+    ``calibration``), made without the rest: what ``radpipe bench`` calibrates every int8
+    baseline on, so that each is judged on what the pipeline feeds the model."""
+    calibration = _resolved(calibration, base)
+    if calibration.source != "training":
+        return _folder_calibration(steps, calibration)
+    if data.source == "phantom":
+        workers = workers if workers is not None else (os.cpu_count() or 1)
+        n = min(calibration.samples, data.train_samples)
+        return calibration_split(steps, calibration, phantom_stream(steps, data, 0, n, classes, workers))
+    return calibration_split(steps, calibration, _folder(steps, data, classes, base)[0])
