@@ -1,6 +1,6 @@
 """Wiring: one running node = listener (and the optional STOW-RS endpoint) + assembler +
-runner + dispatcher + metrics, all sharing one journal. ``radpipe serve`` and the tests
-both start it through here."""
+runner + dispatcher + metrics + the heartbeat of its leases, all sharing one journal.
+``radpipe serve`` and the tests both start it through here."""
 
 import logging
 import time
@@ -35,6 +35,21 @@ from plugin.worker import Worker
 log = logging.getLogger(__name__)
 
 
+class Heartbeat(Worker):
+    """Renews the leases of the jobs and deliveries the node is working on, every third of
+    the lease: another node takes them over only once this node stops renewing (it died,
+    hung, or lost the journal for that long)."""
+
+    def __init__(self, journal: Journal) -> None:
+        super().__init__("heartbeat")
+        self.interval = journal.lease_seconds / 3
+        self._journal = journal
+
+    def step(self) -> bool:
+        self._journal.renew_leases()
+        return False
+
+
 def read_pipelines(config: NodeConfig) -> list[Pipeline]:
     """The configured pipelines. A missing or empty folder is an error in the log: the
     node would still answer every C-STORE with success, and store every series unrouted."""
@@ -59,7 +74,8 @@ class Node:
         self.config = config
         self.metrics = Metrics(registry)
         storage = config.storage.dir
-        self.journal = Journal(config.journal_location)  # PostgreSQL: connects when the server answers
+        # PostgreSQL: connects when the server answers
+        self.journal = Journal(config.journal_location, config.node.id, config.node.lease_seconds)
         self.spool = Spool(storage / "spool")
         self.quarantine = Quarantine(storage / "quarantine")
         self.group_sync = GroupSync(storage)
@@ -87,6 +103,7 @@ class Node:
             PipelineReloader(config.pipelines.dir, self.router, set(config.destinations), self.pool, self.metrics),
             Retention(self.journal, self.spool, config.results_dir, config.storage.retention_days),
         ]
+        self.heartbeat = Heartbeat(self.journal)
         self.servers: list[AssociationServer] = []
         self.stow_server: StowServer | None = None
         self.metrics_server: tuple[WSGIServer, Thread] | None = None
@@ -114,7 +131,8 @@ class Node:
         if resumed is None:
             return
         if resumed:
-            log.info("resuming %d job(s) interrupted by the last shutdown", resumed)
+            log.info("resuming %d job(s) of node %s interrupted by its last shutdown", resumed, self.config.node.id)
+        self.heartbeat.start()
         for worker in self.workers:
             worker.start()
         limits = StoreLimits(
@@ -127,16 +145,19 @@ class Node:
         self.stow_server = start_stow_server(self.config.node, storage, self.config.storage.dir)
 
     def _wait_for_journal(self, longest: float = 30.0) -> int | None:
-        """Requeue the jobs the last shutdown interrupted, as soon as the journal answers:
-        a node started while its PostgreSQL is down waits for it, saying so, rather than
-        exiting (and being restarted in a loop). How many were requeued; None if stopped."""
+        """Take back what this node held when it last stopped (``Journal.resume``: other
+        nodes' work is theirs until their leases expire), as soon as the journal answers:
+        a node started while its PostgreSQL is down waits for it, saying so once (the
+        journal tells how the outage goes on), rather than exiting (and being restarted in
+        a loop). How many jobs were requeued; None if stopped."""
         delay = 1.0
         while not self._stopping.is_set():
             try:
-                return self.journal.requeue_running_jobs()
+                return self.journal.resume()
             except JournalUnavailable as e:
-                log.warning("journal %s unreachable; waiting for it, next try in %.0f s: %s",
-                            self.config.journal.model_dump()["url"], delay, e)  # fmt: skip
+                if delay == 1.0:
+                    log.warning("journal %s unreachable; waiting for it before listening: %s",
+                                self.config.journal.model_dump()["url"], e)  # fmt: skip
             self._stopping.wait(delay)
             delay = min(2 * delay, longest)
         return None
@@ -148,8 +169,10 @@ class Node:
 
     def stop(self) -> None:
         """Graceful shutdown within ``node.shutdown_seconds``: stop accepting, let the
-        workers finish their current step, close the journal. A job still running at the
-        deadline stays 'running' in the journal and is queued again on the next start."""
+        workers finish their current step (each hands back what it claimed and did not
+        finish; the heartbeat keeps their leases until then), close the journal. A job
+        still running at the deadline keeps its lease until it expires (or this node
+        starts again under the same id)."""
         deadline = time.monotonic() + self.config.node.shutdown_seconds
         self._stopping.set()
         for server in self.servers:
@@ -164,6 +187,7 @@ class Node:
             worker.stopping.set()
         for worker in self.workers:
             worker.stop(max(0.0, deadline - time.monotonic()))
+        self.heartbeat.stop()
         stuck = [w.name for w in self.workers if w.is_alive()]
         if stuck:
             log.warning("shutdown deadline reached with %s still busy; their work resumes on restart", stuck)

@@ -39,12 +39,13 @@ def command(*arguments: tuple[tuple[str, ...], dict]) -> Callable[[Handler], Han
 CONFIG = arg("--config", type=Path, help="node config file (radpipe.yaml); default: built-in defaults")
 
 
-def _journal_path(config: "NodeConfig") -> Path | None:
-    """The node's journal file; None, with the reason printed, when there is none."""
-    path = (config.storage.dir / "journal.sqlite").absolute()
-    if path.is_file():
-        return path
-    print(f"no journal at {path}: has the node run with this config?")
+def _journal_location(config: "NodeConfig") -> Path | str | None:
+    """The node's journal, as ``journal.url`` names it (PostgreSQL) or its SQLite file;
+    None, with the reason printed, when that file does not exist."""
+    location = config.journal_location
+    if isinstance(location, str) or location.is_file():
+        return location
+    print(f"no journal at {location.absolute()}: has the node run with this config?")
     return None
 
 
@@ -187,13 +188,13 @@ def replay(args: argparse.Namespace) -> int:
         return 1
     config = load_config(args.config)
     (pipeline,) = load_pipeline_files([args.pipeline], set(config.destinations))
-    path = _journal_path(config)
-    if path is None:
+    location = _journal_location(config)
+    if location is None:
         return 1
     if args.run and (args.out / "journal.sqlite").exists():
         print(f"{args.out} holds an earlier run: choose another --out")
         return 1
-    journal = Journal(path)
+    journal = Journal(location)
     try:
         verdicts = replay(pipeline, journal, since)
         print("\n".join(report(pipeline, verdicts, since)))
@@ -225,10 +226,10 @@ def compare(args: argparse.Namespace) -> int:
     since = _since(args.since)
     if since is None:
         return 1
-    path = _journal_path(load_config(args.config))
-    if path is None:
+    location = _journal_location(load_config(args.config))
+    if location is None:
         return 1
-    journal = Journal(path)
+    journal = Journal(location)
     try:
         pairs = journal.finding_pairs(args.live, args.shadow, since)
     finally:
@@ -244,8 +245,9 @@ def compare(args: argparse.Namespace) -> int:
     arg("--study", metavar="UID", help="the same, by StudyInstanceUID"),
 )
 def status(args: argparse.Namespace) -> int:
-    """Show the pipelines folder, queues, recent jobs, failed jobs and dead letters with their
-    studies' trace ids; with --trace or --study, one study's path (reads the journal)."""
+    """Show the pipelines folder, queues, leases (which node holds which job or delivery, until
+    when), recent jobs, failed jobs and dead letters with their studies' trace ids; with --trace
+    or --study, one study's path (reads the journal)."""
     from plugin.app import read_pipelines
     from plugin.config import load_config
     from plugin.journal import Journal
@@ -258,10 +260,10 @@ def status(args: argparse.Namespace) -> int:
         print(f"pipelines: {len(names)} in {directory}" + (f": {', '.join(names)}" if names else ""))
     except PipelineError:
         print(f"pipelines: invalid set in {directory} (radpipe validate {directory} lists the errors)")
-    path = _journal_path(config)
-    if path is None:
+    location = _journal_location(config)
+    if location is None:
         return 1
-    journal = Journal(path)
+    journal = Journal(location)
     try:
         if args.trace or args.study:
             study = args.study or journal.study_of_trace(args.trace)
@@ -271,6 +273,7 @@ def status(args: argparse.Namespace) -> int:
             print("\n".join(study_path(journal, study)))
             return 0
         print("queues: " + ", ".join(f"{name}={depth}" for name, depth in journal.queue_depths().items()))
+        print("\n".join(lease_lines(journal)))
         print("recent jobs:")
         for job in journal.recent_jobs(args.jobs):
             error = f"  {job.error}" if job.error else ""
@@ -293,24 +296,36 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(seconds: float | None) -> str:
+    return "-" if seconds is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def lease_lines(journal: "Journal") -> list[str]:
+    """Which node holds which running job or delivery, until when (expired: any node may take it)."""
+    leases = journal.leases()
+    now = time.time()
+    lines = [f"leases: {len(leases)}"]
+    for lease in leases:
+        what = f"job #{lease.job_id} {lease.pipeline}" + (f" -> {lease.destination}" if lease.destination else "")
+        expired = "  (expired)" if lease.until < now else ""
+        lines.append(f"  {what}: {lease.owner} until {_when(lease.until)}{expired}")
+    return lines
+
+
 def study_path(journal: "Journal", study_uid: str) -> list[str]:
     """One study's way through the node, as ``status --trace`` prints it."""
-
-    def when(seconds: float | None) -> str:
-        return "-" if seconds is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
-
     count, first, last = journal.study_received(study_uid)
     lines = [
         f"trace {trace_id(study_uid)}: study {study_uid}",
-        f"instances: {count} received, {when(first)} .. {when(last)}",
+        f"instances: {count} received, {_when(first)} .. {_when(last)}",
     ]
     jobs = journal.study_jobs(study_uid)
     lines.append(f"jobs: {len(jobs)}")
     for job in jobs:
         error = f"  {job.error}" if job.error else ""
         lines.append(
-            f"  #{job.id:<5} {job.status:<8} {job.pipeline} v{job.pipeline_version}"
-            f" created {when(job.created_at)}, started {when(job.started_at)}, finished {when(job.finished_at)}{error}"
+            f"  #{job.id:<5} {job.status:<8} {job.pipeline} v{job.pipeline_version} created {_when(job.created_at)},"
+            f" started {_when(job.started_at)}, finished {_when(job.finished_at)}{error}"
         )
     deliveries = journal.deliveries(study_uid=study_uid)
     lines.append(f"deliveries: {len(deliveries)}")
@@ -330,7 +345,10 @@ def retry(args: argparse.Namespace) -> int:
     from plugin.config import load_config
     from plugin.journal import Journal
 
-    journal = Journal(load_config(args.config).storage.dir / "journal.sqlite")
+    location = _journal_location(load_config(args.config))
+    if location is None:
+        return 1
+    journal = Journal(location)
     try:
         if args.dead_letter:
             print(f"requeued {journal.requeue_dead_letters(args.study)} dead-lettered deliveries")
@@ -488,10 +506,11 @@ def main(argv: list[str] | None = None) -> int:
         # failed TLS handshake). The acceptor folds what pynetdicom logs into its abort lines.
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     from plugin.config import ConfigError
+    from plugin.journal import JournalUnavailable
     from plugin.pipeline import PipelineError
 
     try:
         return args.handler(args)
-    except (ConfigError, PipelineError) as e:
+    except (ConfigError, PipelineError, JournalUnavailable) as e:
         print(e)
         return 1

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
+from plugin.journal import LEASE_SECONDS, default_node_id
 from plugin.yamlfile import Location, YAMLError, YAMLFile, read_yaml, validation_errors
 
 
@@ -80,6 +81,13 @@ class NodeSection(_Section):
     (default 60; a modality that pauses between series keeps its association this long);
     also how long a STOW-RS connection may stay silent.
     dicomweb: the optional STOW-RS endpoint (:class:`DicomwebSection`).
+    id: this node's name among the nodes sharing a journal: it owns the jobs and deliveries
+    the node claims (their leases; ``radpipe status`` shows it). Default ``<hostname>-<pid>``,
+    unique per process; give a fixed, unique one (a StatefulSet pod's name) to let a
+    restarted node take its own leases back at once instead of after they expire.
+    Example: ``radpipe-gpu-0``.
+    lease_seconds: how long a claim holds without the node's heartbeat (renewed every third
+    of it): a node that dies holds its work this long (default 30).
     """
 
     ae_title: str = Field(default="RADPIPE", min_length=1, max_length=16)
@@ -94,6 +102,8 @@ class NodeSection(_Section):
     artim_seconds: float = Field(default=30.0, gt=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
     dicomweb: DicomwebSection = DicomwebSection()
+    id: str = Field(default_factory=default_node_id, min_length=1, max_length=200)
+    lease_seconds: float = Field(default=LEASE_SECONDS, gt=0)
 
 
 class StorageSection(_Section):

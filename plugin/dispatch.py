@@ -9,6 +9,11 @@ one (exponential backoff), so retries survive a restart; after ``give_up_after_s
 (or ``tries`` attempts) the delivery is dead-lettered. A delivery is dead-lettered at
 once when its destination is no longer configured, or answered that the same file can
 never succeed (a permanent :class:`DeliveryError`, e.g. HTTP 415).
+
+A sender's round is leased to its node (``Journal.due_deliveries``): nodes sharing a
+journal never send the same delivery at once. A try whose lease was lost meanwhile (it
+expired and another node took the delivery) is not journaled; what was not tried when a
+round ends early is handed back at once.
 """
 
 import logging
@@ -76,10 +81,13 @@ class Outbox:
 
     def delivered(self, delivery: Delivery, seconds: float) -> None:
         """The destination answered success, ``seconds`` after its round asked for the association."""
-        self._journal.record_attempt(delivery.result_id, delivery.destination, None)
-        self._metrics.results_delivered.labels(delivery.destination).inc()
-        self._metrics.stage_seconds.labels("dispatch", delivery.pipeline).observe(seconds)
         with log_context(f"job-{delivery.job_id}/{delivery.destination}", delivery.study_instance_uid):
+            if not self._journal.record_attempt(delivery.result_id, delivery.destination, None):
+                lost = "job %d -> %s: delivered, but its lease was lost: not journaled"
+                log.warning(lost, delivery.job_id, delivery.destination)
+                return
+            self._metrics.results_delivered.labels(delivery.destination).inc()
+            self._metrics.stage_seconds.labels("dispatch", delivery.pipeline).observe(seconds)
             log.info("job %d -> %s: delivered", delivery.job_id, delivery.destination)
 
     def failed(self, delivery: Delivery, error: Exception, retry: bool = True) -> None:
@@ -89,10 +97,17 @@ class Outbox:
         retry_at = self._retry_at(delivery, now) if retry else None
         expected = isinstance(error, EXPECTED)
         reason = str(error) if isinstance(error, DeliveryError) else f"{type(error).__name__}: {error}"
-        self._journal.record_attempt(delivery.result_id, delivery.destination, reason, retry_at)
-        self._metrics.dispatch_failures.labels(delivery.destination).inc()
         tries = delivery.attempts + 1
         with log_context(f"job-{delivery.job_id}/{delivery.destination}", delivery.study_instance_uid):
+            if not self._journal.record_attempt(delivery.result_id, delivery.destination, reason, retry_at):
+                log.warning(
+                    "job %d -> %s: try failed (%s), but its lease was lost: not journaled",
+                    delivery.job_id,
+                    delivery.destination,
+                    reason,
+                )
+                return
+            self._metrics.dispatch_failures.labels(delivery.destination).inc()
             if retry_at is None:
                 log.error(
                     "job %d -> %s: dead-lettered after %d tries: %s",
@@ -136,14 +151,17 @@ class DestinationSender(Worker):
 
     def step(self) -> bool:
         due = self._journal.due_deliveries(time.time(), self.destination, ROUND)
-        files: list[tuple[Delivery, DicomFile]] = []
-        for delivery in due:
-            try:
-                files.append((delivery, DicomFile.read(Path(delivery.result_path))))
-            except Exception as e:  # whatever it is, it is this delivery's failed try
-                self._outbox.failed(delivery, e)
-        if files:
-            self._send(files)
+        try:
+            files: list[tuple[Delivery, DicomFile]] = []
+            for delivery in due:
+                try:
+                    files.append((delivery, DicomFile.read(Path(delivery.result_path))))
+                except Exception as e:  # whatever it is, it is this delivery's failed try
+                    self._outbox.failed(delivery, e)
+            if files:
+                self._send(files)
+        finally:
+            self._journal.release_deliveries(due)  # those tried are no longer held: skipped
         return len(due) == ROUND
 
     def _send(self, files: Sequence[tuple[Delivery, DicomFile]]) -> None:
@@ -203,7 +221,11 @@ class Dispatcher(Worker):
 
     def step(self) -> bool:
         configured = [sender.destination for sender in self.senders]
-        for delivery in self._journal.deliveries_elsewhere(configured):
-            error = DeliveryError(f"destination {delivery.destination!r} is not configured")
-            self._outbox.failed(delivery, error, retry=False)
+        elsewhere = self._journal.deliveries_elsewhere(configured)
+        try:
+            for delivery in elsewhere:
+                error = DeliveryError(f"destination {delivery.destination!r} is not configured")
+                self._outbox.failed(delivery, error, retry=False)
+        finally:
+            self._journal.release_deliveries(elsewhere)
         return False

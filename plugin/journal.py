@@ -14,16 +14,26 @@ Lifecycle:
   -> job queued -> running -> done (results written; one delivery per result and destination) | failed
   -> delivery pending (retried with backoff) -> delivered | dead (dead letter; ``retry`` requeues)
 
+Leases: a running job and a delivery being sent belong to one node (``lease_owner``, the
+node's id) until ``lease_until``; the node's heartbeat (:meth:`Journal.renew_leases`)
+pushes that back while it works on them. Any node may claim a job or delivery whose lease
+has expired (its node died or hung); the late finish of the node that lost it is refused
+(fenced: only the owner of the claim it finished commits). A job claimed
+``MAX_JOB_CLAIMS`` times without a finish fails instead of killing one more node.
+
 A study's trace id (``logs.trace_id``) is not stored: it is a function of
 ``study_instance_uid``, computed where it is needed (:meth:`Journal.study_of_trace`).
 """
 
+import logging
+import os
+import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,7 +74,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     created_at REAL NOT NULL,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_until REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, priority, id);
 CREATE TABLE IF NOT EXISTS results (
@@ -83,6 +96,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     first_attempt_at REAL,
     next_attempt_at REAL NOT NULL DEFAULT 0,
     delivered_at REAL,
+    lease_owner TEXT,
+    lease_until REAL,
     PRIMARY KEY (result_id, destination)
 );
 -- What each classification job found, per finding: what a shadow pipeline is compared on.
@@ -102,6 +117,26 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, next_attem
 # One statement at a time: PostgreSQL's types replace SQLite's in each (plugin/journal_pg.py).
 SCHEMA_STATEMENTS = [statement.strip() for statement in SCHEMA.split(";\n") if statement.strip()]
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+# The columns leases added to tables of an earlier radpipe's journal (added on open).
+LEASE_COLUMNS = {
+    "jobs": ("attempts INTEGER NOT NULL DEFAULT 0", "lease_owner TEXT", "lease_until REAL"),
+    "deliveries": ("lease_owner TEXT", "lease_until REAL"),
+}
+# How long a claim holds without a heartbeat: a dead node's work waits this long for
+# another node. The heartbeat renews every third of it, so a node loses a lease only when
+# it cannot reach the journal for two renewals in a row.
+LEASE_SECONDS = 30.0
+# A job whose lease expired this often (its node died or hung on it each time) fails
+# with the reason, rather than taking one more node down: a poison input.
+MAX_JOB_CLAIMS = 3
+
+log = logging.getLogger(__name__)
+
+
+def default_node_id() -> str:
+    """``hostname-pid``: unique among processes sharing a journal, whatever their host.
+    A node restarted under the same id takes its own leases back at once."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -152,6 +187,9 @@ class JobRecord:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    attempts: int = 0  # claims so far (the claim's fencing token)
+    lease_owner: str | None = None
+    lease_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +233,23 @@ class Delivery:
     result_path: str
     pipeline: str
     study_instance_uid: str
+    lease_owner: str | None = None
+    lease_until: float | None = None
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.result_id, self.destination
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who holds a running job or a delivery being sent, and until when (``radpipe status``)."""
+
+    job_id: int
+    pipeline: str
+    destination: str | None  # None: the job itself
+    owner: str
+    until: float
 
 
 class JournalUnavailable(Exception):
@@ -228,9 +283,12 @@ class Connection(Protocol):
 class Backend(Protocol):
     """What differs between the journal's databases; the SQL itself does not."""
 
-    # Appended to the SELECT that picks the job to claim: PostgreSQL's nodes claim side by
-    # side (FOR UPDATE SKIP LOCKED); SQLite's single writer needs nothing.
-    claim_lock: str
+    # Several nodes share the journal (PostgreSQL); SQLite's file has one node.
+    shared: bool
+
+    def lock(self, table: str) -> str:
+        """Appended to a SELECT that picks rows to claim: PostgreSQL's nodes claim side by
+        side (FOR UPDATE SKIP LOCKED); SQLite's single writer needs nothing."""
 
     def prepare(self, create: Callable[[Connection], None]) -> None:
         """Have ``create`` (schema and migrations) run once, before the first statement
@@ -253,7 +311,7 @@ class SqliteBackend:
     anyway, and BEGIN IMMEDIATE makes a claim exclusive (other processes on the same file
     wait for it) without any row locks."""
 
-    claim_lock = ""
+    shared = False
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +331,9 @@ class SqliteBackend:
 
     def ddl(self, statement: str) -> str:
         return statement
+
+    def lock(self, table: str) -> str:
+        return ""
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -297,9 +358,17 @@ class SqliteBackend:
 
 class Journal:
     """Thread-safe access to the journal: ``location`` is the SQLite file's path, or a
-    ``postgresql://`` URL (a libpq connection URI)."""
+    ``postgresql://`` URL (a libpq connection URI). ``node_id`` owns the leases this
+    journal claims, each for ``lease_seconds`` unless renewed."""
 
-    def __init__(self, location: Path | str) -> None:
+    def __init__(self, location: Path | str, node_id: str | None = None, lease_seconds: float = LEASE_SECONDS) -> None:
+        self.node_id = node_id or default_node_id()
+        self.lease_seconds = lease_seconds
+        # What this process claimed and has not finished: the heartbeat renews these only.
+        # A job is held with its claim's ``attempts``, the token its finish is fenced on.
+        self._held_jobs: dict[int, int] = {}
+        self._held_deliveries: set[tuple[int, str]] = set()
+        self._held_lock = threading.Lock()
         self._backend: Backend
         if isinstance(location, str) and location.startswith(POSTGRESQL_SCHEMES):
             from plugin.journal_pg import PostgresBackend  # psycopg only where it is used
@@ -319,6 +388,11 @@ class Journal:
         columns = {column[0] for column in db.execute("SELECT * FROM instances WHERE 1 = 0").description}
         if "sha256" in columns:  # radpipe <= 0.1 hashed every instance; sameness is now decided by content
             db.execute("ALTER TABLE instances DROP COLUMN sha256")
+        for table, added in LEASE_COLUMNS.items():  # before leases: appended, rows kept (none leased)
+            columns = {column[0] for column in db.execute(f"SELECT * FROM {table} WHERE 1 = 0").description}
+            for column in added:
+                if column.split()[0] not in columns:
+                    db.execute(self._backend.ddl(f"ALTER TABLE {table} ADD COLUMN {column}"))
 
     def close(self) -> None:
         self._backend.close()
@@ -471,21 +545,34 @@ class Journal:
     # -- jobs --------------------------------------------------------------------------
 
     def claim_job(self, pipeline_sha256: str | None = None) -> JobRecord | None:
-        """Mark the most urgent queued job as running and return it; with
-        ``pipeline_sha256``, only if that job was routed to this pipeline version. Safe
-        with several claimants: each job goes to one (the back end's ``claim_lock``)."""
+        """Lease the most urgent job that is queued, or running on an expired lease, to
+        this node and return it; with ``pipeline_sha256``, only if that job was routed to
+        this pipeline version. Safe with several claimants: each job goes to one (the back
+        end's ``lock``). Expired jobs already claimed ``MAX_JOB_CLAIMS`` times fail first."""
+        now = time.time()
+        expired = "status = 'running' AND COALESCE(lease_until, 0) < ?"
         with self._backend.transaction() as db:
+            abandoned = db.execute(
+                "UPDATE jobs SET status = 'failed', finished_at = ?, error = ?, lease_owner = NULL, lease_until = NULL"
+                f" WHERE id IN (SELECT id FROM jobs WHERE {expired} AND attempts >= ?{self._backend.lock('jobs')})"
+                " RETURNING id, pipeline",
+                (now, f"abandoned: claimed {MAX_JOB_CLAIMS} times, never finished", now, MAX_JOB_CLAIMS),
+            ).fetchall()
             row = db.execute(
-                "SELECT id, pipeline_sha256 FROM jobs WHERE status = 'queued' ORDER BY priority DESC, id LIMIT 1"
-                + self._backend.claim_lock
+                "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, lease_owner = ?,"
+                f" lease_until = ? WHERE id IN (SELECT id FROM jobs WHERE status = 'queued' OR ({expired})"
+                f" ORDER BY priority DESC, id LIMIT 1{self._backend.lock('jobs')})"
+                " AND (CAST(? AS TEXT) IS NULL OR pipeline_sha256 = ?) RETURNING *",
+                (now, self.node_id, now + self.lease_seconds, now, pipeline_sha256, pipeline_sha256),
             ).fetchone()
-            if row is None or pipeline_sha256 not in (None, row[1]):
-                return None
-            return JobRecord(
-                *db.execute(
-                    "UPDATE jobs SET status = 'running', started_at = ? WHERE id = ? RETURNING *", (time.time(), row[0])
-                ).fetchone()
-            )
+        for job_id, pipeline in abandoned:
+            log.error("job %d (%s) failed: claimed %d times, never finished", job_id, pipeline, MAX_JOB_CLAIMS)
+        if row is None:
+            return None
+        job = JobRecord(*row)
+        with self._held_lock:
+            self._held_jobs[job.id] = job.attempts
+        return job
 
     def job(self, job_id: int) -> JobRecord | None:
         row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -500,12 +587,15 @@ class Journal:
         results: Sequence[tuple[str, str, str]],
         destinations: Sequence[str],
         findings: Sequence[tuple[str, float, bool]] = (),
-    ) -> None:
+    ) -> bool:
         """The job's results (kind, path, SOP Instance UID) are on disk: mark the job done,
         keep its ``findings`` (label, probability, present) and queue one delivery per
-        result and destination."""
-        with self._backend.transaction() as db:
-            db.execute("UPDATE jobs SET status = 'done', finished_at = ? WHERE id = ?", (time.time(), job_id))
+        result and destination. False, nothing journaled, when this node's claim of the
+        job is no longer its lease (fenced: another node took it over)."""
+        with self._finishing(job_id) as (db, fence):
+            sql = f"UPDATE jobs SET status = 'done', finished_at = ?,{self._FENCED}"
+            if not db.execute(sql, (time.time(), *fence)).rowcount:
+                return False
             db.executemany(
                 "INSERT INTO findings (job_id, label, probability, present) VALUES (?, ?, ?, ?)",
                 [(job_id, label, probability, int(present)) for label, probability, present in findings],
@@ -519,6 +609,26 @@ class Journal:
                     "INSERT INTO deliveries (result_id, destination, status) VALUES (?, ?, 'pending')",
                     [(result_id, d) for d in destinations],
                 )
+        return True
+
+    # A finish commits only on the claim this process holds: its owner and its attempts.
+    _FENCED = (
+        " lease_owner = NULL, lease_until = NULL"
+        " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?"
+    )
+
+    @contextmanager
+    def _finishing(self, job_id: int) -> Iterator[tuple[Connection, tuple[int, str, int | None]]]:
+        """A transaction finishing a claimed job, with the parameters of ``_FENCED`` for it;
+        the job is no longer held after it, whatever came of it."""
+        with self._held_lock:
+            fence = (job_id, self.node_id, self._held_jobs.get(job_id))
+        try:
+            with self._backend.transaction() as db:
+                yield db, fence
+        finally:
+            with self._held_lock:
+                self._held_jobs.pop(job_id, None)
 
     def results(self, job_id: int) -> list[ResultRecord]:
         rows = self._all("SELECT * FROM results WHERE job_id = ? ORDER BY id", (job_id,))
@@ -545,43 +655,157 @@ class Journal:
             for study, series, label, live_p, live_present, shadow_p, shadow_present in rows
         ]
 
-    def fail_job(self, job_id: int, error: str) -> None:
-        self._change(
-            "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?", (time.time(), error, job_id)
-        )
+    def fail_job(self, job_id: int, error: str) -> bool:
+        """Mark a claimed job failed; False (fenced, as :meth:`complete_job`) if its lease was lost."""
+        with self._finishing(job_id) as (db, fence):
+            sql = f"UPDATE jobs SET status = 'failed', finished_at = ?, error = ?,{self._FENCED}"
+            return bool(db.execute(sql, (time.time(), error, *fence)).rowcount)
 
-    def requeue_running_jobs(self) -> int:
-        """On start: jobs a crash interrupted run again (their result UIDs are deterministic)."""
-        return self._change("UPDATE jobs SET status = 'queued' WHERE status = 'running'")
+    def resume(self) -> int:
+        """On start: what this node held when it stopped is free again at once, instead of
+        when its lease expires: on PostgreSQL, the leases of this node id; on SQLite (one
+        node per journal), every lease. Jobs run again (their result UIDs are
+        deterministic). How many jobs were requeued."""
+        mine, params = (" AND lease_owner = ?", (self.node_id,)) if self._backend.shared else ("", ())
+        with self._backend.transaction() as db:
+            db.execute(
+                f"UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE status = 'pending'{mine}", params
+            )
+            sql = "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL WHERE status = 'running'"
+            sql += mine
+            return int(db.execute(sql, params).rowcount)
+
+    def renew_leases(self) -> int:
+        """The heartbeat: push back the lease of every job and delivery this process holds.
+        Those it no longer owns (expired and taken by another node) are let go; how many."""
+        with self._held_lock:
+            jobs, deliveries = dict(self._held_jobs), set(self._held_deliveries)
+        if not jobs and not deliveries:
+            return 0
+        until = time.time() + self.lease_seconds
+        with self._backend.transaction() as db:
+            kept = {
+                (job_id, attempts)
+                for job_id, attempts in db.execute(
+                    f"UPDATE jobs SET lease_until = ? WHERE status = 'running' AND lease_owner = ?"
+                    f" AND id IN ({', '.join('?' * len(jobs)) or 'NULL'}) RETURNING id, attempts",
+                    (until, self.node_id, *jobs),
+                ).fetchall()
+            }
+            sent = {
+                (result_id, destination)
+                for result_id, destination in db.execute(
+                    "UPDATE deliveries SET lease_until = ? WHERE status = 'pending' AND lease_owner = ?"
+                    f" AND {self._keys(len(deliveries))} RETURNING result_id, destination",
+                    (until, self.node_id, *(value for key in deliveries for value in key)),
+                ).fetchall()
+            }
+        lost_jobs = [job_id for job_id, attempts in jobs.items() if (job_id, attempts) not in kept]
+        lost_deliveries = deliveries - sent
+        with self._held_lock:
+            for job_id in lost_jobs:
+                self._held_jobs.pop(job_id, None)
+            self._held_deliveries -= lost_deliveries
+        for job_id in lost_jobs:
+            log.warning("job %d: lease lost (expired and claimed by another node); its result will be dropped", job_id)
+        for result_id, destination in lost_deliveries:
+            log.warning("result %d -> %s: lease lost (expired and claimed by another node)", result_id, destination)
+        return len(lost_jobs) + len(lost_deliveries)
+
+    @staticmethod
+    def _keys(count: int) -> str:
+        """A WHERE term matching ``count`` deliveries by (result_id, destination), given as
+        ``2 * count`` parameters (a row-value IN over VALUES: both databases take it)."""
+        if not count:
+            return "1 = 0"
+        return f"(result_id, destination) IN (VALUES {', '.join(['(?, ?)'] * count)})"
+
+    def release_jobs(self, job_ids: Iterable[int]) -> None:
+        """Hand back claimed jobs this node will not finish (it is stopping, or lost the
+        journal mid-job): queued again at once, the claim not counted. Jobs already
+        finished are skipped."""
+        with self._held_lock:
+            held = [(job_id, self._held_jobs.pop(job_id)) for job_id in job_ids if job_id in self._held_jobs]
+        if held:
+            with self._backend.transaction() as db:
+                db.executemany(
+                    "UPDATE jobs SET status = 'queued', attempts = attempts - 1, lease_owner = NULL, lease_until = NULL"
+                    " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
+                    [(job_id, self.node_id, attempts) for job_id, attempts in held],
+                )
+
+    def release_deliveries(self, deliveries: Iterable[Delivery]) -> None:
+        """Hand back claimed deliveries this node did not try (it is stopping, or its round
+        ended early): due again at once for any node. Those already tried are skipped."""
+        self._release_deliveries(d.key for d in deliveries)
+
+    def _release_deliveries(self, keys: Iterable[tuple[int, str]]) -> None:
+        with self._held_lock:
+            held = [key for key in keys if key in self._held_deliveries]
+            self._held_deliveries.difference_update(held)
+        if held:
+            with self._backend.transaction() as db:
+                db.execute(
+                    "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL"
+                    f" WHERE lease_owner = ? AND {self._keys(len(held))}",
+                    (self.node_id, *(value for key in held for value in key)),
+                )
+
+    def leases(self) -> list[Lease]:
+        """Every job running and delivery being sent under a lease, by job."""
+        rows = self._all(
+            "SELECT * FROM (SELECT id AS job_id, pipeline, NULL AS destination, lease_owner, lease_until FROM jobs"
+            " WHERE status = 'running' AND lease_owner IS NOT NULL"
+            " UNION ALL SELECT r.job_id, j.pipeline, d.destination, d.lease_owner, d.lease_until"
+            " FROM deliveries d JOIN results r ON r.id = d.result_id JOIN jobs j ON j.id = r.job_id"
+            " WHERE d.status = 'pending' AND d.lease_owner IS NOT NULL) leased"
+            " ORDER BY job_id, COALESCE(destination, '')"
+        )
+        return [Lease(*row) for row in rows]
 
     # -- deliveries --------------------------------------------------------------------
 
     _DELIVERY = (
         "SELECT d.result_id, r.job_id, d.destination, d.status, d.attempts, d.last_error, d.first_attempt_at,"
-        " r.path, j.pipeline, b.study_instance_uid FROM deliveries d JOIN results r ON r.id = d.result_id"
-        " JOIN jobs j ON j.id = r.job_id JOIN batches b ON b.id = j.batch_id"
+        " r.path, j.pipeline, b.study_instance_uid, d.lease_owner, d.lease_until FROM deliveries d"
+        " JOIN results r ON r.id = d.result_id JOIN jobs j ON j.id = r.job_id JOIN batches b ON b.id = j.batch_id"
     )
 
+    def _claim_deliveries(self, where: str, params: Sequence[object], order: str) -> list[Delivery]:
+        """Lease to this node the pending deliveries ``where`` selects (in ``order``) whose
+        lease, if any, has expired; each goes to one claimant (the back end's ``lock``)."""
+        now = time.time()
+        until = now + self.lease_seconds
+        with self._backend.transaction() as db:
+            rows = db.execute(
+                f"{self._DELIVERY} WHERE d.status = 'pending' AND COALESCE(d.lease_until, 0) < ? AND {where}"
+                f" ORDER BY {order}{self._backend.lock('d')}",
+                (now, *params),
+            ).fetchall()
+            claimed = [replace(Delivery(*row), lease_owner=self.node_id, lease_until=until) for row in rows]
+            db.executemany(
+                "UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE result_id = ? AND destination = ?",
+                [(self.node_id, until, *d.key) for d in claimed],
+            )
+        with self._held_lock:
+            self._held_deliveries.update(d.key for d in claimed)
+        return claimed
+
     def due_deliveries(self, now: float, destination: str | None = None, limit: int | None = None) -> list[Delivery]:
-        """Pending deliveries whose next attempt is due (to ``destination``, or to any),
-        most urgent pipeline first; at most ``limit`` of them."""
-        sql = f"{self._DELIVERY} WHERE d.status = 'pending' AND d.next_attempt_at <= ?"
-        params: list[float | str | int] = [now]
-        if destination is not None:
-            sql += " AND d.destination = ?"
-            params.append(destination)
-        sql += " ORDER BY j.priority DESC, d.result_id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
-        return [Delivery(*row) for row in self._all(sql, params)]
+        """Lease to this node the pending deliveries whose next attempt is due (to
+        ``destination``, or to any) and that no other node holds, most urgent pipeline
+        first; at most ``limit`` of them. Each must be finished by :meth:`record_attempt`
+        or handed back by :meth:`release_deliveries`."""
+        where = "d.next_attempt_at <= ? AND (CAST(? AS TEXT) IS NULL OR d.destination = ?)"
+        order = "j.priority DESC, d.result_id" + (" LIMIT ?" if limit is not None else "")
+        params = (now, destination, destination, *([limit] if limit is not None else []))
+        return self._claim_deliveries(where, params, order)
 
     def deliveries_elsewhere(self, destinations: Collection[str]) -> list[Delivery]:
-        """Pending deliveries to any destination but ``destinations``: those to a
-        destination the config no longer has."""
-        where = f" AND d.destination NOT IN ({', '.join('?' * len(destinations))})" if destinations else ""
-        rows = self._all(f"{self._DELIVERY} WHERE d.status = 'pending'{where} ORDER BY d.result_id", list(destinations))
-        return [Delivery(*row) for row in rows]
+        """Lease to this node the pending deliveries to any destination but
+        ``destinations``: those to a destination the config no longer has."""
+        where = f"d.destination NOT IN ({', '.join('?' * len(destinations))})" if destinations else "1 = 1"
+        return self._claim_deliveries(where, list(destinations), "d.result_id")
 
     def deliveries(
         self, job_id: int | None = None, status: str | None = None, study_uid: str | None = None
@@ -603,17 +827,35 @@ class Journal:
 
     def record_attempt(
         self, result_id: int, destination: str, error: str | None, retry_at: float | None = None
-    ) -> None:
-        """One C-STORE attempt: ``error`` None means the destination answered success;
-        otherwise the delivery is retried at ``retry_at``, or dead-lettered when None."""
+    ) -> bool:
+        """One C-STORE attempt of a claimed delivery: ``error`` None means the destination
+        answered success; otherwise the delivery is retried at ``retry_at``, or
+        dead-lettered when None. False, nothing journaled, when this node no longer holds
+        its lease (fenced: another node took it over)."""
         now = time.time()
         status = "delivered" if error is None else ("pending" if retry_at is not None else "dead")
-        self._change(
-            "UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,"
-            " first_attempt_at = COALESCE(first_attempt_at, ?), next_attempt_at = ?, delivered_at = ?"
-            " WHERE result_id = ? AND destination = ?",
-            (status, error, now, retry_at or 0, now if error is None else None, result_id, destination),
-        )
+        try:
+            return bool(
+                self._change(
+                    "UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,"
+                    " first_attempt_at = COALESCE(first_attempt_at, ?), next_attempt_at = ?, delivered_at = ?,"
+                    " lease_owner = NULL, lease_until = NULL"
+                    " WHERE result_id = ? AND destination = ? AND status = 'pending' AND lease_owner = ?",
+                    (
+                        status,
+                        error,
+                        now,
+                        retry_at or 0,
+                        now if error is None else None,
+                        result_id,
+                        destination,
+                        self.node_id,
+                    ),
+                )
+            )
+        finally:
+            with self._held_lock:
+                self._held_deliveries.discard((result_id, destination))
 
     # ``CAST(? AS TEXT) IS NULL``: typed, as PostgreSQL cannot infer a bare NULL's type.
     _OF_STUDY = "SELECT id FROM batches WHERE CAST(? AS TEXT) IS NULL OR study_instance_uid = ?"
@@ -630,7 +872,7 @@ class Journal:
     def requeue_failed_jobs(self, study_uid: str | None = None) -> int:
         """Run failed jobs (of one study, or all) again."""
         return self._change(
-            "UPDATE jobs SET status = 'queued', error = NULL"
+            "UPDATE jobs SET status = 'queued', error = NULL, attempts = 0"
             f" WHERE status = 'failed' AND batch_id IN ({self._OF_STUDY})",
             (study_uid, study_uid),
         )

@@ -5,12 +5,16 @@ them through a psycopg 3 connection pool (``?`` placeholders become psycopg's ``
 gives the schema PostgreSQL's types, creates and migrates it under an advisory lock (so
 that nodes starting together do not race each other's ``CREATE TABLE``), and claims jobs
 with ``FOR UPDATE SKIP LOCKED`` (so that nodes claiming together never take the same
-one). Losing the server is :class:`~plugin.journal.JournalUnavailable`, not a crash.
+one). Losing the server is :class:`~plugin.journal.JournalUnavailable`, not a crash, and
+a few log lines per outage (:class:`Outage`), not one per failed poll or reconnection.
 """
 
 import functools
+import itertools
+import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +34,14 @@ POOL_SIZE = 16
 WAIT_SECONDS = 5.0
 # libpq waits for an unreachable host without limit unless told; a URL may set its own.
 CONNECT_TIMEOUT_SECONDS = 5
+# While the server stays unreachable, one line per this many seconds.
+OUTAGE_REPEAT_SECONDS = 60.0
+# psycopg_pool's lines about a failed (re)connection of its own: each is a failure of the
+# outage :class:`Outage` reports, instead of a warning per attempt every few seconds.
+POOL_CONNECT_FAILURES = ("error connecting in %r: %s", "reconnection attempt in pool %r failed after %s sec")
+
+log = logging.getLogger(__name__)
+_pool_names = itertools.count(1)
 
 # SQLite's types in SCHEMA, as PostgreSQL's: 64-bit integers and ids (SQLite's INTEGER is
 # 64-bit; an instance's size can pass 2 GiB), double precision for epoch seconds (REAL is
@@ -71,16 +83,70 @@ class _Qmark:
         return None
 
 
+class Outage:
+    """The journal's server unreachable, told once with its cause, then at most once per
+    ``OUTAGE_REPEAT_SECONDS`` while it lasts, and once when it answers again: every worker's
+    poll and every reconnection of the pool fails during an outage, and a line (or a
+    traceback) for each would bury the log."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._lock = threading.Lock()
+        self._since: float | None = None  # monotonic start of the outage; None: none now
+        self._told = 0.0
+        self._failures = 0
+
+    def failed(self, cause: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._failures += 1
+            if self._since is None:
+                self._since = self._told = now
+                log.warning("%s unreachable: %s", self._what, cause)
+            elif now - self._told >= OUTAGE_REPEAT_SECONDS:
+                self._told = now
+                log.warning("%s still unreachable after %.0f s (%d failed tries): %s",
+                            self._what, now - self._since, self._failures, cause)  # fmt: skip
+
+    def recovered(self) -> None:
+        if self._since is None:  # the usual case: no lock taken
+            return
+        with self._lock:
+            if self._since is not None:
+                log.info("%s reachable again after %.0f s", self._what, time.monotonic() - self._since)
+                self._since, self._failures = None, 0
+
+
+class _PoolFailures(logging.Filter):
+    """Hands one pool's connection failures to its :class:`Outage` instead of the log."""
+
+    def __init__(self, pool_name: str, outage: Outage) -> None:
+        super().__init__()
+        self._pool_name, self._outage = pool_name, outage
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.msg in POOL_CONNECT_FAILURES and args[:1] == (self._pool_name,):
+            self._outage.failed(record.getMessage().split(": ", 1)[-1])
+            return False
+        return True
+
+
 class PostgresBackend:
     """A pool of autocommit connections: a read is one statement, a change is one explicit
     transaction (READ COMMITTED, PostgreSQL's default)."""
 
-    claim_lock = " FOR UPDATE SKIP LOCKED"
+    shared = True
 
     def __init__(self, url: str) -> None:
+        info = conninfo_to_dict(url)
         options: dict[str, Any] = {"autocommit": True}
-        if "connect_timeout" not in conninfo_to_dict(url):
+        if "connect_timeout" not in info:
             options["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+        name = f"radpipe-journal-{next(_pool_names)}"
+        self.outage = Outage(f"PostgreSQL journal {info.get('host', 'localhost')}:{info.get('port', 5432)}")
+        self._pool_failures = _PoolFailures(name, self.outage)
+        logging.getLogger("psycopg.pool").addFilter(self._pool_failures)
         self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
             url,
             min_size=1,
@@ -92,7 +158,7 @@ class PostgresBackend:
             # once, instead of after the pool's backoff grew to minutes while it was down.
             check=ConnectionPool.check_connection,
             reconnect_timeout=WAIT_SECONDS,
-            name="radpipe-journal",
+            name=name,
             open=False,
         )
         self._pool.open(wait=False)  # the node starts, and waits for the server, on its own terms
@@ -107,6 +173,10 @@ class PostgresBackend:
     def ddl(self, statement: str) -> str:
         return ddl(statement)
 
+    def lock(self, table: str) -> str:
+        # OF: only the claimed table's rows; a claim's joins lock nothing else.
+        return f" FOR UPDATE OF {table} SKIP LOCKED"
+
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[TupleRow]]:
         try:
@@ -115,7 +185,10 @@ class PostgresBackend:
                     self._run_create(conn)
                 yield conn
         except psycopg.OperationalError as e:  # no server, no connection free in time, a transaction it aborted
+            self.outage.failed(str(e))
             raise JournalUnavailable(f"PostgreSQL journal unavailable: {e}") from e
+        else:
+            self.outage.recovered()
 
     def _run_create(self, conn: psycopg.Connection[TupleRow]) -> None:
         with self._created:
@@ -140,3 +213,4 @@ class PostgresBackend:
 
     def close(self) -> None:
         self._pool.close()
+        logging.getLogger("psycopg.pool").removeFilter(self._pool_failures)

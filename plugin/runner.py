@@ -12,10 +12,21 @@ A volume pipeline (``input.kind: volume``) runs each series on its own: its slic
 decoded into one volume, resampled and preprocessed (plugin/volume.py), and the model
 gets the volume whole or window by window.
 Runs in its own thread, never in an association's (invariant 4).
+
+A claimed job is leased to this node (plugin/journal.py): the node's heartbeat keeps the
+lease while the job runs, and a finish the journal refuses (the lease expired and another
+node took the job over) is dropped with a warning. Jobs a step claimed and did not finish
+(the journal went away, the node is stopping) are handed back at the step's end.
+
+Test hook: with the environment variable ``RADPIPE_TEST_KILL_AFTER_CLAIM=1`` the node
+SIGKILLs itself right after its first claim (tests/test_journal.py: another node must
+finish the job once the lease expires). Nothing else reads it.
 """
 
 import io
 import logging
+import os
+import signal
 import time
 from collections.abc import Generator
 from contextlib import closing
@@ -28,7 +39,7 @@ import torch
 from pydicom import Dataset
 from pydicom.filewriter import dcmwrite
 
-from plugin.journal import InstanceRecord, JobRecord, Journal
+from plugin.journal import InstanceRecord, JobRecord, Journal, JournalUnavailable
 from plugin.loader import PixelDataError, Source, is_image, read_sources
 from plugin.logs import identifying_values, log_context, redacting, scrub
 from plugin.match import holds
@@ -154,10 +165,27 @@ class Runner(Worker):
         self._destinations = destinations
         self._quarantine = quarantine
         self._metrics = metrics
+        self._claimed: list[int] = []  # this step's jobs: handed back at its end unless finished
+        self._kill_after_claim = os.environ.get("RADPIPE_TEST_KILL_AFTER_CLAIM") == "1"  # test hook (module doc)
         metrics.observe_baselines(lambda: [band for p in router.pipelines for band in p.bands()])
 
+    def _claim(self, pipeline_sha256: str | None = None) -> JobRecord | None:
+        job = self._journal.claim_job(pipeline_sha256)
+        if job is not None:
+            self._claimed.append(job.id)
+            if self._kill_after_claim:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return job
+
     def step(self) -> bool:
-        job = self._journal.claim_job()
+        try:
+            return self._step()
+        finally:
+            claimed, self._claimed = self._claimed, []
+            self._journal.release_jobs(claimed)  # finished ones are no longer held: skipped
+
+    def _step(self) -> bool:
+        job = self._claim()
         if job is None:
             return False
         work = self._start(job)
@@ -187,13 +215,18 @@ class Runner(Worker):
 
     def _fail(self, job: JobRecord, error: Exception) -> None:
         """Journal and log ``reason: detail`` in one line; anything but a :class:`JobError`
-        is unexpected, named by its type and logged with its traceback."""
+        is unexpected, named by its type and logged with its traceback. An unreachable
+        journal is no failure of the job: it goes on up, and the job is handed back."""
+        if isinstance(error, JournalUnavailable):
+            raise error
         reason = error.reason if isinstance(error, JobError) else type(error).__name__
         detail = " ".join(str(error).split())  # decoders' messages span lines
         log.error(
             "job %d (%s) failed: %s: %s", job.id, job.pipeline, reason, detail, exc_info=not isinstance(error, JobError)
         )
-        self._journal.fail_job(job.id, scrub(f"{reason}: {detail}"))
+        if not self._journal.fail_job(job.id, scrub(f"{reason}: {detail}")):
+            log.warning("job %d: lease lost to another node; its failure is not journaled", job.id)
+            return
         self._metrics.jobs.labels(job.pipeline, "failed").inc()
 
     def _next_sharing(self, previous: JobRecord, batcher: Batcher) -> Work | None:
@@ -206,7 +239,7 @@ class Runner(Worker):
         window = pipeline.model.batch_window_ms / 1000 if pipeline is not None else 0.0
         deadline = time.monotonic() + window
         while not self.stopping.is_set():
-            job = self._journal.claim_job(pipeline_sha256=previous.pipeline_sha256)
+            job = self._claim(previous.pipeline_sha256)
             if job is not None:
                 work = self._start(job)
                 if work is not None:
@@ -414,7 +447,10 @@ class Runner(Worker):
                 result = findings(pipeline.postprocess, artifact.classes, model_output)
                 written, summary = self._write_findings(work, result, algorithm)
         reported = [] if pipeline.task == "segmentation" else [(f.spec.label, f.probability, f.present) for f in result]
-        self._journal.complete_job(job.id, written, pipeline.destinations_in(self._destinations), reported)
+        if not self._journal.complete_job(job.id, written, pipeline.destinations_in(self._destinations), reported):
+            # Its files are the same objects the new owner writes (deterministic UIDs): harmless.
+            log.warning("job %d: lease lost to another node; its result is dropped, not journaled", job.id)
+            return
         if pipeline.shadow_of is not None:  # its live job ran first (priority); counted once, here
             for pair in self._journal.finding_pairs(pipeline.shadow_of, name, shadow_job=job.id):
                 self._metrics.observe_agreement(name, pipeline.shadow_of, pair)

@@ -3,13 +3,16 @@
 import logging
 import threading
 
+from plugin.journal import JournalUnavailable
+
 log = logging.getLogger(__name__)
 
 
 class Worker(threading.Thread):
     """Calls :meth:`step` until stopped; waits up to ``interval`` seconds whenever a step
     found nothing to do. An exception in a step is logged and the loop goes on: one bad
-    job must never stop the node.
+    job must never stop the node. An unreachable journal is not logged here: the journal
+    tells of its outage itself, once (every loop's every poll fails while it lasts).
 
     ``next_stage`` is the worker that consumes what this one produces (assembler ->
     runner -> dispatcher): after a step that did work it is woken at once instead of
@@ -34,6 +37,8 @@ class Worker(threading.Thread):
         while not self.stopping.is_set():
             try:
                 busy = self.step()
+            except JournalUnavailable:
+                busy = False
             except Exception:
                 log.exception("%s: unexpected error; continuing", self.name)
                 busy = False

@@ -1,27 +1,33 @@
 """Journal rows read back exactly as written, and state survives reopening the database:
-every test on both back ends, SQLite and PostgreSQL (a real server, tests/postgres.py)."""
+every test on both back ends, SQLite and PostgreSQL (a real server, tests/postgres.py).
+Leases: nodes claiming side by side, a lease expiring to another node, fenced finishes,
+the heartbeat, and a node SIGKILLed right after its claim."""
 
+import logging
+import signal
 import sqlite3
+import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psycopg
 import pydicom
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from plugin.app import Node
+from plugin.app import Heartbeat, Node
 from plugin.config import NodeConfig
-from plugin.journal import SCHEMA_STATEMENTS, InstanceRecord, JobSpec, Journal, ResultRecord
+from plugin.journal import MAX_JOB_CLAIMS, SCHEMA_STATEMENTS, InstanceRecord, JobSpec, Journal, ResultRecord
 from plugin.journal_pg import ddl
 from plugin.logs import trace_id
-from tests.conftest import node_config, results, wait_for, write_pipeline
+from tests.conftest import free_port, node_config, results, serve, storescu, wait_for, write_pipeline
 
 Location = Path | str
 
@@ -71,16 +77,29 @@ def test_instance_round_trip_and_replacement_of_a_lost_file(location):
 
 
 def test_journal_of_an_earlier_version_opens_with_its_rows(location):
-    """radpipe 0.1 journals kept a sha256 per instance; the column goes, the rows stay."""
-    old = [s.replace("path TEXT NOT NULL,", "path TEXT NOT NULL, sha256 TEXT NOT NULL,", 1) for s in SCHEMA_STATEMENTS]
+    """radpipe 0.1 journals kept a sha256 per instance; the column goes, the rows stay.
+    Journals from before leases gain their columns; a job they left running is free."""
+    old = [
+        s.replace("series_instance_uid TEXT NOT NULL,", "series_instance_uid TEXT NOT NULL, sha256 TEXT NOT NULL,")
+        .replace(",\n    attempts INTEGER NOT NULL DEFAULT 0,\n    lease_owner TEXT,\n    lease_until REAL", "")
+        .replace("\n    lease_owner TEXT,\n    lease_until REAL,", "")
+        for s in SCHEMA_STATEMENTS
+    ]
+    assert not any("lease" in s for s in old)
     _execute(location, [*old, "INSERT INTO instances VALUES ('1.2.3.1', '1.2.840.10008.5.1.4.1.1.2', '1.2', '1.2.3',"
-                              " '/s', 'ab', 10, 'CT1', 100.0, NULL)"])  # fmt: skip
+                              " 'ab', '/s', 10, 'CT1', 100.0, NULL)",
+                        "INSERT INTO batches VALUES (1, '1.2', '1.2.3', 100.0, 'routed')",
+                        "INSERT INTO jobs VALUES (1, 1, 'demo', '1', 'f', 0, 'running', NULL, 100.0, 101.0, NULL)",
+                        ])  # fmt: skip
     journal = Journal(location)
     assert journal.instance("1.2.3.1") == InstanceRecord(
         "1.2.3.1", "1.2.840.10008.5.1.4.1.1.2", "1.2", "1.2.3", "/s", 10, "CT1", 100.0
     )
     journal.record_instance(_instance("1.2.3.2"))
     assert journal.queue_depths()["assembly"] == 2
+    job = journal.claim_job()  # no lease: an old radpipe's running job, claimable at once
+    assert job is not None and (job.id, job.attempts, job.lease_owner) == (1, 1, journal.node_id)
+    assert journal.complete_job(job.id, [("sr", "/r/sr.dcm", "9.9")], ["pacs"])
     journal.close()
 
 
@@ -96,8 +115,8 @@ def test_batch_job_delivery_lifecycle_survives_reopen(location):
     assert job is not None and job.status == "running" and job.batch_id == batch
     journal.close()
 
-    journal = Journal(location)  # a restart: the running job is queued again
-    assert journal.requeue_running_jobs() == 1
+    journal = Journal(location, node_id=job.lease_owner)  # a restart under the same id: its job is queued again
+    assert journal.resume() == 1
     job = journal.claim_job()
     assert [i.sop_instance_uid for i in journal.batch_instances(job.batch_id)] == [f"1.2.3.{n}" for n in range(3)]
     journal.complete_job(job.id, [("sr", "/results/sr.dcm", "9.9")], ["pacs"])
@@ -112,6 +131,7 @@ def test_batch_job_delivery_lifecycle_survives_reopen(location):
     assert journal.queue_depths() == {"assembly": 0, "jobs": 0, "running": 0, "dispatch": 0, "dead_letter": 1}
     assert journal.requeue_dead_letters(study_uid="9.9.9") == 0  # another study
     assert journal.requeue_dead_letters(study_uid="1.2") == 1
+    [delivery] = journal.due_deliveries(now=0)
     journal.record_attempt(delivery.result_id, "pacs", None)
     [delivered] = journal.deliveries(job.id)
     assert (delivered.status, delivered.attempts) == ("delivered", 1)
@@ -158,7 +178,9 @@ def test_every_query_of_status_replay_shadow_and_retention(location):
     )
     assert journal.finding_pairs("live", "shadow", shadow_job=first.id) == []
     assert journal.finding_pairs("live", "shadow", since=time.time() + 60) == []
-    assert [d.destination for d in journal.deliveries_elsewhere(["pacs"])] == ["gone"]
+    elsewhere = journal.deliveries_elsewhere(["pacs"])  # claimed, then handed back untried
+    assert [d.destination for d in elsewhere] == ["gone"] and journal.deliveries_elsewhere(["pacs"]) == []
+    journal.release_deliveries(elsewhere)
     assert [d.destination for d in journal.deliveries(status="pending", study_uid="1.2")] == ["gone", "pacs"]
     assert [j.pipeline for j in journal.study_jobs("1.2")] == ["live", "shadow"]
     assert [j.id for j in journal.recent_jobs(limit=1)] == [second.id]
@@ -177,7 +199,7 @@ def test_every_query_of_status_replay_shadow_and_retention(location):
 
     # Retention: nothing of a study with an undelivered result goes; once delivered, all of it.
     assert journal.purgeable_studies(older_than=time.time()) == []
-    for delivery in journal.deliveries(status="pending"):
+    for delivery in journal.due_deliveries(now=time.time()):
         journal.record_attempt(delivery.result_id, delivery.destination, None)
     assert journal.purgeable_studies(older_than=50.0) == []  # received since
     assert journal.purgeable_studies(older_than=time.time()) == ["1.2"]
@@ -214,6 +236,145 @@ def test_claimants_side_by_side_never_take_the_same_job(location):
     assert sorted(every) == [job.id for job in journal.jobs()]  # each once, none left out
     assert {job.status for job in journal.jobs()} == {"running"}
     journal.close()
+
+
+def _queue_jobs(journal: Journal, count: int, series: str = "1.2.3") -> None:
+    """One series (one instance) with ``count`` jobs queued on it."""
+    journal.record_instance(_instance(f"{series}.1", series))
+    [series] = journal.pending_series()
+    journal.create_batches("1.2", [(series, [JobSpec(f"p{n}", "1", "f" * 64, 0) for n in range(count)])], [])
+
+
+def _side_by_side(nodes: Sequence[Journal], claim: Callable[[Journal], list]) -> list[list]:
+    """Each node calls ``claim`` in its own thread, all starting together, until it gets
+    nothing; what each got."""
+    start = threading.Barrier(len(nodes))
+    got: list[list] = [[] for _ in nodes]
+
+    def drain(node: Journal, mine: list) -> None:
+        start.wait()
+        while claimed := claim(node):
+            mine.extend(claimed)
+
+    threads = [threading.Thread(target=drain, args=pair) for pair in zip(nodes, got, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return got
+
+
+def test_two_nodes_claim_jobs_and_deliveries_each_exactly_once(location):
+    """Two nodes (two journals, two ids) claim 30 jobs, then their 30 deliveries, side by
+    side: each goes to exactly one node, leased to it, and status lists who holds what."""
+    a, b = Journal(location, node_id="node-a"), Journal(location, node_id="node-b")
+    _queue_jobs(a, 30)
+    jobs = _side_by_side([a, b], lambda node: [job] if (job := node.claim_job()) else [])
+    assert sorted(j.id for j in jobs[0] + jobs[1]) == [j.id for j in a.jobs()]
+    assert {(j.lease_owner, j.attempts) for j in jobs[0]} <= {("node-a", 1)}
+    assert {(j.lease_owner, j.attempts) for j in jobs[1]} <= {("node-b", 1)}
+    assert {(lease.job_id, lease.owner) for lease in a.leases()} == {
+        (j.id, node) for node, mine in zip(["node-a", "node-b"], jobs, strict=True) for j in mine
+    }
+    for node, mine in [(a, jobs[0]), (b, jobs[1])]:
+        for job in mine:
+            assert node.complete_job(job.id, [("sr", f"/r/{job.id}.dcm", f"9.{job.id}")], ["pacs"])
+    assert a.leases() == []
+
+    sent = _side_by_side([a, b], lambda node: node.due_deliveries(time.time(), "pacs", limit=4))
+    assert sorted(d.key for d in sent[0] + sent[1]) == sorted(d.key for d in a.deliveries())
+    assert {d.lease_owner for d in sent[0]} <= {"node-a"} and {d.lease_owner for d in sent[1]} <= {"node-b"}
+    assert b.due_deliveries(time.time()) == []  # every one is held
+    assert all(a.record_attempt(*d.key, None) for d in sent[0])
+    assert not any(a.record_attempt(*d.key, None) for d in sent[1])  # node-b's, not node-a's to finish
+    assert all(b.record_attempt(*d.key, None) for d in sent[1])
+    assert {d.status for d in a.deliveries()} == {"delivered"}
+    a.close()
+    b.close()
+
+
+def test_an_expired_lease_goes_to_another_node_and_the_late_finish_is_refused(location):
+    """node-a's lease runs out (no heartbeat): node-b claims the job and the delivery; node-a's
+    late finish and try commit nothing, node-b's do. A job claimed MAX_JOB_CLAIMS times
+    without a finish fails; a node restarting under its id takes its own work back at once."""
+    a = Journal(location, node_id="node-a", lease_seconds=0.3)
+    b = Journal(location, node_id="node-b", lease_seconds=0.3)
+    _queue_jobs(a, 2)
+    first = a.claim_job()
+    assert b.claim_job().id != first.id and b.claim_job() is None  # first is held by node-a
+    time.sleep(0.4)
+    taken = b.claim_job()
+    assert (taken.id, taken.lease_owner, taken.attempts) == (first.id, "node-b", 2)
+    assert a.renew_leases() == 1  # the heartbeat finds it lost
+    assert not a.complete_job(first.id, [("sr", "/r/late.dcm", "9.1")], ["pacs"])
+    assert not a.fail_job(first.id, "late")
+    assert a.results(first.id) == [] and a.job(first.id).status == "running"
+    assert b.complete_job(taken.id, [("sr", "/r/sr.dcm", "9.1")], ["pacs"])
+    done = a.job(first.id)
+    assert (done.status, done.lease_owner, done.lease_until) == ("done", None, None)
+
+    [delivery] = a.due_deliveries(time.time())
+    assert b.due_deliveries(time.time()) == []
+    time.sleep(0.4)
+    [again] = b.due_deliveries(time.time())
+    assert again.key == delivery.key and again.lease_owner == "node-b"
+    assert not a.record_attempt(*delivery.key, "refused", retry_at=time.time())
+    assert b.record_attempt(*again.key, None)
+    assert a.deliveries()[0].attempts == 1
+
+    # A poison job: every node that claims it dies before finishing (no heartbeat, no finish).
+    [other] = [j for j in a.jobs() if j.status == "running"]
+    for claims in range(2, MAX_JOB_CLAIMS + 1):
+        time.sleep(0.4)
+        assert a.claim_job().attempts == claims
+    time.sleep(0.4)
+    assert a.claim_job() is None
+    failed = a.job(other.id)
+    assert failed.status == "failed" and "claimed 3 times, never finished" in failed.error
+
+    # node-a restarts under its id: its own running job is queued again at once, node-b's is
+    # not (on SQLite, a journal of one node, every running job is).
+    _queue_jobs(a, 2, series="1.2.4")
+    mine, theirs = Journal(location, node_id="node-a"), Journal(location, node_id="node-b")
+    mine_job, their_job = mine.claim_job(), theirs.claim_job()
+    restarted = Journal(location, node_id="node-a")
+    if isinstance(location, Path):
+        assert restarted.resume() == 2
+    else:
+        assert restarted.resume() == 1
+        assert restarted.claim_job().id == mine_job.id and restarted.claim_job() is None
+        assert theirs.complete_job(their_job.id, [], [])
+    for journal in (a, b, mine, theirs, restarted):
+        journal.close()
+
+
+def test_the_heartbeat_keeps_a_long_jobs_lease(location):
+    """A job and a delivery held for four lease lengths: the heartbeat renews them, so the
+    other node never takes them, and the finish commits; once handed back, they are free."""
+    a = Journal(location, node_id="node-a", lease_seconds=0.4)
+    b = Journal(location, node_id="node-b", lease_seconds=0.4)
+    _queue_jobs(a, 2)
+    job = a.claim_job()
+    done = b.claim_job()
+    assert b.complete_job(done.id, [("sr", "/r/sr.dcm", "9.1")], ["pacs"])
+    [delivery] = a.due_deliveries(time.time())
+    heartbeat = Heartbeat(a)
+    heartbeat.start()
+    try:
+        deadline = time.monotonic() + 1.6
+        while time.monotonic() < deadline:
+            assert b.claim_job() is None and b.due_deliveries(time.time()) == []
+            time.sleep(0.1)
+    finally:
+        heartbeat.stop()
+    a.release_deliveries([delivery])
+    [again] = b.due_deliveries(time.time())  # handed back: free at once
+    assert again.key == delivery.key
+    assert a.complete_job(job.id, [], [])
+    a.release_jobs([job.id])  # finished: nothing to hand back
+    assert a.job(job.id).status == "done"
+    a.close()
+    b.close()
 
 
 def test_nodes_creating_the_schema_at_once_all_start(postgres_url):
@@ -276,11 +437,13 @@ def _scraped_journal_up(node: Node) -> float:
 
 
 def test_postgresql_stopped_mid_send_is_out_of_resources_and_nothing_acknowledged_is_lost(
-    own_postgres, start_node, tmp_path, demo_study
+    own_postgres, start_node, tmp_path, demo_study, caplog
 ):
     """PostgreSQL stops (pg_ctl stop -m fast) in the middle of a send: C-STORE answers 0xA700,
     never success without a committed row, while echo and /metrics keep answering; once it
-    is back, the sender's retry and the rest are stored, and both series are processed."""
+    is back, the sender's retry and the rest are stored, and both series are processed.
+    The outage is two lines (down with its cause, back), not a traceback per poll."""
+    caplog.set_level(logging.INFO, logger="plugin.journal_pg")
     own_postgres.start()
     # A quiet period longer than the outage: each series is one batch, whatever the timing.
     write_pipeline(tmp_path / "pipelines", completion={"level": "series", "quiet_seconds": 5, "min_instances": 1})
@@ -293,6 +456,7 @@ def test_postgresql_stopped_mid_send_is_out_of_resources_and_nothing_acknowledge
     assert _scraped_journal_up(node) == 0
     sample = node.metrics.registry.get_sample_value
     assert sample("radpipe_instances_rejected_total", {"reason": "journal_unavailable"}) == 1
+    time.sleep(2)  # every worker polls the journal it cannot reach, and the pool reconnects
 
     own_postgres.start()
     assert _send(node.port, [*first[12:], *second]) == [0x0000] * (len(first) - 12 + len(second))
@@ -316,6 +480,9 @@ def test_postgresql_stopped_mid_send_is_out_of_resources_and_nothing_acknowledge
     }
     assert reported == {str(pydicom.dcmread(paths[0]).SeriesInstanceUID) for paths in (first, second)}
     assert _scraped_journal_up(node) == 1
+    outage = [r.getMessage() for r in caplog.records if r.name == "plugin.journal_pg"]
+    assert len(outage) == 2 and " unreachable: " in outage[0] and " reachable again after " in outage[1], outage
+    assert [r for r in caplog.records if r.exc_info or r.name.startswith("psycopg")] == []
 
 
 def test_node_started_while_postgresql_is_down_waits_and_says_so(own_postgres, tmp_path, caplog):
@@ -338,3 +505,49 @@ def test_node_started_while_postgresql_is_down_waits_and_says_so(own_postgres, t
     finally:
         node.stop()
         starting.join(60)
+
+
+def test_a_node_killed_right_after_its_claim_leaves_the_job_to_another_node(
+    postgres_url, tmp_path, demo_study, dcmtk, monkeypatch, radpipe, start_node
+):
+    """node-a, a process of its own, SIGKILLs itself right after claiming its job (the
+    runner's test hook); radpipe status names it as the job's holder. node-b, on the same
+    PostgreSQL journal and storage folder, takes the job over once node-a's lease expires:
+    dcmtk's storescp, the destination, receives exactly one SR."""
+    pacs_port, pacs_dir = free_port(), tmp_path / "pacs"
+    pacs_dir.mkdir()
+    pacs = subprocess.Popen(
+        ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    write_pipeline(tmp_path / "pipelines")
+    shared = {
+        "journal": {"url": postgres_url},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
+    }
+    port, config = free_port(), tmp_path / "node-a.yaml"
+    node_a_config = node_config(tmp_path, node={"port": port, "id": "node-a", "lease_seconds": 2}, **shared)
+    config.write_text(yaml.safe_dump({**node_a_config, "metrics": {"port": 0}}))
+    journal = Journal(postgres_url)
+    try:
+        monkeypatch.setenv("RADPIPE_TEST_KILL_AFTER_CLAIM", "1")
+        node_a = serve(config, port, tmp_path / "node-a.log")
+        monkeypatch.delenv("RADPIPE_TEST_KILL_AFTER_CLAIM")
+        assert storescu(port, *demo_study["Demo chest CT, no nodules"]).returncode == 0
+        assert node_a.wait(60) == -signal.SIGKILL
+        [job] = journal.jobs()
+        assert (job.status, job.lease_owner, job.attempts) == ("running", "node-a", 1)
+        code, out = radpipe("status", "--config", str(config))
+        assert code == 0 and f"job #{job.id} lung-nodule-demo: node-a until" in out
+
+        start_node(node={"id": "node-b", "lease_seconds": 2}, **shared)  # same storage folder
+        wait_for(lambda: [d.status for d in journal.deliveries(job.id)] == ["delivered"], what="node-b's SR sent")
+        done = journal.job(job.id)
+        assert (done.status, done.lease_owner, done.attempts) == ("done", None, 2)
+        received = [pydicom.dcmread(path, stop_before_pixels=True) for path in pacs_dir.iterdir()]
+        assert [ds.Modality for ds in received] == ["SR"]
+    finally:
+        journal.close()
+        pacs.terminate()
+        pacs.wait(10)
