@@ -51,4 +51,4 @@ lint: install-test
 	$(BIN)/mypy
 
 test: install-test lint
-	TCP_NODELAY=1 $(BIN)/pytest -q
+	TCP_NODELAY=1 $(BIN)/pytest -q --durations=25
