@@ -4,8 +4,8 @@ The journal's statements are written once, in :mod:`plugin.journal`. This back e
 them through a psycopg 3 connection pool (``?`` placeholders become psycopg's ``%s``),
 gives the schema PostgreSQL's types, creates and migrates it under an advisory lock (so
 that nodes starting together do not race each other's ``CREATE TABLE``), and claims jobs
-with ``FOR UPDATE SKIP LOCKED`` (so that nodes claiming together never take the same
-one). Losing the server is :class:`~plugin.journal.JournalUnavailable`, not a crash, and
+and deliveries with ``FOR UPDATE OF ... SKIP LOCKED`` (so that nodes claiming together
+never take the same one). Losing the server is :class:`~plugin.journal.JournalUnavailable`, not a crash, and
 a few log lines per outage (:class:`Outage`), not one per failed poll or reconnection.
 """
 
