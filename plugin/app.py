@@ -81,7 +81,7 @@ class Node:
         self.group_sync = GroupSync(storage)
         self.metrics.observe_state(self.journal.queue_depths, self.spool.free_bytes)
         self.router = Router(read_pipelines(config))
-        self.pool = ModelPool(self.metrics)
+        self.pool = ModelPool(self.metrics, storage / "compiled")
         assembler = Assembler(self.journal, self.router, self.metrics)
         runner = Runner(
             self.journal,

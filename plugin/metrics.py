@@ -142,6 +142,15 @@ class Metrics:
         self.inference_batch_size = Histogram(
             "radpipe_inference_batch_size", "Images per model call", buckets=_BATCH_BUCKETS, registry=r
         )
+        self.model_compile_seconds = Histogram(
+            "radpipe_model_compile_seconds",
+            "Time to ready an optimized model's compiled program: loaded from the node's compile cache, or compiled",
+            ["source"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        for source in ("cache", "compile"):
+            self.model_compile_seconds.labels(source)
         self.results_delivered = Counter(
             "radpipe_results_delivered", "Results a destination accepted", ["destination"], registry=r
         )

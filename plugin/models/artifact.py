@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from plugin import __version__
 from plugin.models.adapter import SpecAdapter
+from plugin.models.compile_cache import CompileCache
 from plugin.models.inputspec import InputSpec, input_mismatch
 from plugin.models.onnx_model import OnnxModule
 from plugin.models.pt2 import load_program, program_module
@@ -251,13 +252,15 @@ def _spec(directory: Path, manifest: dict[str, Any]) -> InputSpec:
     return spec
 
 
-def _load_module(directory: Path, manifest: dict[str, Any], device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def _load_module(
+    directory: Path, manifest: dict[str, Any], device: torch.device, cache: CompileCache | None
+) -> tuple[nn.Module, dict[str, Any]]:
     module = build(manifest["architecture"])
     if OPTIMIZED_KEYS & manifest.keys():
         # written by `radpipe optimize`: pruned layer shapes, int8 or GPU variants
         from plugin.models.serving import load_optimized
 
-        module, precision = load_optimized(module, load_file(str(directory / WEIGHTS)), manifest, device)
+        module, precision = load_optimized(module, load_file(str(directory / WEIGHTS)), manifest, device, cache)
         return module, {**manifest, "precision": precision}  # what actually serves on this device
     module.load_state_dict(load_file(str(directory / WEIGHTS)))
     return module.eval().to(device), manifest
@@ -274,15 +277,21 @@ def _device(module: nn.Module, fallback: torch.device) -> torch.device:
     return parameter.device if parameter is not None else fallback
 
 
-def load_artifact(directory: Path, device: torch.device, manifest: dict[str, Any] | None = None) -> Artifact:
+def load_artifact(
+    directory: Path,
+    device: torch.device,
+    manifest: dict[str, Any] | None = None,
+    compile_cache: CompileCache | None = None,
+) -> Artifact:
     """Load a hash-checked artifact onto ``device`` in eval mode. ``manifest``: what
-    :func:`read_manifest` just returned for ``directory``, so its files are not hashed twice."""
+    :func:`read_manifest` just returned for ``directory``, so its files are not hashed twice.
+    ``compile_cache``: the node's cache of compiled int8 programs (none: compiled in process)."""
     if manifest is None:
         manifest = read_manifest(directory)
     kind = artifact_format(manifest)
     if kind == MODULE:
         try:
-            module, manifest = _load_module(directory, manifest, device)
+            module, manifest = _load_module(directory, manifest, device, compile_cache)
         except (KeyError, ValueError, RuntimeError) as e:
             raise ArtifactError(f"{directory}: weights do not fit the manifest's architecture: {_one_line(e)}") from e
         return Artifact(directory, manifest, module, _device(module, device))
@@ -294,7 +303,7 @@ def load_artifact(directory: Path, device: torch.device, manifest: dict[str, Any
             from plugin.models.serving import load_quantized_program
 
             observers = load_safetensors(checked_bytes(directory, manifest, WEIGHTS))
-            program = load_quantized_program(load_program(data), observers, manifest, device)
+            program = load_quantized_program(load_program(data), observers, manifest, device, compile_cache)
             return Artifact(directory, manifest, SpecAdapter(program, spec), _device(program, device))
         if kind == TORCH_EXPORT:
             program = program_module(load_program(data), device)

@@ -16,6 +16,7 @@ import torch
 
 from plugin.metrics import Metrics
 from plugin.models.artifact import Artifact, ArtifactError, load_artifact, model_file, read_manifest
+from plugin.models.compile_cache import CompileCache
 from plugin.models.device import select_device
 from plugin.models.inputspec import input_mismatch
 from plugin.pipeline import Pipeline
@@ -24,8 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class ModelPool:
-    def __init__(self, metrics: Metrics) -> None:
+    """``compile_dir``: where the node keeps its compiled int8 programs
+    (plugin/models/compile_cache.py); None compiles them anew at every load."""
+
+    def __init__(self, metrics: Metrics, compile_dir: Path | None = None) -> None:
         self._metrics = metrics
+        self._compile_cache = None if compile_dir is None else CompileCache(compile_dir, metrics.model_compile_seconds)
         # A key's entries in _current and _checked change only under its lock in _loading;
         # _lock, held briefly, guards _loading, _info_labels and _fitting.
         self._lock = threading.Lock()
@@ -54,7 +59,7 @@ class ModelPool:
             try:
                 manifest = read_manifest(directory)
                 if current is None or current.sha256 != manifest["files"][model_file(manifest)]:
-                    loaded = load_artifact(directory, device, manifest)
+                    loaded = load_artifact(directory, device, manifest, self._compile_cache)
                     self._check_input(pipeline, loaded)
                     current = self._current[key] = loaded
                     log.info(

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.export import ExportedProgram
 
 from plugin.models.artifact import ArtifactError
+from plugin.models.compile_cache import CompileCache
 from plugin.models.inputspec import InputSpec
 from plugin.models.pt2 import program_module
 
@@ -271,21 +272,39 @@ def int8_precision(scheme: str) -> str:
     return "int8-dynamic" if scheme == "int8_dynamic" else "int8"
 
 
-def serve_int8(graph: nn.Module, source: nn.Module, tensors: dict[str, Tensor], manifest: dict[str, Any]) -> nn.Module:
-    """The int8 program of an optimized artifact, rebuilt from the exported fp32 ``graph``
-    and lowered by inductor for each bucket (CPU). ``source`` is the fp32 model it serves for."""
+def serve_int8(
+    graph: Callable[[], nn.Module],
+    source: nn.Module,
+    tensors: dict[str, Tensor],
+    manifest: dict[str, Any],
+    cache: CompileCache | None = None,
+) -> nn.Module:
+    """The int8 program of an optimized artifact, rebuilt from the exported fp32 graph that
+    ``graph`` makes and lowered by inductor for each bucket (CPU). ``source`` is the fp32
+    model it serves for. With a node's ``cache`` the program is AOT-compiled once and
+    reloaded on later starts, without exporting and converting again (seconds a restart
+    would wait for): hence a graph maker, called only when a program is compiled."""
     check_quantization_versions(manifest)
     quantization = manifest["quantization"]
     buckets = quantization.get("buckets", [1, 8, 32])
     observers = {k.removeprefix(OBSERVER_PREFIX): v for k, v in tensors.items() if k.startswith(OBSERVER_PREFIX)}
-    converted = restore_int8(graph, quantization["scheme"], observers)
-    served = BucketedModule(source, compile_program(converted), buckets)
-    served.warm_up(input_shape(manifest), torch.device("cpu"))
+
+    def converted() -> nn.Module:
+        return restore_int8(graph(), quantization["scheme"], observers)
+
+    shape = input_shape(manifest)
+    program = compile_program(converted()) if cache is None else cache.program(converted, manifest, buckets, shape)
+    served = BucketedModule(source.eval(), program, buckets)  # eval: exporting for QAT left it training
+    served.warm_up(shape, torch.device("cpu"))
     return served
 
 
 def load_quantized_program(
-    program: ExportedProgram, tensors: dict[str, Tensor], manifest: dict[str, Any], device: torch.device
+    program: ExportedProgram,
+    tensors: dict[str, Tensor],
+    manifest: dict[str, Any],
+    device: torch.device,
+    cache: CompileCache | None = None,
 ) -> nn.Module:
     """The int8 module of an imported program quantized by ``radpipe optimize``:
     ``prepare_pt2e`` runs again on the checked program's own graph, the recorded observer
@@ -295,8 +314,7 @@ def load_quantized_program(
         log.warning("int8 artifacts run on x86 CPUs only; serving %s on the CPU", manifest.get("name", "model"))
     cpu = torch.device("cpu")
     # two graphs of the one program: prepare_pt2e rewrites the one it is given
-    graph, source = program_module(program, cpu), program_module(program, cpu)
-    return serve_int8(graph, source, tensors, manifest)
+    return serve_int8(lambda: program_module(program, cpu), program_module(program, cpu), tensors, manifest, cache)
 
 
 def serve_gpu(module: nn.Module, manifest: dict[str, Any], device: torch.device) -> nn.Module:
@@ -319,7 +337,11 @@ def _copy_as(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def load_optimized(
-    module: nn.Module, tensors: dict[str, Tensor], manifest: dict[str, Any], device: torch.device
+    module: nn.Module,
+    tensors: dict[str, Tensor],
+    manifest: dict[str, Any],
+    device: torch.device,
+    cache: CompileCache | None = None,
 ) -> tuple[nn.Module, str]:
     """The module to serve on ``device``, and its precision, for an artifact written by
     ``radpipe optimize``. ``module`` is the registered architecture as built from the
@@ -340,8 +362,11 @@ def load_optimized(
             return module.to(device), "fp32"
         log.warning("int8 artifacts run on x86 CPUs only; serving %s on the CPU", manifest.get("name", "model"))
     if quantization is not None:
-        graph = exported_graph(module, quantization["scheme"], torch.zeros((2, *input_shape(manifest))))
-        return serve_int8(graph, module.eval(), tensors, manifest), int8_precision(quantization["scheme"])
+        example = torch.zeros((2, *input_shape(manifest)))
+        served = serve_int8(
+            lambda: exported_graph(module, quantization["scheme"], example), module, tensors, manifest, cache
+        )
+        return served, int8_precision(quantization["scheme"])
     if "gpu" in manifest:
         log.info("no CUDA device: serving the %s GPU variant as fp32 on the CPU", manifest["gpu"].get("precision"))
     return module.to(device), "fp32"

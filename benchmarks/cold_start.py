@@ -1,0 +1,110 @@
+"""First SR after a restart with an int8 artifact (issue 15 goal: within 5 s of the quiet period).
+
+Serves the demo pipeline with an optimized int8 artifact (made by ``radpipe optimize
+pipelines/lung-nodule-demo-fast.yaml`` as pipelines/README.md shows), as ``radpipe serve``
+in a subprocess: starts the node, sends one series as soon as it answers C-ECHO, and times
+process start -> first SR written, minus the pipeline's quiet period. Cold: the node's
+compile cache (``<storage>/compiled``) is empty, so the int8 program is compiled; warm: the
+same node restarted with the cache it wrote. The source of the program is read from
+``radpipe_model_compile_seconds`` on the node's metrics endpoint.
+
+Run: .venv/bin/python -m benchmarks.cold_start --artifact PATH [--warm-rounds 3] [--json FILE]
+"""
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from benchmarks.common import REPO, ct_series, free_port, report, serve, storescu, wait_for_echo
+
+PIPELINE = "lung-nodule-demo.yaml"
+
+
+def compile_sources(metrics_port: int) -> dict[str, float]:
+    """``radpipe_model_compile_seconds`` count and sum per source, from the node's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    found = re.findall(r'radpipe_model_compile_seconds_(count|sum)\{source="(\w+)"\} (\S+)', text)
+    return {f"{source}_{kind}": float(value) for kind, source, value in found}
+
+
+def first_sr(work: Path, seed: int, slices: int, quiet: float) -> dict[str, float | dict[str, float]]:
+    """Start the node on ``work``, send one series, and time its first SR."""
+    metrics_port, port = free_port(), free_port()
+    config = {
+        "node": {"port": port},
+        "metrics": {"port": metrics_port},
+        "storage": {"dir": str(work / "data")},
+        "pipelines": {"dir": str(work / "pipelines")},
+    }
+    series = ct_series(work / f"series-{seed}", slices, seed=seed)
+    results = work / "data" / "results"
+    before = set(results.rglob("*.dcm")) if results.exists() else set()
+    start = time.perf_counter()
+    node = serve(work, config)
+    try:
+        wait_for_echo(port, timeout=600)
+        ready = time.perf_counter() - start
+        storescu(port, series)
+        sent = time.perf_counter() - start
+        while not (set(results.rglob("*.dcm")) - before if results.exists() else set()):
+            if node.poll() is not None:
+                raise RuntimeError(f"the node exited ({node.returncode})")
+            time.sleep(0.02)
+        done = time.perf_counter() - start
+        sources = compile_sources(metrics_port)
+    finally:
+        node.terminate()
+        node.wait(60)
+    return {
+        "start_to_echo_s": round(ready, 2),
+        "start_to_sent_s": round(sent, 2),
+        "start_to_first_sr_s": round(done, 2),
+        "beyond_quiet_period_s": round(done - quiet, 2),
+        "program": sources,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", type=Path, default=REPO / "pipelines/models/lung-nodule-demo-pruned-int8")
+    parser.add_argument("--slices", type=int, default=20)
+    parser.add_argument("--warm-rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="radpipe-cold-start-"))
+    (work / "pipelines" / "models").mkdir(parents=True)
+    shutil.copytree(args.artifact, work / "pipelines" / "models" / args.artifact.name)
+    pipeline = yaml.safe_load((REPO / "pipelines" / PIPELINE).read_text())
+    pipeline["model"]["artifact"] = f"models/{args.artifact.name}"
+    (work / "pipelines" / PIPELINE).write_text(yaml.safe_dump(pipeline))
+    quiet = float(pipeline["completion"]["quiet_seconds"])
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    try:
+        cold = first_sr(work, 1, args.slices, quiet)
+        warm = [first_sr(work, 2 + n, args.slices, quiet) for n in range(args.warm_rounds)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    figures = {
+        "artifact": args.artifact.name,
+        "slices": args.slices,
+        "quiet_seconds": quiet,
+        "cpus": os.cpu_count(),
+        "load_average_1_5_15_min": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]},
+        "cold (no compile cache)": cold,
+        "warm (cache present), per round": warm,
+        "warm beyond quiet period, median s": sorted(w["beyond_quiet_period_s"] for w in warm)[len(warm) // 2],
+    }
+    report(figures, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The node's compile cache (plugin/models/compile_cache.py): a restarted node loads its
+int8 program instead of compiling it, gets the same outputs, and refuses a package that
+is not byte for byte what it wrote."""
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from plugin.metrics import Metrics
+from plugin.models.artifact import load_artifact, write_artifact
+from plugin.models.compile_cache import CompileCache
+from plugin.models.registry import build
+from plugin.models.serving import convert_int8, exported_graph, observer_state, prepare_int8
+
+ARCHITECTURE = {"id": "demo-cnn", "params": {"in_channels": 1, "num_classes": 2, "channels": [8]}}
+SHAPE = (1, 32, 32)
+# a fresh process: loads the artifact with the cache, prints the metric's counts, saves its outputs
+FRESH_LOAD = """
+import sys, torch
+from pathlib import Path
+from prometheus_client import CollectorRegistry
+from plugin.metrics import Metrics
+from plugin.models.artifact import load_artifact
+from plugin.models.compile_cache import CompileCache
+metrics = Metrics(CollectorRegistry())
+cache = CompileCache(Path(sys.argv[2]), metrics.model_compile_seconds)
+artifact = load_artifact(Path(sys.argv[1]), torch.device("cpu"), compile_cache=cache)
+torch.save(artifact.module(torch.load(sys.argv[3])), sys.argv[4])
+for source in ("cache", "compile"):
+    print(source, metrics.registry.get_sample_value("radpipe_model_compile_seconds_count", {"source": source}))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo-cnn, statically quantized to int8 on random images: an artifact as
+    ``radpipe optimize`` writes one, made in a second."""
+    torch.manual_seed(0)
+    module = build(ARCHITECTURE).eval()
+    prepared = prepare_int8(exported_graph(module, "int8_static", torch.zeros((2, *SHAPE))), "int8_static")
+    with torch.no_grad():
+        for _ in range(4):
+            prepared(torch.rand((8, *SHAPE)))
+    tensors = {**module.state_dict(), **observer_state(prepared)}
+    convert_int8(prepared, "int8_static")  # as optimize checks it; starts torch.fx's tqdm monitor thread, here
+    manifest = {
+        "format": "module",
+        "name": "tiny-int8",
+        "architecture": ARCHITECTURE,
+        "input": {"channels": 1, "height": SHAPE[1], "width": SHAPE[2], "dtype": "float32"},
+        "classes": ["normal", "nodule"],
+        "precision": "int8",
+        "quantization": {"scheme": "int8_static", "buckets": [1, 4]},
+    }
+    return write_artifact(tmp_path_factory.mktemp("artifact") / "tiny-int8", {"weights.safetensors": tensors}, manifest)
+
+
+def _counts(metrics: Metrics) -> dict[str, float | None]:
+    sample = metrics.registry.get_sample_value
+    return {s: sample("radpipe_model_compile_seconds_count", {"source": s}) for s in ("cache", "compile")}
+
+
+def test_restart_loads_the_cached_program_and_refuses_an_altered_one(tmp_path, tiny_int8, caplog):
+    images = torch.rand((6, *SHAPE))
+    compiled = tmp_path / "compiled"
+    metrics = Metrics(CollectorRegistry())
+    cache = CompileCache(compiled, metrics.model_compile_seconds)
+    first = load_artifact(tiny_int8, torch.device("cpu"), compile_cache=cache)
+    assert _counts(metrics) == {"cache": 0.0, "compile": 1.0}
+    with torch.inference_mode():
+        fresh = first.module(images)
+        # the program the node compiled without a cache, in process (torch.compile)
+        assert torch.allclose(load_artifact(tiny_int8, torch.device("cpu")).module(images), fresh, atol=1e-4)
+    package = sorted(compiled.glob("*.pt2"))[-1]
+
+    # a restarted node: a fresh process, the same artifact and cache folder
+    torch.save(images, tmp_path / "images.pt")
+    run = [sys.executable, "-c", FRESH_LOAD, str(tiny_int8), str(compiled), str(tmp_path / "images.pt")]
+    done = subprocess.run([*run, str(tmp_path / "cached.pt")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["cache", "1.0", "compile", "0.0"]
+    assert torch.equal(torch.load(tmp_path / "cached.pt"), fresh)
+
+    data = bytearray(package.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    package.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="plugin.models.compile_cache"):
+        again = load_artifact(tiny_int8, torch.device("cpu"), compile_cache=cache)
+    assert "does not match its recorded sha256" in caplog.text
+    assert _counts(metrics) == {"cache": 0.0, "compile": 2.0}  # refused and compiled afresh, never loaded
+    with torch.inference_mode():
+        assert torch.equal(again.module(images), fresh)
+    (record_file,) = compiled.glob("*.json")
+    record = json.loads(record_file.read_text())
+    assert CompileCache.identity(first.manifest, [1, 4], SHAPE) == record["identity"]
+
+
+def test_a_package_made_for_something_else_is_refused(tmp_path, caplog):
+    cache = CompileCache(tmp_path)
+    identity = CompileCache.identity({"name": "m"}, [1, 8], SHAPE)
+    (tmp_path / "k.b1.pt2").write_bytes(b"package")
+    other = {**identity, "torch": "2.0.0"}
+    (tmp_path / "k.json").write_text(json.dumps({"identity": other, "sha256": "0" * 64}))
+    with caplog.at_level(logging.WARNING, logger="plugin.models.compile_cache"):
+        assert cache._load("k", identity) is None
+    assert "made for something else" in caplog.text
