@@ -335,20 +335,25 @@ class PhantomVolume:
 
 
 def render_volume(
-    rng: np.random.Generator, n_slices: int, n_nodules: int, slice_thickness_mm: float = 2.5
+    rng: np.random.Generator,
+    n_slices: int,
+    n_nodules: int,
+    slice_thickness_mm: float = 2.5,
+    end_on_vessels: bool = False,
 ) -> PhantomVolume:
     """A contiguous axial volume with ``n_nodules`` spheres centred on random slices, and its truth.
 
     A slice's label is 1 where one of the nodules is visible, which the first always is on
     its centre slice. A volume without nodules is a hard negative: it carries extra vessels
-    seen end-on. The truth costs no random numbers: the same ``rng`` state gives the same
-    pixels as before truth was recorded.
+    seen end-on; ``end_on_vessels`` puts them beside the nodules too (a segmenter has to see
+    them beside nodules to learn that they are not). The truth costs no random numbers: the
+    same ``rng`` state gives the same pixels as before truth was recorded.
     """
     z = np.arange(n_slices, dtype=np.float64) * slice_thickness_mm
     patient = _new_patient(rng, (float(z[0]), float(z[-1])))
     centres = rng.choice(z, size=n_nodules, replace=n_nodules > n_slices).tolist()
     nodules = _nodule_set(rng, centres, [_lung_mask(patient, c) for c in centres])
-    if not n_nodules:
+    if end_on_vessels or not n_nodules:
         mid = float(z[n_slices // 2])
         extra = _extra_vessels(rng, _lung_mask(patient, mid), mid, int(rng.integers(6, 13)))
         patient = _with_vessels(patient, extra)
