@@ -115,10 +115,15 @@ def x86_quantizer(scheme: str) -> Any:
 
 def exported_graph(module: nn.Module, scheme: str, example: Tensor) -> nn.Module:
     """``module`` as the graph torchao's PT2E flow quantizes: ``torch.export``'s, with a
-    dynamic batch (in training mode for QAT, whose fine-tuning runs on it)."""
+    dynamic batch (in training mode for QAT, whose fine-tuning runs on it). ``module`` is
+    left in the mode it came in: the node serves it beside the graph."""
     batch = torch.export.Dim("batch", min=1, max=4096)  # one program for every batch size
+    was_training = module.training
     module.train(scheme == "int8_qat")
-    return torch.export.export(module, (example,), dynamic_shapes=({0: batch},)).module()
+    try:
+        return torch.export.export(module, (example,), dynamic_shapes=({0: batch},)).module()
+    finally:
+        module.train(was_training)
 
 
 def prepare_int8(graph: nn.Module, scheme: str) -> nn.Module:
@@ -294,7 +299,7 @@ def serve_int8(
 
     shape = input_shape(manifest)
     program = compile_program(converted()) if cache is None else cache.program(converted, manifest, buckets, shape)
-    served = BucketedModule(source.eval(), program, buckets)  # eval: exporting for QAT left it training
+    served = BucketedModule(source, program, buckets)
     served.warm_up(shape, torch.device("cpu"))
     return served
 
