@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pydicom
+import pytest
 import yaml
 
 from plugin.logs import TEXT_FORMAT, ContextFilter, JSONFormatter, OneLineFormatter, log_context
@@ -70,7 +71,12 @@ def test_serve_logs_json_lines_with_association_and_job_ids(tmp_path: Path, demo
         wait_for(lambda: "pacs" in log_path.read_text() and "job-" in log_path.read_text(), what="dispatch lines")
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(30)
+        try:  # the node may take node.shutdown_seconds (30) for work in flight, then exits
+            process.wait(45)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            pytest.fail("the node did not exit within 45 s of SIGTERM:\n" + log_path.read_text()[-3000:])
     assert process.returncode == 0, log_path.read_text()[-3000:]
 
     lines = [line for line in log_path.read_text().splitlines() if line.strip()]
