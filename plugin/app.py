@@ -1,36 +1,39 @@
-"""Wiring: one running node = listener (and the optional STOW-RS endpoint) + assembler +
-runner + dispatcher + metrics + the heartbeat of its leases, all sharing one journal.
-``radpipe serve`` and the tests both start it through here."""
+"""Wiring: one running node = what its roles need (``node.roles``: the listener and the
+optional STOW-RS endpoint; assembler and retention; runner and its models; dispatcher) +
+metrics + the heartbeat of its leases, all sharing one journal.
+``radpipe serve`` and the tests both start it through here.
+
+The stages that read pipelines or run models are imported only by a node whose roles
+include them: a receive-only node never imports torch nor reads a model artifact."""
 
 import logging
 import time
+from itertools import pairwise
 from pathlib import Path
 from threading import Event, Thread
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 import pydicom
 from prometheus_client import CollectorRegistry
 
 from plugin.acceptor import AssociationServer
-from plugin.assembler import Assembler
-from plugin.config import NodeConfig
+from plugin.config import ROLES, NodeConfig, Role
 from plugin.dicomweb import StowServer, start_stow_server
 from plugin.dispatch import Dispatcher
 from plugin.durability import GroupSync
 from plugin.journal import Journal, JournalUnavailable
 from plugin.metrics import Metrics, serve_metrics
-from plugin.models.artifact import ArtifactError
-from plugin.models.pool import ModelPool
 from plugin.node import Storage, StoreLimits, start_servers
-from plugin.pipeline import Pipeline, load_pipelines
-from plugin.prepare import Preparer
 from plugin.quarantine import Quarantine
-from plugin.reload import PipelineReloader
 from plugin.retention import Retention
-from plugin.router import Router
-from plugin.runner import Runner
 from plugin.spool import Spool
 from plugin.worker import Worker
+
+if TYPE_CHECKING:
+    from plugin.models.pool import ModelPool
+    from plugin.pipeline import Pipeline
+    from plugin.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +53,11 @@ class Heartbeat(Worker):
         return False
 
 
-def read_pipelines(config: NodeConfig) -> list[Pipeline]:
+def read_pipelines(config: NodeConfig) -> "list[Pipeline]":
     """The configured pipelines. A missing or empty folder is an error in the log: the
     node would still answer every C-STORE with success, and store every series unrouted."""
+    from plugin.pipeline import load_pipelines
+
     directory = config.pipelines.dir.absolute()
     exists = directory.is_dir()
     pipelines = load_pipelines(directory, set(config.destinations)) if exists else []
@@ -72,60 +77,86 @@ class Node:
         # named status; pydicom's check of each value it reads would only warn, quoting it.
         pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         self.config = config
+        self.roles = frozenset(config.node.roles)
         self.metrics = Metrics(registry)
         storage = config.storage.dir
         # PostgreSQL: connects when the server answers
         self.journal = Journal(config.journal_location, config.node.id, config.node.lease_seconds)
         self.spool = Spool(storage / "spool")
         self.quarantine = Quarantine(storage / "quarantine")
-        self.group_sync = GroupSync(storage)
+        self.group_sync = GroupSync(storage) if "receive" in self.roles else None
         self.metrics.observe_state(self.journal.queue_depths, self.spool.free_bytes)
-        self.router = Router(read_pipelines(config))
-        self.pool = ModelPool(self.metrics, storage / "compiled")
-        assembler = Assembler(self.journal, self.router, self.metrics)
-        runner = Runner(
-            self.journal,
-            self.router,
-            self.pool,
-            config.results_dir,
-            list(config.destinations),
-            self.quarantine,
-            self.metrics,
-            Preparer(config.runner.workers),
-        )
-        dispatcher = Dispatcher(self.journal, config.destinations, config.node.ae_title, config.dispatch, self.metrics)
-        assembler.next_stage, runner.next_stage = runner, dispatcher
-        self.workers: list[Worker] = [
-            assembler,
-            runner,
-            dispatcher,
-            *dispatcher.senders,  # one per destination: a dead PACS holds up no other
-            PipelineReloader(config.pipelines.dir, self.router, set(config.destinations), self.pool, self.metrics),
-            Retention(self.journal, self.spool, config.results_dir, config.storage.retention_days),
-        ]
+        self.router: Router | None = None
+        self.pool: ModelPool | None = None
+        # The roles' stages, in the order data flows; each wakes the next after it did work.
+        stages: dict[Role, Worker] = {}
+        self.workers: list[Worker] = []
+        if self.roles & {"assemble", "infer"}:
+            stages, self.workers = self._pipeline_workers()
+        if "assemble" in self.roles:
+            self.workers.append(Retention(self.journal, self.spool, config.results_dir, config.storage.retention_days))
+        if "dispatch" in self.roles:
+            dispatcher = Dispatcher(
+                self.journal, config.destinations, config.node.ae_title, config.dispatch, self.metrics
+            )
+            stages["dispatch"] = dispatcher
+            self.workers += dispatcher.senders  # one per destination: a dead PACS holds up no other
+        for role, following in pairwise(ROLES):  # assemble -> infer -> dispatch (receive has no stage)
+            if role in stages and following in stages:
+                stages[role].next_stage = stages[following]
+        self.workers[:0] = stages.values()
         self.heartbeat = Heartbeat(self.journal)
         self.servers: list[AssociationServer] = []
         self.stow_server: StowServer | None = None
         self.metrics_server: tuple[WSGIServer, Thread] | None = None
         self._stopping = Event()
 
+    def _pipeline_workers(self) -> "tuple[dict[Role, Worker], list[Worker]]":
+        """The assembler and the runner, as the roles ask, on the configured pipelines (the
+        router), and the reloader that keeps the router (and the models) up to date. Only an
+        ``infer`` node has a model pool: loading models is the runner's need alone."""
+        from plugin.assembler import Assembler
+        from plugin.reload import PipelineReloader
+        from plugin.router import Router
+
+        config = self.config
+        self.router = Router(read_pipelines(config))
+        stages: dict[Role, Worker] = {}
+        if "assemble" in self.roles:
+            stages["assemble"] = Assembler(self.journal, self.router, self.metrics)
+        if "infer" in self.roles:
+            from plugin.models.pool import ModelPool
+            from plugin.prepare import Preparer
+            from plugin.runner import Runner
+
+            self.pool = ModelPool(self.metrics, config.storage.dir / "compiled")
+            stages["infer"] = Runner(
+                self.journal,
+                self.router,
+                self.pool,
+                config.results_dir,
+                list(config.destinations),
+                self.quarantine,
+                self.metrics,
+                Preparer(config.runner.workers),
+            )
+        destinations = set(config.destinations)
+        return stages, [PipelineReloader(config.pipelines.dir, self.router, destinations, self.pool, self.metrics)]
+
     @property
     def results_dir(self) -> Path:
         return self.config.results_dir
 
     def start(self) -> None:
-        """Warm every model, wait for the journal, resume interrupted work, then start
-        listening. Returns without starting anything more if :meth:`stop` is called while
-        it waits for the journal."""
-        for pipeline in self.router.pipelines:
-            self.metrics.add_pipeline_labels(pipeline.name, pipeline.destinations_in(list(self.config.destinations)))
-            try:
-                self.pool.get(pipeline)
-            except ArtifactError as e:  # its jobs will fail with the same message; others run
-                log.error("pipeline %s: model not loaded: %s", pipeline.name, e)
-            log.info("pipeline %s v%s loaded from %s", pipeline.name, pipeline.version, pipeline.source)
+        """Warm every model (an ``infer`` node), wait for the journal, resume interrupted
+        work, then start the roles' workers and, for ``receive``, listen. Returns without
+        starting anything more if :meth:`stop` is called while it waits for the journal."""
+        log.info("node %s roles: %s", self.config.node.id, ",".join(r for r in self.config.node.roles))
+        self._load_pipelines()
         if self.config.metrics.port:  # first: radpipe_journal_up tells while the node waits for its journal
-            self.metrics_server = serve_metrics(self.metrics, self.config.metrics.host, self.config.metrics.port)
+            self.metrics_server = serve_metrics(
+                self.metrics, self.config.metrics.host, self.config.metrics.port, self.config.node.id
+            )
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics_server[0].server_port)
         resumed = self._wait_for_journal()
         if resumed is None:
@@ -135,6 +166,9 @@ class Node:
         self.heartbeat.start()
         for worker in self.workers:
             worker.start()
+        if "receive" not in self.roles:
+            return
+        assert self.group_sync is not None  # made for the receive role
         limits = StoreLimits(
             min_free_bytes=self.config.storage.min_free_mb * 2**20,
             max_instance_bytes=self.config.storage.max_instance_mb * 2**20,
@@ -143,6 +177,21 @@ class Node:
         storage = Storage(self.spool, self.journal, self.group_sync, self.quarantine, self.metrics, limits)
         self.servers = start_servers(self.config.node, storage)
         self.stow_server = start_stow_server(self.config.node, storage, self.config.storage.dir)
+
+    def _load_pipelines(self) -> None:
+        """Metrics labels for each pipeline, and its model warmed where this node infers."""
+        if self.router is None:
+            return
+        for pipeline in self.router.pipelines:
+            self.metrics.add_pipeline_labels(pipeline.name, pipeline.destinations_in(list(self.config.destinations)))
+            if self.pool is not None:
+                from plugin.models.artifact import ArtifactError
+
+                try:
+                    self.pool.get(pipeline)
+                except ArtifactError as e:  # its jobs will fail with the same message; others run
+                    log.error("pipeline %s: model not loaded: %s", pipeline.name, e)
+            log.info("pipeline %s v%s loaded from %s", pipeline.name, pipeline.version, pipeline.source)
 
     def _wait_for_journal(self, longest: float = 30.0) -> int | None:
         """Take back what this node held when it last stopped (``Journal.resume``: other
@@ -193,4 +242,5 @@ class Node:
             log.warning("shutdown deadline reached with %s still busy; their work resumes on restart", stuck)
             return  # the journal stays open for them; the process is exiting anyway
         self.journal.close()
-        self.group_sync.close()
+        if self.group_sync is not None:
+            self.group_sync.close()

@@ -60,13 +60,21 @@ def _since(age: str | None) -> float | None:
         return None
 
 
-@command(CONFIG)
+@command(
+    CONFIG,
+    arg(
+        "--roles",
+        metavar="ROLE,...",
+        help="what this node runs, of receive,assemble,infer,dispatch (default: node.roles, all four); "
+        "wins over the config file and RADPIPE_NODE_ROLES",
+    ),
+)
 def serve(args: argparse.Namespace) -> int:
     """Run the DICOM node until SIGINT/SIGTERM."""
     from plugin.app import Node
     from plugin.config import load_config
 
-    config = load_config(args.config)
+    config = load_config(args.config, options={"--roles": ("node", "roles", args.roles)} if args.roles else None)
     logging.getLogger(__name__).info("effective config: %s", config.model_dump_json())
     node = Node(config)
     node.start()
@@ -507,10 +515,18 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     from plugin.config import ConfigError
     from plugin.journal import JournalUnavailable
-    from plugin.pipeline import PipelineError
 
     try:
         return args.handler(args)
-    except (ConfigError, PipelineError, JournalUnavailable) as e:
+    except (ConfigError, JournalUnavailable) as e:
+        print(e)
+        return 1
+    except Exception as e:
+        # Imported only now: plugin.pipeline imports torch, which a receive-only node never
+        # needs; a PipelineError comes from a command that has imported it already.
+        from plugin.pipeline import PipelineError
+
+        if not isinstance(e, PipelineError):
+            raise
         print(e)
         return 1

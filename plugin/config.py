@@ -15,7 +15,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from plugin.journal import LEASE_SECONDS, default_node_id
 from plugin.yamlfile import Location, YAMLError, YAMLFile, read_yaml, validation_errors
@@ -62,8 +62,16 @@ class DicomwebSection(_Section):
     max_body_mb: int = Field(default=2048, ge=1)
 
 
+# What a node does (``node.roles``): receive = the DICOM listener and the STOW-RS endpoint;
+# assemble = closing complete series/studies into jobs, and retention; infer = running
+# the models; dispatch = sending results. Nodes sharing a PostgreSQL journal and a storage
+# folder split them, e.g. receivers behind a load balancer and GPU workers that only infer.
+Role = Literal["receive", "assemble", "infer", "dispatch"]
+ROLES: tuple[Role, ...] = get_args(Role)
+
+
 class NodeSection(_Section):
-    """The DICOM listener.
+    """The DICOM listener, and what this node does.
 
     ae_title: this node's AE title (default ``RADPIPE``).
     host/port: where to listen (default 127.0.0.1:11112; use 0.0.0.0 to accept remote peers).
@@ -88,6 +96,11 @@ class NodeSection(_Section):
     Example: ``radpipe-gpu-0``.
     lease_seconds: how long a claim holds without the node's heartbeat (renewed every third
     of it): a node that dies holds its work this long (default 30).
+    roles: what this node runs, any of receive, assemble, infer, dispatch (default: all
+    four); a list, or one comma-separated string as ``radpipe serve --roles`` takes it.
+    Every node serves /metrics and renews its leases. A node without ``infer`` never
+    loads a model; one with neither ``assemble`` nor ``infer`` reads no pipeline.
+    Example: ``roles: [receive, assemble, dispatch]`` (``RADPIPE_NODE_ROLES=receive,dispatch``).
     """
 
     ae_title: str = Field(default="RADPIPE", min_length=1, max_length=16)
@@ -104,6 +117,21 @@ class NodeSection(_Section):
     dicomweb: DicomwebSection = DicomwebSection()
     id: str = Field(default_factory=default_node_id, min_length=1, max_length=200)
     lease_seconds: float = Field(default=LEASE_SECONDS, gt=0)
+    roles: list[Role] = Field(default=list(ROLES), min_length=1)
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _split(cls, roles: object) -> object:
+        """``receive,dispatch`` (the command line's and an environment variable's form) as a
+        list; an unknown role is named with the ones there are."""
+        if isinstance(roles, str):
+            roles = [part.strip() for part in roles.split(",")]
+        unknown = [role for role in roles if role not in ROLES] if isinstance(roles, list) else []
+        if unknown:
+            raise ValueError(f"unknown role {', '.join(map(repr, unknown))}: roles are {', '.join(ROLES)}")
+        if isinstance(roles, list) and len(set(roles)) != len(roles):
+            raise ValueError(f"a role is given twice: {', '.join(roles)}")
+        return roles
 
 
 class StorageSection(_Section):
@@ -278,21 +306,28 @@ class ConfigError(Exception):
 PREFIX = "RADPIPE_"
 
 
-def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[Location, str]:
-    """Overlay ``RADPIPE_<SECTION>_<KEY>`` variables onto the raw config mapping; returns
-    the variable that set each (section, key), so that errors can name it."""
+def _overlay(raw: dict[str, Any], overrides: Mapping[str, tuple[str, str, Any]]) -> dict[Location, str]:
+    """Set ``section.key`` in the raw config mapping for each ``name: (section, key,
+    value)``; returns the name that set each (section, key), so that errors can name it."""
     applied: dict[Location, str] = {}
+    for name, (section, key, value) in overrides.items():
+        raw.setdefault(section, {})
+        if isinstance(raw[section], dict):
+            raw[section][key] = value
+            applied[(section, key)] = name
+    return applied
+
+
+def _environment(environ: Mapping[str, str]) -> dict[str, tuple[str, str, Any]]:
+    """The ``RADPIPE_<SECTION>_<KEY>`` variables as overrides, their values read as YAML."""
+    overrides = {}
     for name, text in environ.items():
         if not name.startswith(PREFIX):
             continue
         section, _, key = name[len(PREFIX) :].lower().partition("_")
-        if section not in NodeConfig.model_fields or not key:
-            continue
-        raw.setdefault(section, {})
-        if isinstance(raw[section], dict):
-            raw[section][key] = yaml.safe_load(text) if text else None
-            applied[(section, key)] = name
-    return applied
+        if section in NodeConfig.model_fields and key:
+            overrides[name] = (section, key, yaml.safe_load(text) if text else None)
+    return overrides
 
 
 def _anchored(raw: Any, annotation: Any, base: Path) -> Any:
@@ -325,19 +360,25 @@ def _read_file(path: Path) -> tuple[YAMLFile, dict[str, Any]]:
     return source, _anchored(source.data or {}, NodeConfig, path.parent.resolve())
 
 
-def load_config(path: Path | None, environ: Mapping[str, str] = os.environ) -> NodeConfig:
-    """Read the node config (or defaults when ``path`` is None) plus the environment.
+def load_config(
+    path: Path | None,
+    environ: Mapping[str, str] = os.environ,
+    options: Mapping[str, tuple[str, str, Any]] | None = None,
+) -> NodeConfig:
+    """Read the node config (or defaults when ``path`` is None) plus the environment plus
+    command-line ``options`` (``{"--roles": ("node", "roles", "receive")}``), each
+    winning over the ones before; an error names the option or variable that set the key.
 
     Relative paths in the file are relative to the file's folder, as in Orthanc's
     configuration: the node finds the same pipelines and storage whatever folder it is
     started from. Relative paths from the environment or the defaults are relative to
     the working directory."""
     source, raw = _read_file(path) if path is not None else (None, {})
-    variables = _apply_environment(raw, environ)
+    given = _overlay(raw, _environment(environ)) | _overlay(raw, options or {})
 
     def where(location: Location) -> str:
-        if (variable := variables.get(location[:2])) is not None:
-            return variable
+        if (name := given.get(location[:2])) is not None:
+            return name
         return source.where(location) if source is not None else "defaults"
 
     try:

@@ -10,6 +10,11 @@ can tell when production leaves the band the model was validated in. Every label
 from a bounded set: pipeline and finding names, and a manufacturer mapped onto
 :data:`MANUFACTURERS`; nothing from a patient. A shadow pipeline's findings are also set
 against those of the live pipeline it shadows (agree/disagree, score difference).
+
+Every sample served carries ``node="<node.id>"``: nodes sharing a journal export the same
+names, and the journal-wide series (queue depths) once per node; the label tells them apart
+where a scrape's target labels (a pod's address) say little. It is added at exposition to
+what the registry holds, so the registry itself, which the node and tests read, has no such label.
 """
 
 import math
@@ -22,12 +27,13 @@ from threading import Thread
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydicom import Dataset
 
 from plugin.journal import FindingPair, JournalUnavailable
 
+NODE_LABEL = "node"  # on every sample served: the node.id of the node that served it
 STAGES = ("receive", "wait", "load", "preprocess", "infer", "write", "dispatch")
 QUEUES = ("assembly", "jobs", "running", "dispatch", "dead_letter")
 REJECT_REASONS = (
@@ -324,9 +330,30 @@ class _StateCollector(Collector):
         )
 
 
-def serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[WSGIServer, Thread]:
+class _NodeLabelled(Collector):
+    """Every sample of ``registry`` with ``node`` added to its labels, at each scrape."""
+
+    def __init__(self, registry: CollectorRegistry, node: str) -> None:
+        self._registry = registry
+        self._node = node
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [s._replace(labels={**s.labels, NODE_LABEL: self._node}) for s in family.samples]
+            yield labelled
+
+
+def exposition(metrics: Metrics, node: str) -> CollectorRegistry:
+    """What ``/metrics`` serves: the node's registry with ``node="<node>"`` on every sample."""
+    served = CollectorRegistry()
+    served.register(_NodeLabelled(metrics.registry, node))
+    return served
+
+
+def serve_metrics(metrics: Metrics, host: str, port: int, node: str) -> tuple[WSGIServer, Thread]:
     """Start the ``/metrics`` HTTP endpoint; returns (server, thread) so callers can stop it."""
-    return start_http_server(port, addr=host, registry=metrics.registry)
+    return start_http_server(port, addr=host, registry=exposition(metrics, node))
 
 
 class StageTimer:

@@ -46,7 +46,7 @@ class PipelineReloader(Worker):
         directory: Path,
         router: Router,
         destinations: set[str],
-        pool: ModelPool,
+        pool: ModelPool | None,
         metrics: Metrics,
         debounce: float = 0.3,
     ) -> None:
@@ -80,11 +80,14 @@ class PipelineReloader(Worker):
         return False
 
     def reload(self) -> bool:
-        """Validate the folder as a whole and swap it in; False (and the old set kept) on error."""
+        """Validate the folder as a whole and swap it in; False (and the old set kept) on error.
+        A node with a model pool (one that infers) warms the set's models first; others
+        never load a model."""
         try:
             pipelines = load_pipelines(self._directory, self._destinations)
-            for pipeline in pipelines:
-                self._pool.get(pipeline)
+            if self._pool is not None:
+                for pipeline in pipelines:
+                    self._pool.get(pipeline)
         except (PipelineError, ArtifactError) as e:
             log.error("pipeline change rejected; the previous pipelines stay active:\n%s", e)
             self._metrics.config_reloads.labels("error").inc()

@@ -196,6 +196,24 @@ def dcmtk() -> None:
             pytest.fail(f"{tool} not installed: run `make test`, which installs dcmtk and dicom3tools")
 
 
+@pytest.fixture
+def storescp(tmp_path: Path, dcmtk: None) -> Iterator[tuple[int, Path]]:
+    """dcmtk's storescp as a destination (AE title PACS): its port, and the folder it
+    writes each object it receives to."""
+    port, folder = free_port(), tmp_path / "pacs"
+    folder.mkdir()
+    process = subprocess.Popen(
+        ["storescp", "-aet", "PACS", "-od", str(folder), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield port, folder
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 def with_new_uids(paths: list[Path], out_dir: Path) -> list[Path]:
     """Copies of one series under fresh Study/Series/SOP Instance UIDs: "the next study"."""
     from pydicom.uid import generate_uid

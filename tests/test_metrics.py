@@ -26,12 +26,16 @@ CONTRACT = {
 
 
 def test_metrics_endpoint_serves_the_contract(start_node):
-    node = start_node()
+    """Every sample served carries the node's id (node.id) as its ``node`` label; the
+    registry the node reads has none."""
+    node = start_node(node={"id": "radpipe-gpu-0"})
     url = f"http://127.0.0.1:{node.metrics_server[0].server_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert set(families) >= CONTRACT
+    samples = [s for family in families.values() for s in family.samples]
+    assert len(samples) > 100 and {s.labels.get("node") for s in samples} == {"radpipe-gpu-0"}
     [info] = families["radpipe_model_info"].samples
     assert info.labels == {
         "pipeline": "lung-nodule-demo",
@@ -39,7 +43,10 @@ def test_metrics_endpoint_serves_the_contract(start_node):
         "precision": "fp32",
         "device": "cpu",
         "sparsity": "0.0",
+        "node": "radpipe-gpu-0",
     }
+    unlabelled = {k: v for k, v in info.labels.items() if k != "node"}
+    assert node.metrics.registry.get_sample_value("radpipe_model_info", unlabelled) == 1
     depths = {s.labels["queue"]: s.value for s in families["radpipe_queue_depth"].samples}
     assert depths == {"assembly": 0, "jobs": 0, "running": 0, "dispatch": 0, "dead_letter": 0}
     assert families["radpipe_spool_free_bytes"].samples[0].value > 0
