@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import REPO, ct_series, free_port, report, serve, storescu, wait_for_echo
+from benchmarks.common import REPO, ct_series, free_port, node_config, report, serve, storescu, wait_for_echo
 
 PIPELINE = "lung-nodule-demo.yaml"
 
@@ -38,12 +38,7 @@ def compile_sources(metrics_port: int) -> dict[str, float]:
 def first_sr(work: Path, seed: int, slices: int, quiet: float) -> dict[str, float | dict[str, float]]:
     """Start the node on ``work``, send one series, and time its first SR."""
     metrics_port, port = free_port(), free_port()
-    config = {
-        "node": {"port": port},
-        "metrics": {"port": metrics_port},
-        "storage": {"dir": str(work / "data")},
-        "pipelines": {"dir": str(work / "pipelines")},
-    }
+    config = node_config(work, port, work / "pipelines", metrics_port)
     series = ct_series(work / f"series-{seed}", slices, seed=seed)
     results = work / "data" / "results"
     before = set(results.rglob("*.dcm")) if results.exists() else set()

@@ -56,6 +56,18 @@ def storescu(port: int, files: list[Path], called_ae: str = "RADPIPE") -> float:
     return time.perf_counter() - start
 
 
+def node_config(work: Path, port: int, pipelines: Path, metrics_port: int = 0, **sections: dict) -> dict:
+    """A benchmark node's config: C-STORE on ``port``, data under ``work/data``, pipelines
+    from ``pipelines``, metrics on ``metrics_port`` (0: any free port), plus ``sections``."""
+    return {
+        "node": {"port": port},
+        "metrics": {"port": metrics_port},
+        "storage": {"dir": str(work / "data")},
+        "pipelines": {"dir": str(pipelines)},
+        **sections,
+    }
+
+
 def serve(work: Path, config: dict) -> subprocess.Popen:
     """``radpipe serve`` with ``config`` (written to ``work/radpipe.yaml``), output discarded."""
     (work / "radpipe.yaml").write_text(yaml.safe_dump(config))

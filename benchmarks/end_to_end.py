@@ -27,7 +27,7 @@ import pydicom
 import torch
 from prometheus_client import CollectorRegistry
 
-from benchmarks.common import ENV, REPO, ct_series, free_port, report, serve, storescu, wait_for_echo
+from benchmarks.common import ENV, REPO, ct_series, free_port, node_config, report, serve, storescu, wait_for_echo
 from plugin.loader import modality_frames
 from plugin.metrics import Metrics
 from plugin.models.pool import ModelPool
@@ -94,14 +94,13 @@ def main() -> int:
     pacs_port, node_port = free_port(), free_port()
     pacs_dir = work / "pacs"
     pacs_dir.mkdir()
-    config = {
-        "node": {"port": node_port},
-        "metrics": {"port": 0},
-        "storage": {"dir": str(work / "data")},
-        "pipelines": {"dir": str(PIPELINE.parent)},
-        "runner": {"decode_workers": args.decode_workers},
-        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
-    }
+    config = node_config(
+        work,
+        node_port,
+        PIPELINE.parent,
+        runner={"decode_workers": args.decode_workers},
+        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
+    )
     pacs = subprocess.Popen(
         ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)], env=ENV, stderr=subprocess.DEVNULL
     )

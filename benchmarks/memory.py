@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, free_port, report, serve, storescu, wait_for_echo
+from benchmarks.common import REPO, free_port, node_config, report, serve, storescu, wait_for_echo
 from plugin.demo.phantom import make_volume
 from plugin.demo.series import write_ct_series
 
@@ -57,12 +57,7 @@ def main() -> int:
     files = study(work / "study", args.series, args.slices)
     size = sum(f.stat().st_size for f in files)
     port = free_port()
-    config = {
-        "node": {"port": port},
-        "metrics": {"port": 0},
-        "storage": {"dir": str(work / "data")},
-        "pipelines": {"dir": str(REPO / "pipelines")},
-    }
+    config = node_config(work, port, REPO / "pipelines")
     node = serve(work, config)
     try:
         wait_for_echo(port)

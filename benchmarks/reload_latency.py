@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from benchmarks.common import REPO, free_port
+from benchmarks.common import REPO, free_port, node_config
 from plugin.app import Node
 from plugin.config import NodeConfig
 
@@ -27,12 +27,7 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="radpipe-reload-"))
     shutil.copytree(REPO / "pipelines", work / "pipelines")
-    config = {
-        "node": {"port": free_port()},
-        "metrics": {"port": 0},
-        "storage": {"dir": str(work / "data")},
-        "pipelines": {"dir": str(work / "pipelines")},
-    }
+    config = node_config(work, free_port(), work / "pipelines")
     node = Node(NodeConfig.model_validate(config), CollectorRegistry())
     node.start()
     path = work / "pipelines" / "lung-nodule-demo.yaml"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.common import ct_series, free_port, report, serve, storescu, wait_for_echo
+from benchmarks.common import ct_series, free_port, node_config, report, serve, storescu, wait_for_echo
 from benchmarks.memory import memory_kib
 from plugin.models.architectures import densenet3d
 from plugin.models.artifact import save_artifact
@@ -87,12 +87,7 @@ def serve_and_send(work: Path, files: list[Path], name: str, results: int) -> di
     from the last instance's acknowledgement to ``results`` result files, and pipeline
     ``name``'s stage times."""
     port, metrics_port = free_port(), free_port()
-    config = {
-        "node": {"port": port},
-        "metrics": {"port": metrics_port},
-        "storage": {"dir": str(work / "data")},
-        "pipelines": {"dir": str(work / "pipelines")},
-    }
+    config = node_config(work, port, work / "pipelines", metrics_port)
     node = serve(work, config)
     try:
         wait_for_echo(port)
