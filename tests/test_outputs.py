@@ -1,6 +1,7 @@
 """Output choices: Enhanced SR, a KOS of the key images, and a model artifact replaced under a running node;
 results that validate whatever the input carries."""
 
+import io
 import shutil
 
 import pydicom
@@ -11,6 +12,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from plugin.models.architectures import DemoCNN
 from plugin.models.artifact import read_manifest, save_artifact
+from plugin.outputs import sr
 from plugin.outputs.kos import key_images, key_object_selection
 from plugin.outputs.sr import AlgorithmIdentity, measurement_report, read_measurement_report
 from plugin.pipeline import FindingSpec
@@ -72,6 +74,7 @@ def test_replaced_artifact_is_used_by_the_next_job_and_a_broken_one_is_not(start
 
 ALGORITHM = AlgorithmIdentity("unit", "1", "a" * 64, "b" * 64, "fp32", "cpu")
 NODULE = FindingSpec(label="nodule", code=("SCT", "27925004", "Nodule"), threshold=0.5)
+MASS = FindingSpec(label="mass", code=("SCT", "4147007", "Mass"), threshold=0.5)
 
 
 def _header(**values: object) -> pydicom.Dataset:
@@ -191,3 +194,42 @@ def test_a_series_whose_uids_no_result_could_carry_fails_named(start_node, tmp_p
     [job] = wait_for(lambda: [j for j in node.journal.jobs() if j.status in ("done", "failed")], what="the job")
     assert job.status == "failed" and job.error.startswith("invalid_uid: ")
     assert results(node.results_dir) == []
+
+
+def _encoded(document: pydicom.Dataset) -> bytes:
+    """``document`` as written, with the times of its making (which differ from build to build) fixed."""
+    document.ContentDate = document.InstanceCreationDate = "20240101"
+    document.ContentTime = document.InstanceCreationTime = "090000"
+    for item in document.ContributingEquipmentSequence:
+        item.ContributionDateTime = "20240101090000"
+    buffer = io.BytesIO()
+    document.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("sop_class", ["comprehensive3d", "enhanced"])
+def test_a_report_adds_its_source_images_as_highdicom_would(demo_study, tmp_path, dcmtk, sop_class):
+    """measurement_report adds each group's source images once highdicom has built the
+    document (sr._add_source_images, for speed): it must write exactly what highdicom
+    writes when its document constructor is given the groups with their images, and the
+    built object's content must show them too."""
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in demo_study["Demo chest CT, nodules"]]
+    findings = [Finding(NODULE, 0.9, True, 3), Finding(MASS, 0.2, False, 0)]
+    built = measurement_report(headers, findings, ALGORITHM, sop_class)
+    uids = sr._report_uids(ALGORITHM, headers)
+    groups = [sr._measurement_group(finding, ALGORITHM, uids[1]) for finding in findings]
+    for group in groups:  # what highdicom's group constructor does with source_images
+        group[0].ContentSequence.extend(sr._source_images(headers))
+    reference = sr._document(headers, [(group, ()) for group in groups], ALGORITHM, uids, sop_class, ())
+    assert _encoded(built) == _encoded(reference)
+
+    sources = tuple(str(h.SOPInstanceUID) for h in headers)
+    [measurements] = [item for item in built.content[0].ContentSequence if item.name == sr.IMAGING_MEASUREMENTS]
+    for group in measurements.ContentSequence:
+        images = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
+        assert tuple(str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in images) == sources
+    built.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == []
+    read = read_measurement_report(pydicom.dcmread(tmp_path / "sr.dcm"))
+    expected = [(spec.code[1], sources) for spec in (NODULE, MASS)]
+    assert [(f.finding.value, f.source_sop_instance_uids) for f in read] == expected
