@@ -173,14 +173,20 @@ class SegmentSpec(_Strict):
     classes (an output channel); ``code`` is the segmented property type and ``category``
     its category (``[scheme, value, meaning]``, as a finding's code), as DICOM SEG and the
     SR record them. A voxel is in the segment when its probability is at least
-    ``threshold`` (see plugin/segment.py for softmax); connected parts smaller than
-    ``min_volume_mm3`` are dropped."""
+    ``threshold`` (see plugin/segment.py for softmax). A connected part (a lesion) is
+    dropped when it is smaller than ``min_volume_mm3``, when its voxels' mean probability is
+    below ``min_mean_probability`` (the lesion's score, as a detector's), or when it is less
+    compact than ``min_compactness``: its volume over that of a ball as wide as its longest
+    axial diameter, 1 for a ball, lower for flat shapes such as vessels branching in the
+    slice plane (the default 0 keeps every shape)."""
 
     label: str = Field(min_length=1)
     code: _Code
     category: _Code = ("SCT", "49755003", "Morphologically abnormal structure")
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     min_volume_mm3: float = Field(default=0.0, ge=0.0)
+    min_mean_probability: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_compactness: float = Field(default=0.0, ge=0.0)
 
 
 class Postprocess(_Strict):

@@ -18,8 +18,9 @@ a reader checks a volume or a diameter on them, not on the grid the model happen
 - Softmax: a voxel is in a segment when its probability is at least the segment's
   threshold and its class is the most probable of the model's non-background classes (the
   first wins a tie), so segments do not overlap. Sigmoid: each segment on its own.
-- A lesion is a 26-connected component of a segment's mask; one smaller than
-  ``min_volume_mm3`` is removed from the mask too.
+- A lesion is a 26-connected component of a segment's mask; one that fails the segment's
+  ``min_volume_mm3``, ``min_mean_probability`` or ``min_compactness`` (plugin/pipeline.py,
+  SegmentSpec) is removed from the mask too.
 """
 
 import dataclasses
@@ -133,9 +134,9 @@ def _longest_diameter(inside: np.ndarray, in_plane: np.ndarray) -> float:
 def _lesions(
     mask: np.ndarray, spec: SegmentSpec, number: int, values: np.ndarray, positions: list[np.ndarray], source: Grid
 ) -> list[Lesion]:
-    """The connected parts of segment ``number``'s ``mask``, measured; parts below
-    ``min_volume_mm3`` are cleared from the mask. ``values`` ``[1, ...]``: the segment's
-    probabilities on the model's grid."""
+    """The connected parts of segment ``number``'s ``mask``, measured; parts that fail the
+    segment's lesion filters are cleared from the mask. ``values`` ``[1, ...]``: the
+    segment's probabilities on the model's grid."""
     occupied = np.flatnonzero(mask.any(axis=(1, 2)))
     if not len(occupied):
         return []
@@ -147,11 +148,16 @@ def _lesions(
         inside = components[depth, rows, columns] == component
         box = (slice(depth.start + first, depth.stop + first), rows, columns)  # on the source
         volume = int(inside.sum()) * voxel_mm3
-        if volume < spec.min_volume_mm3:
+        if volume < spec.min_volume_mm3:  # before measuring the rest: most specks stop here
+            mask[box][inside] = False
+            continue
+        diameter = _longest_diameter(inside, source.affine[:3, 1:3])
+        probability = _on_source(values, positions, box)[0][inside]
+        compactness = volume / (np.pi / 6 * diameter**3)
+        if probability.mean() < spec.min_mean_probability or compactness < spec.min_compactness:
             mask[box][inside] = False
             continue
         voxels = np.argwhere(inside) + [b.start for b in box]
-        probability = _on_source(values, positions, box)[0][inside]
         centroid = source.to_patient(voxels.mean(axis=0, keepdims=True))[0]
         found.append(
             Lesion(
@@ -159,7 +165,7 @@ def _lesions(
                 segment_number=number,
                 number=0,
                 volume_mm3=volume,
-                diameter_mm=_longest_diameter(inside, source.affine[:3, 1:3]),
+                diameter_mm=diameter,
                 centroid=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
                 mean_probability=float(probability.mean()),
                 max_probability=float(probability.max()),

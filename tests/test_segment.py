@@ -144,6 +144,32 @@ def test_parts_below_min_volume_are_dropped_from_the_mask_too():
     assert result.masks.sum() * 0.49 == pytest.approx(lesion.volume_mm3)
 
 
+def test_lesions_less_certain_or_flatter_than_the_filters_are_dropped_from_the_mask_too():
+    """A ball with a sharp edge is kept; a ball of the same kind with a soft edge (a lower
+    mean probability) and a flat disc (an ellipsoid 14 mm wide, 4 mm deep) are dropped."""
+    grid = Resampling(SOURCE, "RAS", (0.8, 0.8, 0.8)).target
+    positions = _positions(grid)
+    nodule = np.full(grid.shape, -np.inf)
+    shapes = [((10.3, -12.55, 5.0), (6.3, 6.3, 6.3), 2.0), ((-15.2, 8.05, -10.0), (4.2, 4.2, 4.2), 0.3),
+              ((15.0, 18.0, -14.0), (7.0, 7.0, 2.0), 2.0)]  # fmt: skip
+    for centre, radii, per_mm in shapes:  # logit: per_mm per mm inside the surface (about)
+        inside = (1 - np.linalg.norm((positions - np.array(centre)) / np.array(radii), axis=-1)) * min(radii)
+        nodule = np.maximum(nodule, per_mm * inside)
+    logits = np.stack([np.zeros(grid.shape), nodule]).astype(np.float32)
+
+    found = _run(logits, grid, {"segments": [NODULE]}).lesions
+    ball, soft, disc = (min(found, key=lambda lesion: np.linalg.norm(np.subtract(lesion.centroid, centre)))
+                        for centre, _, _ in shapes)  # fmt: skip
+    compactness = [lesion.volume_mm3 / (np.pi / 6 * lesion.diameter_mm**3) for lesion in (ball, soft, disc)]
+    assert soft.mean_probability < 0.65 < min(ball.mean_probability, disc.mean_probability)
+    assert compactness[2] < 0.5 < min(compactness[:2])
+
+    filters = {"min_mean_probability": 0.65, "min_compactness": 0.5}
+    result = _run(logits, grid, {"segments": [{**NODULE, **filters}]})
+    assert [lesion.centroid for lesion in result.lesions] == [ball.centroid]
+    assert result.masks.sum() * 0.49 == pytest.approx(ball.volume_mm3)
+
+
 def test_nothing_above_threshold_is_no_lesion():
     grid = Resampling(SOURCE, None, (2.0, 2.0, 2.0)).target
     logits = np.stack([np.zeros(grid.shape), np.full(grid.shape, -1.0)]).astype(np.float32)  # p = 0.27

@@ -2,6 +2,11 @@
 
     python -m plugin.demo.train_seg --out pipelines/models/lung-nodule-seg-demo
 
+A change to the pipeline's ``postprocess`` (thresholds, lesion filters) needs no training:
+``--evaluate`` scores the artifact's weights again with the pipeline as it now is, on the
+held-out volumes of ``--seed`` (written into the manifest when that is its training seed;
+another seed gives volumes to tune the filters on without looking at the held-out ones).
+
 The phantom knows where it drew each nodule (``PhantomVolume.mask``), so every voxel has a
 true label. Training and evaluation read the pipeline file (``--pipeline``): volumes go
 through what the node does to a series (:class:`plugin.volume.Resampling` from the written
@@ -13,6 +18,7 @@ threads and torch version give the same weights.
 """
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +36,7 @@ from torch import Tensor
 from plugin.demo.phantom import PhantomVolume, render_volume
 from plugin.demo.series import SLICE_THICKNESS_MM, series_geometry
 from plugin.demo.train import deterministic
-from plugin.models.artifact import save_artifact
+from plugin.models.artifact import load_artifact, read_manifest, save_artifact
 from plugin.pipeline import Pipeline
 from plugin.postprocess import ModelOutput
 from plugin.preprocess import preprocess_volume
@@ -323,9 +329,25 @@ def _train(
     return manifest
 
 
+def rescore(directory: Path, pipeline_path: Path, seed: int, n_val: int) -> dict[str, Any]:
+    """The evaluation of the artifact in ``directory`` on ``seed``'s ``n_val`` held-out
+    volumes with the pipeline as it now is; recorded in the manifest when ``seed`` is the one
+    the artifact was trained with (its own held-out volumes)."""
+    manifest = read_manifest(directory)
+    model = load_artifact(directory, torch.device("cpu"), manifest).module
+    heldout = phantom_volumes(np.random.SeedSequence(seed).spawn(2)[1], n_val)
+    evaluation = evaluate(model, read_pipeline(pipeline_path), heldout)
+    if seed == manifest["training"]["seed"] and n_val == manifest["evaluation"]["n_heldout"]:
+        kept = {key: value for key, value in manifest.items() if key not in ("format", "versions", "files")}
+        save_artifact(directory, model, {**kept, "evaluation": evaluation})
+        print(f"recorded in {directory / 'manifest.json'}", flush=True)
+    return evaluation
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m plugin.demo.train_seg", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    parser.add_argument("--out", type=Path, required=True, help="artifact directory to write (or to --evaluate)")
+    parser.add_argument("--evaluate", action="store_true", help="score the artifact in --out; do not train")
     parser.add_argument("--pipeline", type=Path, default=PIPELINE, help="the pipeline the model is for")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=60, help="training volumes")
@@ -337,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.evaluate:
+        print(json.dumps(rescore(args.out, args.pipeline, args.seed, args.n_val), indent=2))
+        return 0
     train(args.out, args.pipeline, args.seed, args.n_train, args.n_val, args.steps, args.batch_size)
     return 0
 
