@@ -14,15 +14,20 @@ import sys
 import time
 import urllib.request
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
 
-from plugin.config import load_config
+from plugin.config import ROLES, NodeConfig, load_config
+from plugin.journal_pg import POOL_SIZE
+from plugin.metrics import QUEUES, Metrics
 from plugin.pipeline import load_pipelines
 from tests.conftest import REPO, free_port
+from tests.promql import exported_names, metric_names
 
 DEPLOY = REPO / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
@@ -262,30 +267,92 @@ SERVICE_MONITOR_SCHEMA = {
 }
 
 
-def manifests() -> list[dict]:
+CRDS = REPO / "tests" / "crds"
+SCALE_OUT = KUBERNETES / "scale-out"
+SAMPLE_DSN = "postgresql://radpipe:secret@radpipe-db-rw.radpipe:5432/radpipe"  # a CloudNativePG app Secret's uri
+
+
+def manifests(root: Path = KUBERNETES) -> list[dict]:
+    """The documents ``kubectl apply -k root`` applies: its kustomization's resources, files
+    and (recursively) kustomization folders, in order."""
     documents = []
-    for path in sorted(KUBERNETES.glob("*.yaml")):
-        if path.name != "kustomization.yaml":
+    for resource in yaml.safe_load((root / "kustomization.yaml").read_text())["resources"]:
+        path = root / resource
+        if path.is_dir():
+            documents += manifests(path)
+        else:
             documents += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return documents
 
 
-def by_kind(kind: str) -> list[dict]:
-    return [d for d in manifests() if d["kind"] == kind]
+def by_kind(kind: str, root: Path = KUBERNETES) -> list[dict]:
+    return [d for d in manifests(root) if d["kind"] == kind]
+
+
+def strict(schema: dict) -> dict:
+    """A CRD's structural schema as ``kubectl apply --validate=strict`` applies it: an
+    object with declared properties takes no other field (the API server would drop it)."""
+    schema = {k: strict(v) if isinstance(v, dict) else v for k, v in schema.items()}
+    if "properties" in schema:
+        schema["properties"] = {k: strict(v) for k, v in schema["properties"].items()}
+        schema.setdefault("additionalProperties", False)
+    if isinstance(schema.get("items"), dict):
+        schema["items"] = strict(schema["items"])
+    return schema
+
+
+def crd_schema(kind: str) -> dict:
+    """The vendored published schema (tests/crds/) of a custom resource kind, strict."""
+    for path in sorted(CRDS.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        if crd["kind"] == kind:
+            schema = strict(crd["openAPIV3Schema"])
+            schema["properties"]["apiVersion"] = {"const": crd["apiVersion"]}
+            schema["properties"]["kind"] = {"const": kind}
+            return schema
+    raise AssertionError(f"no CRD schema for {kind} in {CRDS}")
+
+
+def validate(document: dict, version: str) -> None:
+    """Core resources against the Kubernetes API schemas, custom ones against theirs."""
+    if document["kind"] == "ServiceMonitor":
+        with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+            kubernetes_validate.validate(document, version, strict=True)
+        jsonschema.validate(document, SERVICE_MONITOR_SCHEMA)
+    elif document["kind"] in ("ScaledObject", "Cluster"):
+        jsonschema.validate(document, crd_schema(document["kind"]))
+    else:
+        kubernetes_validate.validate(document, version, strict=True)
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_kubernetes_manifests_validate(version: str) -> None:
-    documents = manifests()
-    kinds = sorted(d["kind"] for d in documents)
-    assert kinds == ["ConfigMap", "ConfigMap", "Deployment", "PersistentVolumeClaim", "Service", "ServiceMonitor"]
+@pytest.mark.parametrize(
+    ("root", "kinds"),
+    [
+        (KUBERNETES, ["ConfigMap", "ConfigMap", "Deployment", "PersistentVolumeClaim", "Service", "ServiceMonitor"]),
+        (
+            SCALE_OUT,
+            [
+                "Cluster",
+                "ConfigMap",
+                "ConfigMap",
+                "Deployment",
+                "Deployment",
+                "PersistentVolumeClaim",
+                "ScaledObject",
+                "Service",
+                "Service",
+                "ServiceMonitor",
+            ],
+        ),
+    ],
+    ids=["single-node", "scale-out"],
+)
+def test_kubernetes_manifests_validate(root: Path, kinds: list[str], version: str) -> None:
+    documents = manifests(root)
+    assert sorted(d["kind"] for d in documents) == kinds
     for document in documents:
-        if document["apiVersion"].startswith("monitoring.coreos.com/"):
-            with pytest.raises(kubernetes_validate.SchemaNotFoundError):
-                kubernetes_validate.validate(document, version, strict=True)
-            jsonschema.validate(document, SERVICE_MONITOR_SCHEMA)
-        else:
-            kubernetes_validate.validate(document, version, strict=True)
+        validate(document, version)
 
 
 def test_kubernetes_validation_rejects_a_broken_manifest() -> None:
@@ -297,13 +364,83 @@ def test_kubernetes_validation_rejects_a_broken_manifest() -> None:
     monitor["spec"]["endpoints"][0]["interval"] = "often"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(monitor, SERVICE_MONITOR_SCHEMA)
+    for kind, breaks in [
+        ("ScaledObject", lambda spec: spec.update(maxReplicas=8)),  # maxReplicaCount, misspelt
+        ("ScaledObject", lambda spec: spec["triggers"][0]["metadata"].update(threshold=20)),  # a string
+        ("Cluster", lambda spec: spec.update(instances=0)),
+        ("Cluster", lambda spec: spec["bootstrap"]["initdb"].update(databse="radpipe")),
+    ]:
+        [document] = by_kind(kind, SCALE_OUT)
+        validate(document, KUBERNETES_VERSIONS[0])
+        breaks(document["spec"])
+        with pytest.raises(jsonschema.ValidationError):
+            validate(document, KUBERNETES_VERSIONS[0])
+
+
+def check_kustomization_lists_every_file(root: Path) -> None:
+    kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
+    files = [r for r in kustomization["resources"] if not (root / r).is_dir()]
+    assert sorted(files) == sorted(p.name for p in root.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def mounted_config(
+    container: dict, pod: dict, config_maps: dict[str, dict], tmp_path: Path, secrets: dict[tuple[str, str], str]
+) -> tuple[NodeConfig, dict[str, str]]:
+    """The node config as the container sees it: the file from its ConfigMap + the image's
+    environment + the container's (a value from a Secret as ``secrets`` gives it); and
+    where each volume is mounted."""
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    for volume in volumes.values():
+        if "configMap" in volume:
+            assert volume["configMap"]["name"] in config_maps
+    container_env = {}
+    for variable in container.get("env", []):
+        if "value" in variable:
+            container_env[variable["name"]] = variable["value"]
+        elif "secretKeyRef" in variable["valueFrom"]:
+            ref = variable["valueFrom"]["secretKeyRef"]
+            container_env[variable["name"]] = secrets[(ref["name"], ref["key"])]
+        else:  # the pod's own name
+            assert variable["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", variable
+            container_env[variable["name"]] = pod["metadata"]["labels"]["app.kubernetes.io/component"] + "-0"
+    args = container["args"]
+    config_file = PurePosixPath(args[args.index("--config") + 1])
+    config_volume = next(n for n, path in mounts.items() if PurePosixPath(path) == config_file.parent)
+    (tmp_path / "radpipe.yaml").write_text(
+        config_maps[volumes[config_volume]["configMap"]["name"]]["data"][config_file.name]
+    )
+    image_env = Dockerfile(REPO / "Dockerfile").env
+    config = load_config(tmp_path / "radpipe.yaml", environ={**image_env, **container_env})
+    assert str(config.pipelines.dir) == mounts["pipelines"]
+    assert volumes["pipelines"]["configMap"]["name"] == "radpipe-pipelines"
+    assert config.metrics.host == "0.0.0.0"
+    return config, mounts
+
+
+def check_pipelines_config_map(config_map: dict, destinations: set[str], tmp_path: Path) -> None:
+    """The pipelines ConfigMap is the repository's pipelines, with the artifact at the
+    place the image holds it; it loads with radpipe's own loader."""
+    dockerfile = Dockerfile(REPO / "Dockerfile")
+    pipelines = config_map["data"]
+    assert pipelines, "no pipeline in the ConfigMap"
+    for name, text in pipelines.items():
+        shipped = yaml.safe_load(text)
+        artifact = shipped["model"]["artifact"]
+        local_artifact = dockerfile.source_of(artifact)
+        assert local_artifact is not None and local_artifact.is_dir(), f"{name}: {artifact} is not in the image"
+        repo_version = yaml.safe_load((REPO / "pipelines" / name).read_text())
+        repo_version["model"]["artifact"] = artifact
+        assert shipped == repo_version, f"{name} differs from pipelines/{name}"
+        shipped["model"]["artifact"] = str(local_artifact)
+        (tmp_path / "pipelines").mkdir(exist_ok=True)
+        (tmp_path / "pipelines" / name).write_text(yaml.safe_dump(shipped))
+    loaded = load_pipelines(tmp_path / "pipelines", destinations)
+    assert sorted(f"{p.name}.yaml" for p in loaded) == sorted(pipelines)
 
 
 def test_kubernetes_manifests_fit_together(tmp_path: Path) -> None:
-    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
-    assert sorted(kustomization["resources"]) == sorted(
-        p.name for p in KUBERNETES.glob("*.yaml") if p.name != "kustomization.yaml"
-    )
+    check_kustomization_lists_every_file(KUBERNETES)
     [deployment], [service], [claim], [monitor] = map(
         by_kind, ("Deployment", "Service", "PersistentVolumeClaim", "ServiceMonitor")
     )
@@ -322,47 +459,100 @@ def test_kubernetes_manifests_fit_together(tmp_path: Path) -> None:
     assert service_ports["dicom"]["port"] == container_ports["dicom"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= set(service_ports)
-    # Volumes: the claim and the config maps exist and are mounted where the config says.
+    # The claim is mounted where the config says storage is; one node owns it.
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert volumes["spool"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
-    for volume in volumes.values():
-        if "configMap" in volume:
-            assert volume["configMap"]["name"] in config_maps
-
-    # The node config as the pod sees it: file from the ConfigMap + image env + container env.
-    image_env = Dockerfile(REPO / "Dockerfile").env
-    container_env = {e["name"]: e["value"] for e in container.get("env", [])}
-    args = container["args"]
-    config_file = PurePosixPath(args[args.index("--config") + 1])
-    config_volume = next(n for n, path in mounts.items() if PurePosixPath(path) == config_file.parent)
-    (tmp_path / "radpipe.yaml").write_text(
-        config_maps[volumes[config_volume]["configMap"]["name"]]["data"]["radpipe.yaml"]
-    )
-    config = load_config(tmp_path / "radpipe.yaml", environ={**image_env, **container_env})
+    config, mounts = mounted_config(container, pod, config_maps, tmp_path, secrets={})
     assert str(config.storage.dir) == mounts["spool"]
-    assert str(config.pipelines.dir) == mounts["pipelines"]
+    assert config.journal.url is None and deployment["spec"]["replicas"] == 1
     assert config.node.host == "0.0.0.0" and config.node.port == container_ports["dicom"]
-    assert config.metrics.host == "0.0.0.0" and config.metrics.port == container_ports["metrics"]
+    assert config.metrics.port == container_ports["metrics"]
+    check_pipelines_config_map(config_maps["radpipe-pipelines"], set(config.destinations), tmp_path)
 
-    # The pipelines ConfigMap is the repository's demo pipeline, with the artifact at the
-    # place the image holds it; it loads with radpipe's own loader.
-    dockerfile = Dockerfile(REPO / "Dockerfile")
-    pipelines = config_maps[volumes["pipelines"]["configMap"]["name"]]["data"]
-    assert pipelines, "no pipeline in the ConfigMap"
-    for name, text in pipelines.items():
-        shipped = yaml.safe_load(text)
-        artifact = shipped["model"]["artifact"]
-        local_artifact = dockerfile.source_of(artifact)
-        assert local_artifact is not None and local_artifact.is_dir(), f"{name}: {artifact} is not in the image"
-        repo_version = yaml.safe_load((REPO / "pipelines" / name).read_text())
-        repo_version["model"]["artifact"] = artifact
-        assert shipped == repo_version, f"{name} differs from pipelines/{name}"
-        shipped["model"]["artifact"] = str(local_artifact)
-        (tmp_path / "pipelines").mkdir(exist_ok=True)
-        (tmp_path / "pipelines" / name).write_text(yaml.safe_dump(shipped))
-    loaded = load_pipelines(tmp_path / "pipelines", set(config.destinations))
-    assert sorted(f"{p.name}.yaml" for p in loaded) == sorted(pipelines)
+
+def exported_metric_names() -> set[str]:
+    """Every sample name a node's registry exposes, queue depths included."""
+    metrics = Metrics(CollectorRegistry())
+    metrics.observe_state(lambda: dict.fromkeys(QUEUES, 0), lambda: 0)
+    return exported_names(generate_latest(metrics.registry).decode())
+
+
+def test_scale_out_manifests_fit_together(tmp_path: Path) -> None:
+    """Receivers (receive,assemble,dispatch) behind a LoadBalancer without session affinity;
+    GPU workers (infer) scaled by KEDA on a metric radpipe exports; every pod on the RWX
+    claim as storage.dir and on the CloudNativePG Cluster's app Secret as journal.url."""
+    check_kustomization_lists_every_file(SCALE_OUT)
+    deployments = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in by_kind("Deployment", SCALE_OUT)}
+    assert set(deployments) == {"receiver", "gpu-worker"}
+    services = {s["metadata"]["name"]: s for s in by_kind("Service", SCALE_OUT)}
+    config_maps = {c["metadata"]["name"]: c for c in by_kind("ConfigMap", SCALE_OUT)}
+    [claim], [database], [scaler], [monitor] = (
+        by_kind(kind, SCALE_OUT) for kind in ("PersistentVolumeClaim", "Cluster", "ScaledObject", "ServiceMonitor")
+    )
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    # CloudNativePG names the application's Secret <cluster>-app; its key uri is the DSN.
+    secrets = {(f"{database['metadata']['name']}-app", "uri"): SAMPLE_DSN}
+    initdb = database["spec"]["bootstrap"]["initdb"]
+    assert SAMPLE_DSN.endswith(f"/{initdb['database']}") and f"//{initdb['owner']}:" in SAMPLE_DSN
+
+    roles: list[str] = []
+    configs = {}
+    for component, deployment in deployments.items():
+        pod = deployment["spec"]["template"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        [container] = pod["spec"]["containers"]
+        (tmp_path / component).mkdir()
+        config, mounts = mounted_config(container, pod, config_maps, tmp_path / component, secrets)
+        configs[component] = config
+        assert config.journal.url == SAMPLE_DSN
+        assert config.node.id == f"{component}-0"  # the pod's name
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        shared = next(n for n, v in volumes.items() if "persistentVolumeClaim" in v)
+        assert volumes[shared]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert str(config.storage.dir) == mounts[shared]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["metrics"] == config.metrics.port
+        gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+        assert gpus == container["resources"]["requests"].get("nvidia.com/gpu")
+        if "infer" in config.node.roles:
+            assert gpus == 1 and "receive" not in config.node.roles and "dicom" not in ports
+        else:
+            assert gpus is None and ports["dicom"] == config.node.port
+        roles += config.node.roles
+    assert sorted(roles) == sorted(ROLES)  # each role runs, on one kind of pod
+    assert configs["receiver"].node.roles == ["receive", "assemble", "dispatch"]
+    assert configs["gpu-worker"].node.roles == ["infer"]
+    assert configs["receiver"].destinations == configs["gpu-worker"].destinations
+
+    # DICOM: one LoadBalancer address over the receivers only, any association to any of them.
+    receivers = deployments["receiver"]["spec"]["template"]["metadata"]["labels"]
+    workers = deployments["gpu-worker"]["spec"]["template"]["metadata"]["labels"]
+    [dicom] = [s for s in services.values() if s["spec"].get("type") == "LoadBalancer"]
+    assert dicom["spec"].get("sessionAffinity", "None") == "None"
+    assert dicom["spec"]["selector"].items() <= receivers.items()
+    assert not dicom["spec"]["selector"].items() <= workers.items()
+    assert [(p["port"], p["targetPort"]) for p in dicom["spec"]["ports"]] == [(configs["receiver"].node.port, "dicom")]
+    # Metrics: one Service over every pod, scraped by the ServiceMonitor under job="radpipe".
+    [scraped] = [s for s in services.values() if monitor["spec"]["selector"]["matchLabels"].items()
+                 <= s["metadata"]["labels"].items()]  # fmt: skip
+    assert scraped["metadata"]["name"] == "radpipe"  # the alert rules' job label
+    assert scraped["spec"]["selector"].items() <= receivers.items() & workers.items()
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {p["name"] for p in scraped["spec"]["ports"]}
+    # KEDA scales the workers on the jobs queue, read from metrics radpipe exports.
+    target = scaler["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployments["gpu-worker"]["metadata"]["name"])
+    [trigger] = scaler["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    query = trigger["metadata"]["query"]
+    assert metric_names(query) == {"radpipe_queue_depth"} <= exported_metric_names()
+    assert re.findall(r'queue="([^"]*)"', query) == ["jobs"] and "jobs" in QUEUES
+    assert query.startswith("max(")  # every pod exports the journal-wide depth
+    assert float(trigger["metadata"]["threshold"]) > 0
+    assert 1 <= scaler["spec"]["minReplicaCount"] <= scaler["spec"]["maxReplicaCount"]
+    # PostgreSQL takes every pod's connection pool at the most replicas, with room for a
+    # rolling update's extra pods and the operator's own sessions.
+    pods = deployments["receiver"]["spec"]["replicas"] + scaler["spec"]["maxReplicaCount"]
+    assert int(database["spec"]["postgresql"]["parameters"]["max_connections"]) >= 1.5 * pods * POOL_SIZE
 
 
 # -- compose ----------------------------------------------------------------------------
@@ -427,3 +617,41 @@ def test_compose_services_are_wired_together() -> None:
         "providers"
     ]
     assert mounted("grafana", provider["options"]["path"] + "/radpipe.json").is_file()
+
+
+def test_compose_scale_out_nodes_share_one_volume_and_one_postgresql() -> None:
+    """Two radpipe nodes whose roles make one whole, on the same named volume as storage.dir
+    and the compose file's PostgreSQL as journal.url; the receiver is where Orthanc sends."""
+    compose = yaml.safe_load((DEPLOY / "compose.scale-out.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"orthanc", "postgres", "radpipe", "radpipe-worker"}
+    database = services["postgres"]["environment"]
+    image_env = Dockerfile(REPO / "Dockerfile").env
+    configs = {}
+    for name in ("radpipe", "radpipe-worker"):
+        service = services[name]
+        build = service["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == REPO / "Dockerfile"
+        config = configs[name] = load_config(DEPLOY / "radpipe.yaml", environ={**image_env, **service["environment"]})
+        [volume] = service["volumes"]
+        source, target = volume.split(":")[:2]
+        assert source in compose["volumes"] and config.storage.dir == Path(target)
+        assert config.journal.url is not None
+        url = urlsplit(config.journal.url)
+        assert (url.hostname, url.port or 5432, url.path) == ("postgres", 5432, f"/{database['POSTGRES_DB']}")
+        assert (url.username, url.password) == (database["POSTGRES_USER"], database["POSTGRES_PASSWORD"])
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert [source for source, *_ in (v.split(":") for v in services["radpipe"]["volumes"])] == [
+        source for source, *_ in (v.split(":") for v in services["radpipe-worker"]["volumes"])
+    ]
+    receiver, worker = configs["radpipe"], configs["radpipe-worker"]
+    assert sorted(receiver.node.roles + worker.node.roles) == sorted(ROLES)
+    assert "receive" in receiver.node.roles and "infer" in worker.node.roles
+    assert services["radpipe"]["ports"] == [f"{receiver.node.port}:{receiver.node.port}"]
+    assert "ports" not in services["radpipe-worker"]
+    assert receiver.destinations == worker.destinations  # the worker records the deliveries
+    assert "./orthanc/orthanc.json:/etc/orthanc/orthanc.json:ro" in services["orthanc"]["volumes"]
+    orthanc = json.loads((DEPLOY / "orthanc" / "orthanc.json").read_text())
+    assert orthanc["DicomModalities"]["radpipe"] == {"AET": receiver.node.ae_title, "Host": "radpipe", "Port": 11112}
+    [destination] = receiver.destinations.values()
+    assert (destination.host, destination.port) == ("orthanc", orthanc["DicomPort"])
