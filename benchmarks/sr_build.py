@@ -11,8 +11,9 @@ as the runner does (no pixels), and times, in this process:
   referencing every image), against a SEG built from the three lesions' masks;
 - for each: building it (the first build in the process, then the median of the rest),
   encoding it as the runner does (``dcmwrite`` into memory), writing it durably
-  (``write_durably``: write, fsync, rename), and what the dispatcher does to send it
-  (pynetdicom reads the file back with ``dcmread`` and encodes it again).
+  (``write_durably``: write, fsync, rename), what the dispatcher does to send it
+  (pynetdicom reads the file back with ``dcmread`` and encodes it again), and the whole
+  send to dcmtk's storescp, as the dispatcher sends it and as the file's own bytes.
 
 Figures are ms per image of the series (the classification SR references each once).
 
@@ -24,6 +25,7 @@ import argparse
 import io
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,14 +37,17 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 from pydicom.filewriter import dcmwrite
+from pynetdicom import _config
 from pynetdicom.dsutils import encode
 
-from benchmarks.common import REPO, ct_series, report
+from benchmarks.common import ENV, REPO, ct_series, free_port, report, wait_for_echo
+from plugin.config import Destination
 from plugin.models.artifact import model_sha256, read_manifest
 from plugin.outputs.seg import segmentation_object
 from plugin.outputs.sr import AlgorithmIdentity, measurement_report, volumetric_measurement_report
 from plugin.pipeline import Pipeline, load_pipeline
 from plugin.postprocess import Finding
+from plugin.scu import DicomFile, StoreSCU, Timeouts
 from plugin.segment import Lesion, Segmentation
 from plugin.spool import write_durably
 
@@ -100,8 +105,38 @@ def timed(function: Callable[[], Any], repeats: int) -> tuple[float, float, Any]
     return seconds[0], statistics.median(seconds[1:]), result
 
 
+def send_seconds(path: Path, repeats: int) -> tuple[float, float]:
+    """Median seconds of one C-STORE of ``path`` to dcmtk's storescp (receiving, not
+    storing) over an open association: as the dispatcher sends it (``plugin.scu``: the
+    file meta read, then pynetdicom decodes the file and encodes it again), and as the
+    file's own bytes (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``), interleaved."""
+    port = free_port()
+    scp = subprocess.Popen(
+        ["storescp", "--ignore", "-aet", "PACS", str(port)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        wait_for_echo(port, "PACS")
+        scu = StoreSCU(Destination(ae_title="PACS", host="127.0.0.1", port=port), "RADPIPE", Timeouts(10, 10, 60, 60))
+        with scu.associate([DicomFile.read(path)]) as association:
+            for _ in range(repeats):
+                for raw in (False, True):
+                    _config.STORE_SEND_CHUNKED_DATASET = raw
+                    start = time.perf_counter()
+                    association.store(DicomFile.read(path))
+                    seconds[raw].append(time.perf_counter() - start)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        scp.terminate()
+        scp.wait(10)
+    return statistics.median(seconds[False]), statistics.median(seconds[True])
+
+
 def measure(name: str, build: Callable[[], Dataset], images: int, repeats: int, out: Path) -> dict[str, Any]:
-    """Build, encode, write durably and read back for sending: ms per image."""
+    """Build, encode, write durably, read back for sending, and send: ms per image."""
     per_image = 1000 / images
     first, build_s, document = timed(build, repeats)
 
@@ -113,13 +148,16 @@ def measure(name: str, build: Callable[[], Dataset], images: int, repeats: int, 
     _, encode_s, data = timed(encoded, repeats)
     path = out / f"{name}.dcm"
     _, write_s, _ = timed(lambda: write_durably(path, data), repeats)
-    _, send_s, _ = timed(lambda: encode(pydicom.dcmread(path), False, True, False), repeats)
+    _, reencode_s, _ = timed(lambda: encode(pydicom.dcmread(path), False, True, False), repeats)
+    send_s, raw_s = send_seconds(path, repeats)
     return {
         f"{name}: build, first in the process (ms/image)": round(first * per_image, 3),
         f"{name}: build (ms/image)": round(build_s * per_image, 3),
         f"{name}: encode, dcmwrite (ms/image)": round(encode_s * per_image, 3),
         f"{name}: durable write (ms/image)": round(write_s * per_image, 3),
-        f"{name}: dispatcher's read back + re-encode (ms/image)": round(send_s * per_image, 3),
+        f"{name}: dispatcher's read back + re-encode (ms/image)": round(reencode_s * per_image, 3),
+        f"{name}: C-STORE to storescp as sent (ms/image)": round(send_s * per_image, 3),
+        f"{name}: C-STORE of the file's bytes, not decoded (ms/image)": round(raw_s * per_image, 3),
         f"{name}: file bytes": len(data),
     }
 

@@ -142,9 +142,12 @@ def valid_uid(uid: object) -> bool:
     return text.split(".")[0] in ("1", "2") and not (text + ".").startswith("2.999.")
 
 
-def referenceable(source: Dataset) -> bool:
-    """A result names its sources by their UIDs, which it cannot change: can it?"""
-    return all(valid_uid(source.get(k)) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+def referenceable(*sources: Dataset) -> bool:
+    """A result names its sources by their UIDs, which it cannot change: can it? Each
+    distinct UID is checked once: a series' images share their Study and Series UIDs."""
+    keywords = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    uids = {str(source.get(k, "")) for source in sources for k in keywords}  # str: a broken one may be multi-valued
+    return all(valid_uid(uid) for uid in uids)
 
 
 def conformant_source(source: Dataset, sop_class_uid: str) -> Dataset:

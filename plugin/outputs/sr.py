@@ -154,7 +154,7 @@ def _report_uids(algorithm: AlgorithmIdentity, sources: Sequence[Dataset]) -> tu
     """The SR's (SeriesInstanceUID, SOPInstanceUID), once ``sources`` are checked."""
     if not sources:
         raise ValueError("sources: a result needs at least one source image")
-    if not all(referenceable(s) for s in sources):
+    if not referenceable(*sources):
         raise ValueError("sources: a Study, Series or SOP Instance UID is not a valid UID")
     return result_uids(algorithm, sources, "sr")
 
