@@ -88,23 +88,24 @@ class Node:
         self.metrics.observe_state(self.journal.queue_depths, self.spool.free_bytes)
         self.router: Router | None = None
         self.pool: ModelPool | None = None
-        # The roles' stages, in the order data flows; each wakes the next after it did work.
+        # The roles' stages, in the order data flows (each wakes the next after it did work),
+        # and the workers that serve them.
         stages: dict[Role, Worker] = {}
-        self.workers: list[Worker] = []
+        helpers: list[Worker] = []
         if self.roles & {"assemble", "infer"}:
-            stages, self.workers = self._pipeline_workers()
+            stages, helpers = self._pipeline_workers()
         if "assemble" in self.roles:
-            self.workers.append(Retention(self.journal, self.spool, config.results_dir, config.storage.retention_days))
+            helpers.append(Retention(self.journal, self.spool, config.results_dir, config.storage.retention_days))
         if "dispatch" in self.roles:
             dispatcher = Dispatcher(
                 self.journal, config.destinations, config.node.ae_title, config.dispatch, self.metrics
             )
             stages["dispatch"] = dispatcher
-            self.workers += dispatcher.senders  # one per destination: a dead PACS holds up no other
+            helpers += dispatcher.senders  # one per destination: a dead PACS holds up no other
         for role, following in pairwise(ROLES):  # assemble -> infer -> dispatch (receive has no stage)
             if role in stages and following in stages:
                 stages[role].next_stage = stages[following]
-        self.workers[:0] = stages.values()
+        self.workers: list[Worker] = [*stages.values(), *helpers]
         self.heartbeat = Heartbeat(self.journal)
         self.servers: list[AssociationServer] = []
         self.stow_server: StowServer | None = None
@@ -151,7 +152,7 @@ class Node:
         """Warm every model (an ``infer`` node), wait for the journal, resume interrupted
         work, then start the roles' workers and, for ``receive``, listen. Returns without
         starting anything more if :meth:`stop` is called while it waits for the journal."""
-        log.info("node %s roles: %s", self.config.node.id, ",".join(r for r in self.config.node.roles))
+        log.info("node %s roles: %s", self.config.node.id, ",".join(self.config.node.roles))
         self._load_pipelines()
         if self.config.metrics.port:  # first: radpipe_journal_up tells while the node waits for its journal
             self.metrics_server = serve_metrics(

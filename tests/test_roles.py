@@ -96,3 +96,39 @@ def test_a_receive_only_node_stores_what_another_node_infers_and_delivers(
         m.startswith(("plugin.models", "plugin.runner", "plugin.pipeline")) for m in imported
     )
     assert "pipeline lung-nodule-demo" not in log and "pipelines folder" not in log  # none read, none missed
+
+
+def test_receivers_and_gpu_workers_as_kubernetes_splits_them(
+    postgres_url: str,
+    tmp_path: Path,
+    demo_study: dict[str, list[Path]],
+    storescp: tuple[int, Path],
+    start_node: Callable[..., Node],
+) -> None:
+    """deploy/kubernetes/scale-out's split: a receiver (receive, assemble, dispatch) that
+    loads no model, and a worker (infer) that neither listens nor closes series. The
+    receiver closes the series, the worker writes the SR into the shared storage, the
+    receiver sends it."""
+    pacs_port, pacs_dir = storescp
+    shared = {
+        "journal": {"url": postgres_url},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
+    }
+    receiver = start_node(node={"id": "receiver", "roles": ["receive", "assemble", "dispatch"]}, **shared)
+    worker = start_node(node={"id": "worker", "roles": ["infer"]}, **shared)
+    assert receiver.pool is None and worker.servers == [] and worker.stow_server is None
+    assert {w.name for w in worker.workers} == {"runner", "pipeline-reloader"}
+    series = demo_study["Demo chest CT, nodules"]
+    assert storescu(receiver.port, *series).returncode == 0
+    wait_for(lambda: list(pacs_dir.iterdir()), what="the SR at storescp")
+    [sr] = [pydicom.dcmread(path, stop_before_pixels=True) for path in pacs_dir.iterdir()]
+    assert sr.Modality == "SR"
+    pipeline = {"pipeline": "lung-nodule-demo"}
+    assert worker.metrics.registry.get_sample_value("radpipe_jobs_total", {**pipeline, "status": "done"}) == 1
+    assert receiver.metrics.registry.get_sample_value("radpipe_jobs_total", {**pipeline, "status": "done"}) == 0
+    delivered = {"destination": "pacs"}
+    assert receiver.metrics.registry.get_sample_value("radpipe_results_delivered_total", delivered) == 1
+    assert worker.metrics.registry.get_sample_value("radpipe_results_delivered_total", delivered) == 0
+    for node, models in ((receiver, 0), (worker, 1)):
+        [info] = [m for m in node.metrics.registry.collect() if m.name == "radpipe_model_info"]
+        assert len(info.samples) == models
