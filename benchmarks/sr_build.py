@@ -15,7 +15,9 @@ as the runner does (no pixels), and times, in this process:
   (pynetdicom reads the file back with ``dcmread`` and encodes it again), and the whole
   send to dcmtk's storescp, as the dispatcher sends it and as the file's own bytes.
 
-Figures are ms per image of the series (the classification SR references each once).
+Figures are ms per image of the series (the classification SR references each once):
+wall time, and for building and encoding also this process's CPU time, which leaves out
+waiting for a core when other work shares the machine.
 
 Run: .venv/bin/python -m benchmarks.sr_build [--slices 500] [--repeats 7] [--series DIR] [--json FILE]
 (``--series DIR``: keep the generated series there and reuse it on the next run.)
@@ -95,14 +97,17 @@ def segmentation(pipeline: Pipeline, sources: list[Dataset], lesions: int) -> Se
     return Segmentation(pipeline.postprocess.segments, masks, probabilities, found)
 
 
-def timed(function: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
-    """(first call s, median of the ``repeats`` after it s, the last result)."""
-    seconds = []
+def timed(function: Callable[[], Any], repeats: int) -> tuple[float, float, float, Any]:
+    """(first call s, median of the ``repeats`` after it s, their median CPU time s of
+    this process, the last result). The CPU time leaves out waiting for a core that
+    other work on the machine holds."""
+    seconds, cpu = [], []
     for _ in range(repeats + 1):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = function()
         seconds.append(time.perf_counter() - start)
-    return seconds[0], statistics.median(seconds[1:]), result
+        cpu.append(time.process_time() - start_cpu)
+    return seconds[0], statistics.median(seconds[1:]), statistics.median(cpu[1:]), result
 
 
 def send_seconds(path: Path, repeats: int) -> tuple[float, float]:
@@ -138,22 +143,24 @@ def send_seconds(path: Path, repeats: int) -> tuple[float, float]:
 def measure(name: str, build: Callable[[], Dataset], images: int, repeats: int, out: Path) -> dict[str, Any]:
     """Build, encode, write durably, read back for sending, and send: ms per image."""
     per_image = 1000 / images
-    first, build_s, document = timed(build, repeats)
+    first, build_s, build_cpu, document = timed(build, repeats)
 
     def encoded() -> bytes:
         buffer = io.BytesIO()
         dcmwrite(buffer, document, enforce_file_format=True)
         return buffer.getvalue()
 
-    _, encode_s, data = timed(encoded, repeats)
+    _, encode_s, encode_cpu, data = timed(encoded, repeats)
     path = out / f"{name}.dcm"
-    _, write_s, _ = timed(lambda: write_durably(path, data), repeats)
-    _, reencode_s, _ = timed(lambda: encode(pydicom.dcmread(path), False, True, False), repeats)
+    _, write_s, _, _ = timed(lambda: write_durably(path, data), repeats)
+    _, reencode_s, _, _ = timed(lambda: encode(pydicom.dcmread(path), False, True, False), repeats)
     send_s, raw_s = send_seconds(path, repeats)
     return {
         f"{name}: build, first in the process (ms/image)": round(first * per_image, 3),
         f"{name}: build (ms/image)": round(build_s * per_image, 3),
+        f"{name}: build, CPU time (ms/image)": round(build_cpu * per_image, 3),
         f"{name}: encode, dcmwrite (ms/image)": round(encode_s * per_image, 3),
+        f"{name}: encode, CPU time (ms/image)": round(encode_cpu * per_image, 3),
         f"{name}: durable write (ms/image)": round(write_s * per_image, 3),
         f"{name}: dispatcher's read back + re-encode (ms/image)": round(reencode_s * per_image, 3),
         f"{name}: C-STORE to storescp as sent (ms/image)": round(send_s * per_image, 3),
