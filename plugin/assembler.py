@@ -12,7 +12,15 @@ series is matched against the loaded pipelines on the header of its first instan
 
 Completion closes the instances into batches and queues one job per matching pipeline
 (with at least ``min_instances``), or journals the batch as unrouted. Instances arriving
-later make the series pending again: a new run on the whole series (or study).
+later make the series pending again: a new run on the whole series (or study), the
+batch's next ``generation``, whose SR supersedes the previous one.
+
+Several nodes sharing a PostgreSQL journal each run an assembler. Their timers are the
+journal's rows, not process memory: the quiet period and the maximum wait are measured
+from the instances' journaled ``received_at``, whichever node received them. They may
+all judge a series complete at once; :meth:`Journal.create_batches` lets exactly one of
+them close it (it re-checks, under a lock on the study, that what it was asked to close
+is still pending) and the others skip it.
 """
 
 import logging
@@ -87,6 +95,9 @@ class Assembler(Worker):
         studies: dict[str, list[PendingSeries]] = {}
         for series in self._journal.pending_series():
             studies.setdefault(series.study_instance_uid, []).append(series)
+        # Headers of series no longer pending (closed here or by another node) are dropped.
+        still = {series.series_instance_uid for study in studies.values() for series in study}
+        self._headers = {uid: header for uid, header in self._headers.items() if uid in still}
         for study_uid, pending in studies.items():
             with log_context(study_uid=study_uid):
                 closed |= self._step_study(study_uid, pending, now)
@@ -106,15 +117,13 @@ class Assembler(Worker):
             count = sum(s.count for s in pending)
             if not is_complete(rules, first, last, count, plans[0][1], now):
                 return False
-            self._close(study_uid, plans, list(study_level.values()), now)
-            return True
+            return self._close(study_uid, plans, list(study_level.values()), now)
         closed = False
         for plan in plans:
             series, header, matches = plan
             rules = [p.completion for p in matches]
             if is_complete(rules, series.first_received, series.last_received, series.count, header, now):
-                self._close(study_uid, [plan], [], now)
-                closed = True
+                closed |= self._close(study_uid, [plan], [], now)
         return closed
 
     def _close(
@@ -123,7 +132,9 @@ class Assembler(Worker):
         plans: list[tuple[PendingSeries, Dataset | None, list[Pipeline]]],
         study_pipelines: list[Pipeline],
         now: float,
-    ) -> None:
+    ) -> bool:
+        """Close the planned series (and study); False if another node closed them first."""
+
         def spec(p: Pipeline) -> JobSpec:
             return JobSpec(p.name, p.version, p.sha256, p.priority)
 
@@ -140,19 +151,28 @@ class Assembler(Worker):
         ]
         total = sum(series.count for series, _, _ in plans)
         study_jobs = [spec(p) for p in study_pipelines if total >= p.completion.min_instances]
-        self._journal.create_batches(study_uid, series_jobs, study_jobs)
+        batches = self._journal.create_batches(study_uid, series_jobs, study_jobs)
+        if not batches:
+            log.debug("study %s: closed by another node first", study_uid)
+            return False
         self._metrics.studies_completed.inc()
         first = min(series.first_received for series, _, _ in plans)
         for pipeline in {p.name: p for _, _, matches in plans for p in matches}.values():
             self._metrics.stage_seconds.labels("wait", pipeline.name).observe(now - first)
-        for series, jobs in series_jobs:
-            self._headers.pop(series.series_instance_uid, None)
+        for (series, jobs), batch in zip(series_jobs, batches, strict=False):
             names = [j.pipeline for j in jobs]
             log.info(
-                "series %s complete: %d instance(s), %s",
+                "series %s complete (generation %d): %d instance(s), %s",
                 series.series_instance_uid,
+                batch.generation,
                 series.count,
                 f"jobs for {', '.join(names)}" if names else "unrouted",
             )
         if study_jobs:
-            log.info("study %s complete: jobs for %s", study_uid, ", ".join(j.pipeline for j in study_jobs))
+            log.info(
+                "study %s complete (generation %d): jobs for %s",
+                study_uid,
+                batches[-1].generation,
+                ", ".join(j.pipeline for j in study_jobs),
+            )
+        return True

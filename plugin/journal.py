@@ -10,7 +10,10 @@ below and PostgreSQL's in :mod:`plugin.journal_pg`.
 Lifecycle:
   instance received (batch_id NULL = pending)
   -> batch created for its series (routed: one job per matching series-level pipeline;
-     or unrouted), plus a study batch when a study-level pipeline matched
+     or unrouted), plus a study batch when a study-level pipeline matched; instances
+     arriving after it make the series pending again, and its next batch is the next
+     ``generation`` (1, 2, ...), whose job waits for the earlier generation's and whose
+     result supersedes it
   -> job queued -> running -> done (results written; one delivery per result and destination) | failed
   -> delivery pending (retried with backoff) -> delivered | dead (dead letter; ``retry`` requeues)
 
@@ -20,6 +23,13 @@ pushes that back while it works on them. Any node may claim a job or delivery wh
 has expired (its node died or hung); the late finish of the node that lost it is refused
 (fenced: only the owner of the claim it finished commits). A job claimed
 ``MAX_JOB_CLAIMS`` times without a finish fails instead of killing one more node.
+
+Several nodes' assemblers see the same pending instances and may judge the same series
+complete at the same moment: :meth:`Journal.create_batches` closes a series only if
+every instance its caller counted is still pending, checked under a lock on the study
+(the back end's ``exclusive``) in the transaction that closes it, so exactly one node
+closes it and the others create nothing. A lock per study, not per poll: nodes close
+different studies side by side.
 
 A study's trace id (``logs.trace_id``) is not stored: it is a function of
 ``study_instance_uid``, computed where it is needed (:meth:`Journal.study_of_trace`).
@@ -61,7 +71,8 @@ CREATE TABLE IF NOT EXISTS batches (
     study_instance_uid TEXT NOT NULL,
     series_instance_uid TEXT,
     created_at REAL NOT NULL,
-    routing TEXT NOT NULL
+    routing TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
@@ -117,11 +128,19 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, next_attem
 # One statement at a time: PostgreSQL's types replace SQLite's in each (plugin/journal_pg.py).
 SCHEMA_STATEMENTS = [statement.strip() for statement in SCHEMA.split(";\n") if statement.strip()]
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
-# The columns leases added to tables of an earlier radpipe's journal (added on open).
-LEASE_COLUMNS = {
+# The columns added since to tables of an earlier radpipe's journal (added on open):
+# leases, and the generation of a batch (the how-manieth close of its series or study).
+ADDED_COLUMNS = {
     "jobs": ("attempts INTEGER NOT NULL DEFAULT 0", "lease_owner TEXT", "lease_until REAL"),
     "deliveries": ("lease_owner TEXT", "lease_until REAL"),
+    "batches": ("generation INTEGER NOT NULL DEFAULT 1",),
 }
+# The generation a new batch of a series (a study batch: of the study) gets: one more than
+# its latest batch's. ``CAST(? AS TEXT)``: typed, as PostgreSQL cannot infer a bare NULL's type.
+_NEXT_GENERATION = (
+    "SELECT COALESCE(MAX(generation), 0) + 1 FROM batches WHERE study_instance_uid = ?"
+    " AND COALESCE(series_instance_uid, '') = COALESCE(CAST(? AS TEXT), '')"
+)
 # How long a claim holds without a heartbeat: a dead node's work waits this long for
 # another node. The heartbeat renews every third of it, so a node loses a lease only when
 # it cannot reach the journal for two renewals in a row.
@@ -165,6 +184,16 @@ class PendingSeries:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """A closed series (``series_instance_uid`` None: a study) and its ``generation``: 1
+    for its first close, one more for each close after instances arrived again."""
+
+    id: int
+    series_instance_uid: str | None
+    generation: int
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """What the router asks for: run ``pipeline`` (at this version) on a batch."""
 
@@ -190,6 +219,7 @@ class JobRecord:
     attempts: int = 0  # claims so far (the claim's fencing token)
     lease_owner: str | None = None
     lease_until: float | None = None
+    generation: int = 1  # its batch's
 
 
 @dataclass(frozen=True)
@@ -290,6 +320,11 @@ class Backend(Protocol):
         """Appended to a SELECT that picks rows to claim: PostgreSQL's nodes claim side by
         side (FOR UPDATE SKIP LOCKED); SQLite's single writer needs nothing."""
 
+    def exclusive(self, db: Connection, name: str) -> None:
+        """Within a transaction: hold ``name`` until it ends, so that another node's
+        transaction taking the same name waits for it (a check then a change, atomic
+        across nodes). SQLite's transactions are serial already (BEGIN IMMEDIATE)."""
+
     def prepare(self, create: Callable[[Connection], None]) -> None:
         """Have ``create`` (schema and migrations) run once, before the first statement
         of this process."""
@@ -334,6 +369,9 @@ class SqliteBackend:
 
     def lock(self, table: str) -> str:
         return ""
+
+    def exclusive(self, db: Connection, name: str) -> None:
+        pass
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -388,11 +426,19 @@ class Journal:
         columns = {column[0] for column in db.execute("SELECT * FROM instances WHERE 1 = 0").description}
         if "sha256" in columns:  # radpipe <= 0.1 hashed every instance; sameness is now decided by content
             db.execute("ALTER TABLE instances DROP COLUMN sha256")
-        for table, added in LEASE_COLUMNS.items():  # before leases: appended, rows kept (none leased)
+        appended: set[str] = set()
+        for table, added in ADDED_COLUMNS.items():  # appended, rows kept (none leased)
             columns = {column[0] for column in db.execute(f"SELECT * FROM {table} WHERE 1 = 0").description}
             for column in added:
                 if column.split()[0] not in columns:
                     db.execute(self._backend.ddl(f"ALTER TABLE {table} ADD COLUMN {column}"))
+                    appended.add(column.split()[0])
+        if "generation" in appended:  # the batches of each series (or study) numbered in order
+            db.execute(
+                "UPDATE batches SET generation = (SELECT COUNT(*) FROM batches earlier"
+                " WHERE earlier.study_instance_uid = batches.study_instance_uid AND earlier.id <= batches.id"
+                " AND COALESCE(earlier.series_instance_uid, '') = COALESCE(batches.series_instance_uid, ''))"
+            )
 
     def close(self) -> None:
         self._backend.close()
@@ -465,22 +511,37 @@ class Journal:
 
     def create_batches(
         self, study_uid: str, series: Sequence[tuple[PendingSeries, Sequence[JobSpec]]], study_jobs: Sequence[JobSpec]
-    ) -> list[int]:
+    ) -> list[Batch]:
         """Close pending series into batches and queue their jobs, in one transaction.
 
         Each series gets a batch with its series-level ``jobs`` (none: journaled as
         unrouted); ``study_jobs`` get one study batch over everything received for the
-        study so far. Returns the batch ids, the study batch last."""
-        now = time.time()
-        ids = []
-        with self._backend.transaction() as db:
+        study so far. Returns the batches, the study batch last.
 
-            def batch(series_uid: str | None, jobs: Sequence[JobSpec]) -> int:
+        Nodes sharing the journal each decide from the same rows that a series is
+        complete, so closing checks first, under the study's lock (the back end's
+        ``exclusive``), that every instance each ``series`` counted is still pending: if
+        another node closed any of them first, nothing is created and the result is empty."""
+        now = time.time()
+        closed = []
+        with self._backend.transaction() as db:
+            self._backend.exclusive(db, f"study {study_uid}")
+            for pending, _ in series:
+                still = db.execute(
+                    "SELECT COUNT(*) FROM instances WHERE series_instance_uid = ? AND batch_id IS NULL"
+                    " AND received_at <= ?",
+                    (pending.series_instance_uid, pending.last_received),
+                ).fetchone()[0]
+                if still != pending.count:
+                    return []
+
+            def batch(series_uid: str | None, jobs: Sequence[JobSpec]) -> Batch:
+                generation = int(db.execute(_NEXT_GENERATION, (study_uid, series_uid)).fetchone()[0])
                 batch_id = int(
                     db.execute(
-                        "INSERT INTO batches (study_instance_uid, series_instance_uid, created_at, routing)"
-                        " VALUES (?, ?, ?, ?) RETURNING id",
-                        (study_uid, series_uid, now, "routed" if jobs else "unrouted"),
+                        "INSERT INTO batches (study_instance_uid, series_instance_uid, created_at, routing, generation)"
+                        " VALUES (?, ?, ?, ?, ?) RETURNING id",
+                        (study_uid, series_uid, now, "routed" if jobs else "unrouted", generation),
                     ).fetchone()[0]
                 )
                 db.executemany(
@@ -488,18 +549,17 @@ class Journal:
                     " status, created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?)",
                     [(batch_id, j.pipeline, j.pipeline_version, j.pipeline_sha256, j.priority, now) for j in jobs],
                 )
-                return batch_id
+                return Batch(batch_id, series_uid, generation)
 
             for pending, jobs in series:
-                batch_id = batch(pending.series_instance_uid, jobs)
+                closed.append(batch(pending.series_instance_uid, jobs))
                 db.execute(
                     "UPDATE instances SET batch_id = ? WHERE series_instance_uid = ? AND batch_id IS NULL",
-                    (batch_id, pending.series_instance_uid),
+                    (closed[-1].id, pending.series_instance_uid),
                 )
-                ids.append(batch_id)
             if study_jobs:
-                ids.append(batch(None, study_jobs))
-        return ids
+                closed.append(batch(None, study_jobs))
+        return closed
 
     def batch_study(self, batch_id: int) -> str | None:
         row = self._one("SELECT study_instance_uid FROM batches WHERE id = ?", (batch_id,))
@@ -518,11 +578,11 @@ class Journal:
         )
         return row[0], row[1], row[2]
 
+    # A job as :class:`JobRecord` reads it: its row and its batch's generation.
+    _JOB = "SELECT j.*, b.generation FROM jobs j JOIN batches b ON b.id = j.batch_id"
+
     def study_jobs(self, study_uid: str) -> list[JobRecord]:
-        rows = self._all(
-            "SELECT j.* FROM jobs j JOIN batches b ON b.id = j.batch_id WHERE b.study_instance_uid = ? ORDER BY j.id",
-            (study_uid,),
-        )
+        rows = self._all(f"{self._JOB} WHERE b.study_instance_uid = ? ORDER BY j.id", (study_uid,))
         return [JobRecord(*row) for row in rows]
 
     def batch_routing(self, batch_id: int) -> str | None:
@@ -544,11 +604,23 @@ class Journal:
 
     # -- jobs --------------------------------------------------------------------------
 
+    # The same pipeline's unfinished jobs on earlier generations of a job's series or study.
+    _EARLIER_UNFINISHED = (
+        "SELECT 1 FROM jobs earlier JOIN batches eb ON eb.id = earlier.batch_id JOIN batches mine"
+        " ON mine.id = jobs.batch_id WHERE earlier.pipeline = jobs.pipeline"
+        " AND earlier.status IN ('queued', 'running') AND eb.study_instance_uid = mine.study_instance_uid"
+        " AND COALESCE(eb.series_instance_uid, '') = COALESCE(mine.series_instance_uid, '')"
+        " AND eb.generation < mine.generation"
+    )
+
     def claim_job(self, pipeline_sha256: str | None = None) -> JobRecord | None:
         """Lease the most urgent job that is queued, or running on an expired lease, to
         this node and return it; with ``pipeline_sha256``, only if that job was routed to
         this pipeline version. Safe with several claimants: each job goes to one (the back
-        end's ``lock``). Expired jobs already claimed ``MAX_JOB_CLAIMS`` times fail first."""
+        end's ``lock``). Expired jobs already claimed ``MAX_JOB_CLAIMS`` times fail first.
+        A job waits while its pipeline's job on an earlier generation of its series (or
+        study) is queued or running: the later SR supersedes the earlier one, so it is
+        written after it, whichever node runs each."""
         now = time.time()
         expired = "status = 'running' AND COALESCE(lease_until, 0) < ?"
         with self._backend.transaction() as db:
@@ -560,9 +632,11 @@ class Journal:
             ).fetchall()
             row = db.execute(
                 "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, lease_owner = ?,"
-                f" lease_until = ? WHERE id IN (SELECT id FROM jobs WHERE status = 'queued' OR ({expired})"
+                f" lease_until = ? WHERE id IN (SELECT id FROM jobs WHERE (status = 'queued' OR ({expired}))"
+                f" AND NOT EXISTS ({self._EARLIER_UNFINISHED})"
                 f" ORDER BY priority DESC, id LIMIT 1{self._backend.lock('jobs')})"
-                " AND (CAST(? AS TEXT) IS NULL OR pipeline_sha256 = ?) RETURNING *",
+                " AND (CAST(? AS TEXT) IS NULL OR pipeline_sha256 = ?)"
+                " RETURNING *, (SELECT generation FROM batches WHERE batches.id = jobs.batch_id)",
                 (now, self.node_id, now + self.lease_seconds, now, pipeline_sha256, pipeline_sha256),
             ).fetchone()
         for job_id, pipeline in abandoned:
@@ -575,11 +649,11 @@ class Journal:
         return job
 
     def job(self, job_id: int) -> JobRecord | None:
-        row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        row = self._one(f"{self._JOB} WHERE j.id = ?", (job_id,))
         return JobRecord(*row) if row else None
 
     def jobs(self) -> list[JobRecord]:
-        return [JobRecord(*row) for row in self._all("SELECT * FROM jobs ORDER BY id")]
+        return [JobRecord(*row) for row in self._all(f"{self._JOB} ORDER BY j.id")]
 
     def complete_job(
         self,
@@ -878,15 +952,15 @@ class Journal:
         )
 
     def previous_result(self, job: JobRecord, kind: str = "sr") -> ResultRecord | None:
-        """The latest earlier result of the same pipeline for the same series (or study):
-        what a re-run after late arrivals supersedes."""
+        """The result of the same pipeline on the latest earlier generation of the same
+        series (or study) that has one: what a re-run after late arrivals supersedes."""
         row = self._one(
             "SELECT r.* FROM results r JOIN jobs j ON j.id = r.job_id JOIN batches b ON b.id = j.batch_id"
-            " JOIN batches mine ON mine.id = ? WHERE j.pipeline = ? AND r.kind = ? AND j.id < ?"
+            " JOIN batches mine ON mine.id = ? WHERE j.pipeline = ? AND r.kind = ? AND b.generation < mine.generation"
             " AND b.study_instance_uid = mine.study_instance_uid"
             " AND COALESCE(b.series_instance_uid, '') = COALESCE(mine.series_instance_uid, '')"
-            " ORDER BY j.id DESC LIMIT 1",
-            (job.batch_id, job.pipeline, kind, job.id),
+            " ORDER BY b.generation DESC, j.id DESC LIMIT 1",
+            (job.batch_id, job.pipeline, kind),
         )
         return ResultRecord(*row) if row else None
 
@@ -950,4 +1024,4 @@ class Journal:
         return int(self._one("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")[0])
 
     def recent_jobs(self, limit: int = 20) -> list[JobRecord]:
-        return [JobRecord(*row) for row in self._all("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))]
+        return [JobRecord(*row) for row in self._all(f"{self._JOB} ORDER BY j.id DESC LIMIT ?", (limit,))]

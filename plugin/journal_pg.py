@@ -3,13 +3,16 @@
 The journal's statements are written once, in :mod:`plugin.journal`. This back end runs
 them through a psycopg 3 connection pool (``?`` placeholders become psycopg's ``%s``),
 gives the schema PostgreSQL's types, creates and migrates it under an advisory lock (so
-that nodes starting together do not race each other's ``CREATE TABLE``), and claims jobs
+that nodes starting together do not race each other's ``CREATE TABLE``), makes a check
+and the change that depends on it atomic across nodes with a transaction's advisory lock
+on a name (``exclusive``: the assemblers closing a study), and claims jobs
 and deliveries with ``FOR UPDATE OF ... SKIP LOCKED`` (so that nodes claiming together
 never take the same one). Losing the server is :class:`~plugin.journal.JournalUnavailable`, not a crash, and
 a few log lines per outage (:class:`Outage`), not one per failed poll or reconnection.
 """
 
 import functools
+import hashlib
 import itertools
 import logging
 import re
@@ -28,6 +31,9 @@ from plugin.journal import Connection, Cursor, JournalUnavailable
 
 # pg_advisory_xact_lock key of schema creation and migration: "radp" in ASCII.
 SCHEMA_LOCK = 0x72616470
+# The first key of the two-key advisory locks ``exclusive`` takes (a space of their own,
+# apart from the one-key SCHEMA_LOCK): "radn" in ASCII; the second is the name's hash.
+NAMED_LOCKS = 0x7261646E
 # Connections per node: its associations, STOW-RS requests and workers share them; one
 # more waits up to WAIT_SECONDS (then JournalUnavailable: C-STORE answers 0xA700).
 POOL_SIZE = 16
@@ -81,6 +87,24 @@ class _Qmark:
         with self._conn.cursor() as cursor:
             cursor.executemany(_placeholders(sql), parameters)
         return None
+
+
+class _Creating(_Qmark):
+    """Schema creation's connection: ``CREATE INDEX IF NOT EXISTS`` of an index that exists
+    is not run. PostgreSQL takes the table's SHARE lock before it finds the index there,
+    so a node starting beside busy ones would wait for (and deadlock with) their writes
+    on every start, for nothing."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor:
+        index = _CREATE_INDEX.match(sql)
+        if index is not None:
+            exists = self._conn.execute("SELECT to_regclass(%s)", (index[1],))
+            if exists.fetchone() != (None,):
+                return exists
+        return super().execute(sql, parameters)
+
+
+_CREATE_INDEX = re.compile(r"CREATE INDEX IF NOT EXISTS (\w+) ")
 
 
 class Outage:
@@ -177,6 +201,12 @@ class PostgresBackend:
         # OF: only the claimed table's rows; a claim's joins lock nothing else.
         return f" FOR UPDATE OF {table} SKIP LOCKED"
 
+    def exclusive(self, db: Connection, name: str) -> None:
+        # Released at commit or rollback, or when the session dies with its node: never
+        # left held. Two names sharing a 32-bit hash only wait for each other, harmlessly.
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big", signed=True)
+        db.execute("SELECT pg_advisory_xact_lock(CAST(? AS INTEGER), CAST(? AS INTEGER))", (NAMED_LOCKS, key))
+
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[TupleRow]]:
         try:
@@ -198,7 +228,7 @@ class PostgresBackend:
             # session creating the same table at the same moment.
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-                self._create(_Qmark(conn))
+                self._create(_Creating(conn))
             self._create = None
 
     @contextmanager

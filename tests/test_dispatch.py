@@ -62,7 +62,8 @@ def queue_results(journal: Journal, paths: list[Path], destinations: list[str]) 
     """Journal one finished job whose results are ``paths``, each queued for each of
     ``destinations``, as the runner does; returns the job id."""
     now = time.time()
-    series = PendingSeries("1.2.826.0.1.1", "1.2.826.0.1.1.1", len(paths), now, now, str(paths[0]))
+    # No instance journaled: the series closes with the 0 pending instances it counts.
+    series = PendingSeries("1.2.826.0.1.1", "1.2.826.0.1.1.1", 0, now, now, str(paths[0]))
     journal.create_batches(series.study_instance_uid, [(series, [JobSpec("demo", "1", "f" * 64, 0)])], [])
     job = journal.claim_job()
     assert job is not None

@@ -83,13 +83,17 @@ def test_journal_of_an_earlier_version_opens_with_its_rows(location):
         s.replace("series_instance_uid TEXT NOT NULL,", "series_instance_uid TEXT NOT NULL, sha256 TEXT NOT NULL,")
         .replace(",\n    attempts INTEGER NOT NULL DEFAULT 0,\n    lease_owner TEXT,\n    lease_until REAL", "")
         .replace("\n    lease_owner TEXT,\n    lease_until REAL,", "")
+        .replace(",\n    generation INTEGER NOT NULL DEFAULT 1", "")
         for s in SCHEMA_STATEMENTS
     ]
-    assert not any("lease" in s for s in old)
+    assert not any("lease" in s or "generation" in s for s in old)
     _execute(location, [*old, "INSERT INTO instances VALUES ('1.2.3.1', '1.2.840.10008.5.1.4.1.1.2', '1.2', '1.2.3',"
                               " 'ab', '/s', 10, 'CT1', 100.0, NULL)",
                         "INSERT INTO batches VALUES (1, '1.2', '1.2.3', 100.0, 'routed')",
+                        "INSERT INTO batches VALUES (2, '1.2', NULL, 100.0, 'routed')",
+                        "INSERT INTO batches VALUES (3, '1.2', '1.2.3', 200.0, 'routed')",
                         "INSERT INTO jobs VALUES (1, 1, 'demo', '1', 'f', 0, 'running', NULL, 100.0, 101.0, NULL)",
+                        "INSERT INTO jobs VALUES (2, 3, 'demo', '1', 'f', 0, 'queued', NULL, 200.0, NULL, NULL)",
                         ])  # fmt: skip
     journal = Journal(location)
     assert journal.instance("1.2.3.1") == InstanceRecord(
@@ -97,9 +101,11 @@ def test_journal_of_an_earlier_version_opens_with_its_rows(location):
     )
     journal.record_instance(_instance("1.2.3.2"))
     assert journal.queue_depths()["assembly"] == 2
+    assert [j.generation for j in journal.jobs()] == [1, 2]  # the series' batches numbered in order
     job = journal.claim_job()  # no lease: an old radpipe's running job, claimable at once
     assert job is not None and (job.id, job.attempts, job.lease_owner) == (1, 1, journal.node_id)
     assert journal.complete_job(job.id, [("sr", "/r/sr.dcm", "9.9")], ["pacs"])
+    assert journal.previous_result(journal.claim_job()) == ResultRecord(1, 1, "sr", "/r/sr.dcm", "9.9")
     journal.close()
 
 
@@ -112,7 +118,7 @@ def test_batch_job_delivery_lifecycle_survives_reopen(location):
     [batch] = journal.create_batches("1.2", [(series, [JobSpec("demo", "1", "f" * 64, 0)])], [])
     assert journal.pending_series() == []
     job = journal.claim_job()
-    assert job is not None and job.status == "running" and job.batch_id == batch
+    assert job is not None and job.status == "running" and job.batch_id == batch.id and job.generation == 1
     journal.close()
 
     journal = Journal(location, node_id=job.lease_owner)  # a restart under the same id: its job is queued again
@@ -140,9 +146,10 @@ def test_batch_job_delivery_lifecycle_survives_reopen(location):
     journal.record_instance(_instance("1.2.3.9"))
     [late] = journal.pending_series()
     [second, study] = journal.create_batches("1.2", [(late, [])], [JobSpec("study-demo", "1", "e" * 64, 0)])
-    assert journal.batch_routing(second) == "unrouted"
-    assert len(journal.batch_instances(second)) == 4
-    assert len(journal.batch_instances(study)) == 4  # the study batch covers every series of the study
+    assert (second.generation, study.generation) == (2, 1)  # the series' second close, the study's first
+    assert journal.batch_routing(second.id) == "unrouted"
+    assert len(journal.batch_instances(second.id)) == 4
+    assert len(journal.batch_instances(study.id)) == 4  # the study batch covers every series of the study
     journal.close()
 
 
@@ -204,7 +211,7 @@ def test_every_query_of_status_replay_shadow_and_retention(location):
     assert journal.purgeable_studies(older_than=50.0) == []  # received since
     assert journal.purgeable_studies(older_than=time.time()) == ["1.2"]
     journal.forget_study("1.2")
-    assert journal.jobs() == [] and journal.received_instances() == [] and journal.batch_study(batch) is None
+    assert journal.jobs() == [] and journal.received_instances() == [] and journal.batch_study(batch.id) is None
     assert journal.queue_depths() == {"assembly": 0, "jobs": 0, "running": 0, "dispatch": 0, "dead_letter": 0}
     journal.close()
 
@@ -236,6 +243,78 @@ def test_claimants_side_by_side_never_take_the_same_job(location):
     assert sorted(every) == [job.id for job in journal.jobs()]  # each once, none left out
     assert {job.status for job in journal.jobs()} == {"running"}
     journal.close()
+
+
+def test_two_nodes_closing_the_same_series_at_once_close_it_once(location):
+    """Two nodes' assemblers (two journals, two ids) judge the same 12 series complete from
+    the same rows and close each at the same moment: every series gets exactly one batch
+    and one job per pipeline, from one node; the other's close creates nothing, and so
+    does a close on a view older than the series' last close."""
+    a, b = Journal(location, node_id="node-a"), Journal(location, node_id="node-b")
+    specs = [JobSpec("live", "1", "a" * 64, 0), JobSpec("other", "1", "b" * 64, 0)]
+    for series in range(12):
+        for n in range(3):
+            a.record_instance(_instance(f"1.2.{series}.{n}", f"1.2.{series}"))
+    pending = a.pending_series()
+    assert len(pending) == 12
+    start = threading.Barrier(2)
+    closed: dict[str, list] = {"node-a": [], "node-b": []}
+
+    def close_each(node: Journal) -> None:
+        for series in pending:
+            start.wait(30)
+            closed[node.node_id].extend(node.create_batches("1.2", [(series, specs)], []))
+
+    threads = [threading.Thread(target=close_each, args=(node,)) for node in (a, b)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        batches = closed["node-a"] + closed["node-b"]
+        assert sorted(batch.series_instance_uid for batch in batches) == sorted(s.series_instance_uid for s in pending)
+        assert {batch.generation for batch in batches} == {1}
+        jobs = a.jobs()
+        assert sorted((j.batch_id, j.pipeline) for j in jobs) == sorted(
+            (batch.id, spec.pipeline) for batch in batches for spec in specs
+        )
+        assert a.pending_series() == []
+        a.record_instance(_instance("1.2.0.9", "1.2.0"))  # a late arrival: pending again, newer than the view
+        assert b.create_batches("1.2", [(pending[0], specs)], []) == []
+        assert len(a.jobs()) == len(jobs)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_late_arrival_closes_the_next_generation_whose_jobs_wait_for_the_previous(location):
+    """Instances arriving after a series was closed close it again as generation 2 (a study
+    batch too); generation 2's job is claimed, by any node, only once generation 1's
+    job of its pipeline is finished, and supersedes generation 1's result."""
+    a, b = Journal(location, node_id="node-a"), Journal(location, node_id="node-b")
+    live, study = JobSpec("live", "1", "a" * 64, 0), JobSpec("study", "1", "b" * 64, 0)
+    closes = []
+    for sop in ("1.2.3.1", "1.2.3.2"):
+        a.record_instance(_instance(sop))
+        [series] = a.pending_series()
+        closes.append(a.create_batches("1.2", [(series, [live])], [study]))
+    assert [[batch.generation for batch in batches] for batches in closes] == [[1, 1], [2, 2]]
+    first = a.claim_job()
+    first_study = b.claim_job()
+    assert [(j.pipeline, j.generation) for j in (first, first_study)] == [("live", 1), ("study", 1)]
+    assert a.claim_job() is None and b.claim_job() is None  # each generation 2 job waits for its generation 1
+    assert a.complete_job(first.id, [("sr", "/r/1.dcm", "9.1")], ["pacs"])
+    rerun = b.claim_job()
+    assert (rerun.pipeline, rerun.generation, rerun.batch_id) == ("live", 2, closes[1][0].id)
+    assert b.previous_result(rerun) == ResultRecord(1, first.id, "sr", "/r/1.dcm", "9.1")
+    assert b.claim_job() is None  # the study's generation 1 still runs
+    assert b.fail_job(first_study.id, "boom")
+    study_rerun = b.claim_job()
+    assert (study_rerun.pipeline, study_rerun.generation, b.previous_result(study_rerun)) == ("study", 2, None)
+    assert [(j.pipeline, j.generation) for j in a.study_jobs("1.2")] == [("live", 1), ("study", 1), ("live", 2),
+                                                                            ("study", 2)]  # fmt: skip
+    a.close()
+    b.close()
 
 
 def _queue_jobs(journal: Journal, count: int, series: str = "1.2.3") -> None:
@@ -405,7 +484,7 @@ def test_nodes_creating_the_schema_at_once_all_start(postgres_url):
 # -- a node on a PostgreSQL journal that goes away ------------------------------------------------
 
 
-def _send(port: int, paths: Sequence[Path]) -> list[int]:
+def send_each(port: int, paths: Sequence[Path]) -> list[int]:
     """C-STORE each file over one association; the statuses answered."""
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CTImageStorage)
@@ -449,9 +528,9 @@ def test_postgresql_stopped_mid_send_is_out_of_resources_and_nothing_acknowledge
     write_pipeline(tmp_path / "pipelines", completion={"level": "series", "quiet_seconds": 5, "min_instances": 1})
     node = start_node(journal={"url": own_postgres.create_database()})
     first, second = demo_study.values()
-    assert _send(node.port, first[:12]) == [0x0000] * 12
+    assert send_each(node.port, first[:12]) == [0x0000] * 12
     own_postgres.stop()
-    assert _send(node.port, first[12:13]) == [0xA700]
+    assert send_each(node.port, first[12:13]) == [0xA700]
     assert _echo(node.port) == 0x0000
     assert _scraped_journal_up(node) == 0
     sample = node.metrics.registry.get_sample_value
@@ -459,7 +538,7 @@ def test_postgresql_stopped_mid_send_is_out_of_resources_and_nothing_acknowledge
     time.sleep(2)  # every worker polls the journal it cannot reach, and the pool reconnects
 
     own_postgres.start()
-    assert _send(node.port, [*first[12:], *second]) == [0x0000] * (len(first) - 12 + len(second))
+    assert send_each(node.port, [*first[12:], *second]) == [0x0000] * (len(first) - 12 + len(second))
     for path in [*first, *second]:  # every acknowledged instance: its row, and its file as journaled
         record = node.journal.instance(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
         assert record is not None and Path(record.path).stat().st_size == record.size
