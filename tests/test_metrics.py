@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import Dataset
 
-from plugin.metrics import MANUFACTURER_OTHER, MANUFACTURERS, Band, Metrics, manufacturer_label
+from plugin.metrics import MANUFACTURER_OTHER, MANUFACTURERS, Band, Metrics, exposition, manufacturer_label
 
 CONTRACT = {
     "radpipe_instances_received",
@@ -130,3 +130,23 @@ def test_baseline_bands_are_read_at_scrape_time() -> None:
     assert get("radpipe_finding_baseline", {**labels, "bound": "high"}) == 0.3
     bands.clear()  # a reload that drops the band: its series goes with it
     assert get("radpipe_finding_baseline", {**labels, "bound": "low"}) is None
+
+
+def test_the_exposition_adds_the_node_label_to_every_sample_at_scrape_time() -> None:
+    """Counters, histograms and the scrape-time collectors alike; later observations show."""
+    metrics = Metrics(CollectorRegistry())
+    metrics.add_pipeline_labels("lung", ["pacs"])
+    metrics.observe_baselines(lambda: [Band("lung", "nodule", "positive_rate", 0.1, 0.3)])
+    served = exposition(metrics, "radpipe-gpu-0")
+    done = {"pipeline": "lung", "status": "done"}
+    assert served.get_sample_value("radpipe_jobs_total", {**done, "node": "radpipe-gpu-0"}) == 0
+    metrics.jobs.labels(*done.values()).inc()
+    assert served.get_sample_value("radpipe_jobs_total", {**done, "node": "radpipe-gpu-0"}) == 1
+    assert served.get_sample_value("radpipe_jobs_total", done) is None  # only ever with the label
+    metrics.inference_batch_size.observe(4)
+    bucket = {"le": "4.0", "node": "radpipe-gpu-0"}
+    assert served.get_sample_value("radpipe_inference_batch_size_bucket", bucket) == 1
+    baseline = {"pipeline": "lung", "finding": "nodule", "quantity": "positive_rate", "bound": "low"}
+    assert served.get_sample_value("radpipe_finding_baseline", {**baseline, "node": "radpipe-gpu-0"}) == 0.1
+    samples = [s for family in served.collect() for s in family.samples]
+    assert len(samples) > 50 and {s.labels["node"] for s in samples} == {"radpipe-gpu-0"}
