@@ -257,8 +257,10 @@ def test_prometheus_scrapes_the_node_and_evaluates_the_rules(
     wait_for(lambda: received() == len(series), timeout=30, what="Prometheus to see the received instances")
     [up] = query(prometheus, 'up{job="radpipe"}')
     assert up["value"][1] == "1"
-    depths = {r["metric"]["queue"] for r in query(prometheus, "radpipe_queue_depth")}
-    assert {"assembly", "jobs", "running", "dispatch"} <= depths <= set(QUEUES)
+    depths = query(prometheus, "radpipe_queue_depth")
+    assert {"assembly", "jobs", "running", "dispatch"} <= {r["metric"]["queue"] for r in depths} <= set(QUEUES)
+    # The node label arrives as the node served it (no target label of the same name clashes).
+    assert {r["metric"].get("node") for r in depths} == {live_node.config.node.id}
 
     # Every alert rule evaluates on the node's real series without an error.
     def evaluated() -> list[dict]:
