@@ -38,6 +38,12 @@ from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    EnhancedSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    SegmentationStorage,
+)
 from pydicom.valuerep import validate_value
 
 log = logging.getLogger(__name__)
@@ -128,6 +134,15 @@ def _modules(sop_class_uid: str) -> tuple[_Module, ...]:
             level[item["keyword"]] = item["type"]
         modules.append(_Module(entry["usage"] == "M", types, nested))
     return tuple(modules)
+
+
+def load_tables() -> None:
+    """Read highdicom's module tables for every SOP class radpipe writes (SR, KOS, SEG):
+    0.3-0.5 s once per process, which the first result of a node would otherwise add to
+    its series' wait. The runner calls this as its thread starts."""
+    for sop_class_uid in (Comprehensive3DSRStorage, EnhancedSRStorage, KeyObjectSelectionDocumentStorage,
+                          SegmentationStorage):  # fmt: skip
+        _modules(sop_class_uid)
 
 
 def valid_uid(uid: object) -> bool:
