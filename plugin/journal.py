@@ -98,6 +98,8 @@ CREATE TABLE IF NOT EXISTS results (
     path TEXT NOT NULL,
     sop_instance_uid TEXT NOT NULL
 );
+-- Retention asks, for every old file of the results folder, whether a row names it.
+CREATE INDEX IF NOT EXISTS results_by_path ON results (path);
 CREATE TABLE IF NOT EXISTS deliveries (
     result_id INTEGER NOT NULL,
     destination TEXT NOT NULL,
@@ -1002,6 +1004,19 @@ class Journal:
             db.execute(f"DELETE FROM jobs WHERE batch_id IN ({batches})", (study_uid,))
             db.execute("DELETE FROM batches WHERE study_instance_uid = ?", (study_uid,))
             db.execute("DELETE FROM instances WHERE study_instance_uid = ?", (study_uid,))
+
+    def journaled_paths(self, paths: Sequence[Path]) -> set[Path]:
+        """Which of ``paths`` a row names: a received instance's file (looked up by its SOP
+        Instance UID, the spool's file name) or a job's result."""
+        if not paths:
+            return set()
+        marks = ", ".join("?" * len(paths))
+        rows = self._all(
+            f"SELECT path FROM instances WHERE sop_instance_uid IN ({marks})"
+            f" UNION SELECT path FROM results WHERE path IN ({marks})",
+            (*(path.stem for path in paths), *map(str, paths)),
+        )
+        return {Path(path) for (path,) in rows} & set(paths)
 
     # -- monitoring --------------------------------------------------------------------
 

@@ -1,15 +1,28 @@
-"""Retention: delivered studies are purged after ``storage.retention_days``.
+"""Retention: delivered studies are purged after ``storage.retention_days``, and files no
+journal row names are removed once they are ``ORPHAN_GRACE_SECONDS`` old.
 
 A study is purged only when every instance was batched, every job finished and every
 result was delivered (a pending or dead-lettered delivery keeps the whole study), and
 nothing arrived for it within the retention period. Spool files, results and journal
 rows go together.
+
+Orphans are what a failure leaves in the (shared) storage: an instance file whose row was
+never committed (the journal unreachable, answered 0xA700; the node killed between file
+and row), a temporary file of a write cut short, a result of a job whose node died before
+its finish. Every node sweeps the spool and results folders on its own: removing a file
+is idempotent, and a file is removed only if it is still the one found old (see
+:func:`remove_unchanged`), so a sweep never takes an instance being received again.
 """
 
 import logging
+import os
 import shutil
 import time
+import uuid
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
+from stat import S_ISREG
 
 from plugin.journal import Journal
 from plugin.spool import Spool, is_valid_uid
@@ -17,20 +30,55 @@ from plugin.worker import Worker
 
 log = logging.getLogger(__name__)
 
+# A file without a row is garbage once this old (by its inode's change time, which a
+# rename sets too): a receipt journals its file within seconds, a job its results within
+# its lease, so an hour leaves any write in flight alone.
+ORPHAN_GRACE_SECONDS = 3600.0
+# Files looked up in the journal per query.
+SWEEP_CHUNK = 500
+
+
+def remove_unchanged(path: Path, seen: os.stat_result) -> bool:
+    """Remove ``path`` if it is still the file ``seen`` (same inode); True if it was.
+
+    The file is first renamed aside, atomically: a receipt that wrote the same path again
+    since (a new file, renamed into place) has its file put back. The aside name's change
+    time is now, so no other node's sweep takes it within the grace period."""
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}.orphan")
+    try:
+        path.rename(aside)
+    except FileNotFoundError:  # another node swept it first
+        return False
+    if aside.lstat().st_ino != seen.st_ino:
+        aside.rename(path)
+        return False
+    aside.unlink()
+    return True
+
 
 class Retention(Worker):
     interval = 600.0
 
-    def __init__(self, journal: Journal, spool: Spool, results_dir: Path, retention_days: float) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        spool: Spool,
+        results_dir: Path,
+        retention_days: float,
+        orphan_grace_seconds: float = ORPHAN_GRACE_SECONDS,
+    ) -> None:
         super().__init__("retention")
         self._journal = journal
         self._spool = spool
         self._results_dir = results_dir
         self._seconds = retention_days * 86400
+        self._grace = orphan_grace_seconds
 
     def step(self) -> bool:
+        now = time.time()
         if self._seconds > 0:
-            self.purge(time.time() - self._seconds)
+            self.purge(now - self._seconds)
+        self.sweep(now - self._grace)
         return False
 
     def purge(self, older_than: float) -> list[str]:
@@ -43,3 +91,26 @@ class Retention(Worker):
         if studies:
             log.info("retention: purged %d delivered stud%s", len(studies), "y" if len(studies) == 1 else "ies")
         return studies
+
+    def _files_before(self, older_than: float) -> Iterator[tuple[Path, os.stat_result]]:
+        """Every file of the spool and results folders last changed before ``older_than``."""
+        for root in (self._spool.root, self._results_dir):
+            for path in root.rglob("*"):
+                try:
+                    stat = path.lstat()
+                except FileNotFoundError:  # removed while listed
+                    continue
+                if S_ISREG(stat.st_mode) and stat.st_ctime < older_than:
+                    yield path, stat
+
+    def sweep(self, older_than: float) -> list[Path]:
+        """Remove every file of the spool and results folders that no journal row names and
+        that was last changed before ``older_than``; the files removed."""
+        removed = []
+        files = self._files_before(older_than)
+        while chunk := list(islice(files, SWEEP_CHUNK)):
+            journaled = self._journal.journaled_paths([path for path, _ in chunk])
+            removed += [path for path, seen in chunk if path not in journaled and remove_unchanged(path, seen)]
+        if removed:
+            log.info("retention: removed %d file(s) no journal row names", len(removed))
+        return removed
