@@ -159,7 +159,7 @@ class Assembler(Worker):
         first = min(series.first_received for series, _, _ in plans)
         for pipeline in {p.name: p for _, _, matches in plans for p in matches}.values():
             self._metrics.stage_seconds.labels("wait", pipeline.name).observe(now - first)
-        for (series, jobs), batch in zip(series_jobs, batches, strict=False):
+        for (series, jobs), batch in zip(series_jobs, batches, strict=False):  # the study batch comes last
             names = [j.pipeline for j in jobs]
             log.info(
                 "series %s complete (generation %d): %d instance(s), %s",

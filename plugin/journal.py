@@ -74,6 +74,9 @@ CREATE TABLE IF NOT EXISTS batches (
     routing TEXT NOT NULL,
     generation INTEGER NOT NULL DEFAULT 1
 );
+-- A close numbers its batch after the series' (or study's) earlier ones; a re-run finds
+-- the result it supersedes: both look up the batches of one series.
+CREATE INDEX IF NOT EXISTS batches_by_series ON batches (study_instance_uid, series_instance_uid);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
     batch_id INTEGER NOT NULL,
