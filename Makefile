@@ -16,7 +16,7 @@ DEBIAN_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc promtool:pro
 	systemd-analyze:systemd /usr/lib/orthanc/libOrthancDicomWeb.so*:orthanc-dicomweb \
 	/usr/lib/postgresql/*/bin/initdb:postgresql
 
-.PHONY: serve test install install-test system-deps lint
+.PHONY: serve test test-postgresql install install-test system-deps lint
 
 $(BIN)/radpipe: pyproject.toml
 	python3 -m venv $(VENV)
@@ -52,3 +52,9 @@ lint: install-test
 
 test: install-test lint
 	TCP_NODELAY=1 $(BIN)/pytest -q --durations=25
+
+# The whole suite again with every node's journal in PostgreSQL (journal.url): one server
+# for the session (tests/postgres.py), a fresh database per node. Not part of `make test`
+# (CI runs the suite once, on SQLite); tests about SQLite itself are skipped, with why.
+test-postgresql: install-test
+	TCP_NODELAY=1 RADPIPE_TEST_JOURNAL=postgresql $(BIN)/pytest -q --durations=25

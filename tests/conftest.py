@@ -4,12 +4,15 @@ import logging
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
+import psycopg
 import pydicom
 import pytest
 import yaml
@@ -18,7 +21,16 @@ from prometheus_client import CollectorRegistry
 from plugin.app import Node
 from plugin.cli import main
 from plugin.config import NodeConfig
-from tests.postgres import own_postgres, postgres_server, postgres_url  # noqa: F401 (fixtures)
+from plugin.journal import Journal
+from tests.postgres import (  # noqa: F401 (fixtures)
+    JOURNAL_MODE,
+    JOURNAL_MODES,
+    own_postgres,
+    postgres_server,
+    postgres_url,
+    session_server_stopped,
+    suite_journal_url,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PIPELINE = REPO / "pipelines" / "lung-nodule-demo.yaml"
@@ -29,6 +41,26 @@ DEID_HUMANS = Path(__import__("deid_data").__file__).parent / "data" / "humans"
 
 # dcmtk waits ~40 ms per message for a delayed ACK unless told to set TCP_NODELAY.
 os.environ["TCP_NODELAY"] = "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "sqlite_only(reason): the test is about the SQLite journal itself; skipped in the PostgreSQL mode",
+    )
+    if JOURNAL_MODE not in JOURNAL_MODES:
+        raise pytest.UsageError(f"RADPIPE_TEST_JOURNAL={JOURNAL_MODE!r}: give one of {', '.join(JOURNAL_MODES)}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """In the PostgreSQL mode, a test about SQLite itself is skipped with its reason (it
+    already ran in the default mode), not run on a journal it is not about."""
+    if JOURNAL_MODE != "postgresql":
+        return
+    for item in items:
+        marker = item.get_closest_marker("sqlite_only")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=f"SQLite only: {marker.args[0]}"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -122,7 +154,8 @@ def write_pipeline(directory: Path, source: Path = DEMO_PIPELINE, **changes: obj
 
 
 def node_config(tmp_path: Path, **sections: dict) -> dict:
-    """A node config for tests: free ports, everything under ``tmp_path``."""
+    """A node config for tests: free ports, everything under ``tmp_path``; in the
+    PostgreSQL mode, a fresh database for its journal unless ``journal`` is given."""
     config: dict = {
         "node": {"port": free_port()},
         "metrics": {"port": free_port()},
@@ -130,6 +163,8 @@ def node_config(tmp_path: Path, **sections: dict) -> dict:
         "pipelines": {"dir": str(tmp_path / "pipelines")},
         "dispatch": {"tries": 3, "backoff_seconds": 0.1},
     }
+    if "journal" not in sections and (url := suite_journal_url()) is not None:
+        config["journal"] = {"url": url}
     for name, values in sections.items():
         config.setdefault(name, {}).update(values)
     return config
@@ -151,6 +186,26 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     yield start
     for node in nodes:
         node.stop()
+
+
+def open_journal(folder: Path) -> Journal:
+    """A new, empty journal of the test's own, as a node of the suite's mode would have: a
+    fresh database in the PostgreSQL mode, else ``journal.sqlite`` in ``folder``."""
+    return Journal(suite_journal_url() or folder / "journal.sqlite")
+
+
+# What reading a journal that a node writes may raise before the node has created it.
+JOURNAL_ERRORS = (sqlite3.Error, psycopg.Error)
+
+
+def read_journal(location: Path | str, sql: str) -> list[tuple]:
+    """The rows of ``sql`` in a journal another process writes, read as an admin would
+    (``NodeConfig.journal_location``: a SQLite file, opened read-only, or a PostgreSQL URL)."""
+    if isinstance(location, str):
+        with psycopg.connect(location, autocommit=True) as conn:
+            return conn.execute(sql).fetchall()
+    with closing(sqlite3.connect(f"file:{location}?mode=ro", uri=True, timeout=5)) as db:
+        return db.execute(sql).fetchall()
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 60, what: str = "condition") -> object:

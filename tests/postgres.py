@@ -5,6 +5,11 @@ The packaged service (``/etc/postgresql``, ``/var/lib/postgresql``) is never tou
 each server is its own cluster, listening on 127.0.0.1 only with its Unix socket in its
 own folder. PostgreSQL refuses to run as root, so as root it runs as ``nobody`` in a
 folder made that user's.
+
+The suite's PostgreSQL mode (``RADPIPE_TEST_JOURNAL=postgresql``, ``make test-postgresql``)
+gives every node the tests configure a journal of its own in PostgreSQL: one server for
+the session, started by the first test that needs it, and a fresh database per journal
+(:func:`suite_journal_url`), so that tests stay as isolated as with their own SQLite file.
 """
 
 import glob
@@ -24,6 +29,9 @@ import psycopg
 import pytest
 
 USER = "nobody"  # who runs the server when the tests run as root
+# The journal the suite's nodes use: "sqlite" (the default, as in CI) or "postgresql".
+JOURNAL_MODES = ("sqlite", "postgresql")
+JOURNAL_MODE = os.environ.get("RADPIPE_TEST_JOURNAL", "sqlite")
 
 
 def postgres_bin() -> Path | None:
@@ -119,15 +127,37 @@ class PostgresServer:
         return self.url(name)
 
 
+_session_server: PostgresServer | None = None
+
+
+def session_server() -> PostgresServer:
+    """The session's PostgreSQL, running: started on first use (a run of the default mode
+    that selects no PostgreSQL test starts none), stopped by :func:`session_server_stopped`."""
+    global _session_server
+    if _session_server is None:
+        _session_server = PostgresServer()  # kept before it starts: a half-started one is killed too
+        _session_server.start()
+    return _session_server
+
+
+def suite_journal_url() -> str | None:
+    """In the PostgreSQL mode, a fresh database's URL for one node's (or one test's)
+    journal; None in the SQLite mode, where each has its SQLite file."""
+    return session_server().create_database() if JOURNAL_MODE == "postgresql" else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_server_stopped() -> Iterator[None]:
+    """The session's PostgreSQL, if a test started it, is stopped at the session's end."""
+    yield
+    if _session_server is not None:
+        _session_server.kill()
+
+
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One PostgreSQL for the session, running."""
-    server = PostgresServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.kill()
+def postgres_server() -> PostgresServer:
+    """The session's PostgreSQL, running."""
+    return session_server()
 
 
 @pytest.fixture

@@ -322,6 +322,7 @@ def test_sop_class_must_match_its_presentation_context(start_node, dcmtk, demo_s
     assert rejected == 1
 
 
+@pytest.mark.sqlite_only("holds SQLite's write lock (BEGIN EXCLUSIVE) and waits out its busy timeout")
 def test_a_locked_journal_is_answered_processing_failure(start_node, dcmtk, demo_study):
     """Another process holds the journal's write lock (an admin's sqlite3 shell): the
     store fails after SQLite's busy timeout and the sender hears 0xC211, not silence."""

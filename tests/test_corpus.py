@@ -7,7 +7,6 @@ its log."""
 import json
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -20,6 +19,7 @@ import yaml
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
+from plugin.config import NodeConfig
 from tests.conftest import (
     DEID_HUMANS,
     PYDICOM_DATA,
@@ -29,6 +29,7 @@ from tests.conftest import (
     echo_ok,
     free_port,
     node_config,
+    read_journal,
     serve,
     wait_for,
     write_pipeline,
@@ -121,11 +122,6 @@ def _send(cases: list[dict], port: int) -> None:
         pending = [c for c in pending if c not in batch]
 
 
-def _journal(storage: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(f"file:{storage / 'journal.sqlite'}?mode=ro", uri=True, timeout=5) as db:
-        return db.execute(sql).fetchall()
-
-
 def test_every_shipped_image_gives_valid_results_or_a_named_failure(tmp_path, dcmtk, monkeypatch):
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)  # the bytes as on disk
     (tmp_path / "copies").mkdir()
@@ -137,7 +133,9 @@ def test_every_shipped_image_gives_valid_results_or_a_named_failure(tmp_path, dc
         match={"Rows": {"exists": True}},
         outputs=[{"sr": {"sop_class": "comprehensive3d"}}, {"kos": {"when": "always"}}],
     )
-    (tmp_path / "radpipe.yaml").write_text(yaml.safe_dump(node_config(tmp_path, node={"port": port})))
+    config = node_config(tmp_path, node={"port": port})
+    (tmp_path / "radpipe.yaml").write_text(yaml.safe_dump(config))
+    journal = NodeConfig.model_validate(config).journal_location
     storage, log = tmp_path / "data", tmp_path / "node.log"
     node = serve(tmp_path / "radpipe.yaml", port, log)
     try:
@@ -150,7 +148,7 @@ def test_every_shipped_image_gives_valid_results_or_a_named_failure(tmp_path, dc
         )
 
         def finished() -> list[tuple] | None:
-            rows = _journal(storage, sql)
+            rows = read_journal(journal, sql)
             return rows if {uid for uid, *_ in rows} >= accepted else None
 
         jobs = {uid: job for uid, *job in wait_for(finished, timeout=150, what="a job done or failed for each file")}
@@ -159,7 +157,7 @@ def test_every_shipped_image_gives_valid_results_or_a_named_failure(tmp_path, dc
         node.send_signal(signal.SIGTERM)
         node.wait(30)
 
-    results = _journal(storage, "SELECT job_id, kind, path FROM results")
+    results = read_journal(journal, "SELECT job_id, kind, path FROM results")
     with ThreadPoolExecutor(2) as pool:
         errors = dict(zip(results, pool.map(lambda r: dciodvfy_errors(Path(r[2])), results), strict=True))
     notes = [json.loads(p.read_text()) for p in (storage / "quarantine").glob("*/*.json")]

@@ -4,7 +4,6 @@ Also a load test: 8 concurrent associations x 250 instances."""
 
 import random
 import signal
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -16,10 +15,20 @@ import yaml
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from plugin.config import NodeConfig
 from plugin.demo.phantom import make_volume
 from plugin.demo.series import write_ct_series
 from plugin.outputs.sr import read_measurement_report
-from tests.conftest import free_port, node_config, serve, wait_for, with_new_uids, write_pipeline
+from tests.conftest import (
+    JOURNAL_ERRORS,
+    free_port,
+    node_config,
+    read_journal,
+    serve,
+    wait_for,
+    with_new_uids,
+    write_pipeline,
+)
 from tests.test_dispatch import start_pacs
 
 
@@ -51,12 +60,7 @@ def _send_all(series: list[list[Path]], port: int, acked: set[str]) -> list[thre
     return threads
 
 
-def _journal(storage: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(f"file:{storage / 'journal.sqlite'}?mode=ro", uri=True, timeout=5) as db:
-        return db.execute(sql).fetchall()
-
-
-def _kill_when(point: str, storage: Path, rng: random.Random) -> None:
+def _kill_when(point: str, journal: Path | str, rng: random.Random) -> None:
     """Wait for the moment to kill: during receive, during inference, or during dispatch."""
     if point == "receive":
         time.sleep(rng.uniform(0.05, 0.4))
@@ -68,9 +72,9 @@ def _kill_when(point: str, storage: Path, rng: random.Random) -> None:
     }[point]
     while time.monotonic() < deadline:
         try:
-            if _journal(storage, sql)[0][0] > 0:
+            if read_journal(journal, sql)[0][0] > 0:
                 return
-        except sqlite3.Error:
+        except JOURNAL_ERRORS:
             pass
         time.sleep(0.005)
 
@@ -102,7 +106,7 @@ def test_sigkill_at_varied_points_loses_nothing(tmp_path, small_series, dcmtk):
         dispatch={"backoff_seconds": 0.2, "max_backoff_seconds": 0.5},
     )
     (tmp_path / "radpipe.yaml").write_text(yaml.safe_dump(config))
-    storage, log = tmp_path / "data", tmp_path / "node.log"
+    journal, log = NodeConfig.model_validate(config).journal_location, tmp_path / "node.log"
     rng = random.Random(20261129)
     acked: set[str] = set()
     all_series: list[list[Path]] = []
@@ -112,7 +116,7 @@ def test_sigkill_at_varied_points_loses_nothing(tmp_path, small_series, dcmtk):
             series = [with_new_uids(small_series, tmp_path / f"t{trial}s{i}") for i in range(3)]
             all_series += series
             senders = _send_all(series, port, acked)
-            _kill_when(point, storage, rng)
+            _kill_when(point, journal, rng)
             node.send_signal(signal.SIGKILL)
             node.wait(10)
             for sender in senders:
@@ -128,7 +132,7 @@ def test_sigkill_at_varied_points_loses_nothing(tmp_path, small_series, dcmtk):
         node.wait(30)
         pacs.shutdown()
 
-    stored = {uid: path for uid, path in _journal(storage, "SELECT sop_instance_uid, path FROM instances")}
+    stored = {uid: path for uid, path in read_journal(journal, "SELECT sop_instance_uid, path FROM instances")}
     assert acked <= set(stored), "an acknowledged instance is missing from the journal"
     assert all(Path(stored[uid]).is_file() for uid in acked), "an acknowledged instance is missing from the spool"
     current = _current_srs(received, all_series)

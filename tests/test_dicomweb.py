@@ -21,11 +21,10 @@ import yaml
 
 from plugin.app import Node
 from plugin.config import ConfigError, Destination, DispatchSection, load_config
-from plugin.journal import Journal
 from plugin.multipart import ChunkedReader, LengthReader, MultipartError, TooLarge, read_parts
 from plugin.outputs.sr import read_measurement_report
 from plugin.stow import FailureReason, failure_reasons, is_transient
-from tests.conftest import free_port, results, storescu, wait_for, with_new_uids
+from tests.conftest import free_port, open_journal, results, storescu, wait_for, with_new_uids
 from tests.orthanc import PASSWORD, USER, Orthanc, stop_packaged_service
 from tests.test_dispatch import dispatching, queue_results
 
@@ -119,7 +118,7 @@ def test_orthanc_down_is_retried_and_the_result_delivered_once(
     once Orthanc is up the next try delivers, and the result is in Orthanc once."""
     server = DicomwebOrthanc(tmp_path / "orthanc")
     [path] = demo_study["Demo chest CT, no nodules"][:1]
-    journal = Journal(tmp_path / "journal.sqlite")
+    journal = open_journal(tmp_path)
     job_id = queue_results(journal, [path], ["web"])
     destinations = {"web": Destination.model_validate(web_destination(server.url, password_file))}
     policy = DispatchSection(backoff_seconds=0.2, max_backoff_seconds=0.5)
@@ -154,7 +153,7 @@ def test_answers_that_cannot_change_are_dead_lettered_at_once(
         "unauthorized": Destination.model_validate(web_destination(orthanc.url, wrong)),
         "nowhere": Destination.model_validate(web_destination(orthanc.url + "-nowhere", password_file)),
     }
-    journal = Journal(tmp_path / "journal.sqlite")
+    journal = open_journal(tmp_path)
     queue_results(journal, [path], list(destinations))
     try:
         with dispatching(journal, destinations, DispatchSection(backoff_seconds=0.1)):
@@ -396,7 +395,7 @@ def test_radpipes_own_failure_answers_are_retried_or_dead_lettered_by_their_reas
         "full": Destination(url=f"http://127.0.0.1:{full.stow_server.port}"),
         "holding": Destination(url=f"http://127.0.0.1:{holding.stow_server.port}"),
     }
-    journal = Journal(tmp_path / "journal.sqlite")
+    journal = open_journal(tmp_path)
     job_id = queue_results(journal, [tmp_path / "changed.dcm"], list(destinations))
     try:
         with dispatching(journal, destinations, DispatchSection(backoff_seconds=60)):
@@ -458,7 +457,7 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(
 
     client_tls = {"ca": pki / "ca.crt", "cert": pki / "client.crt", "key": pki / "client.key"}
     destinations = {"https": Destination(url=url, tls=client_tls)}
-    journal = Journal(tmp_path / "journal.sqlite")
+    journal = open_journal(tmp_path)
     job_id = queue_results(journal, [second], ["https"])
     try:
         with dispatching(journal, destinations, DispatchSection(backoff_seconds=60)):

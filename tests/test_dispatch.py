@@ -17,7 +17,7 @@ from plugin.config import Destination, DispatchSection
 from plugin.dispatch import Dispatcher
 from plugin.journal import JobSpec, Journal, PendingSeries
 from plugin.metrics import Metrics
-from tests.conftest import free_port, storescu, wait_for, with_new_uids
+from tests.conftest import free_port, open_journal, storescu, wait_for, with_new_uids
 
 
 def start_pacs(
@@ -153,7 +153,7 @@ def test_several_results_go_over_one_association(tmp_path, demo_study):
     received: list[pydicom.Dataset] = []
     associations: list[object] = []
     pacs, port = start_pacs(received, refuse=frozenset({refused}), associations=associations)
-    journal = Journal(tmp_path / "journal.sqlite")
+    journal = open_journal(tmp_path)
     try:
         job_id = queue_results(journal, paths, ["pacs"])
         with dispatching(journal, {"pacs": _pacs(port)}, DispatchSection(backoff_seconds=30)) as metrics:
@@ -179,7 +179,7 @@ def test_a_result_that_is_not_dicom_is_journaled_with_backoff(tmp_path, demo_stu
     good, bad = with_new_uids(demo_study["Demo chest CT, no nodules"][:2], tmp_path / "results")
     received: list[pydicom.Dataset] = []
     pacs, port = start_pacs(received)
-    journal = Journal(tmp_path / "journal.sqlite")
+    journal = open_journal(tmp_path)
     try:
         job_id = queue_results(journal, [good, bad], ["pacs"])
         bad.write_bytes(b"not a DICOM file")
@@ -200,7 +200,7 @@ def test_a_result_that_is_not_dicom_is_journaled_with_backoff(tmp_path, demo_stu
 
 def test_a_result_for_a_destination_no_longer_configured_is_dead_lettered(tmp_path, demo_study):
     paths = with_new_uids(demo_study["Demo chest CT, no nodules"][:1], tmp_path / "results")
-    journal = Journal(tmp_path / "journal.sqlite")
+    journal = open_journal(tmp_path)
     try:
         job_id = queue_results(journal, paths, ["removed"])
         with dispatching(journal, {}, DispatchSection()) as metrics:

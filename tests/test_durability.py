@@ -98,7 +98,9 @@ def test_status_and_retry_commands(start_node, tmp_path, demo_study, dcmtk):
     assert storescu(node.port, *demo_study["Demo chest CT, nodules"][:2]).returncode == 0
     wait_for(lambda: node.journal.deliveries(status="dead"), what="a dead letter")
     config = tmp_path / "radpipe.yaml"
-    config.write_text(yaml.safe_dump({"storage": {"dir": str(node.config.storage.dir)}}))
+    config.write_text(
+        yaml.safe_dump({"storage": {"dir": str(node.config.storage.dir)}, "journal": {"url": node.config.journal.url}})
+    )
     status = subprocess.run([*RADPIPE, "status", "--config", str(config)], capture_output=True, text=True)
     assert status.returncode == 0, status.stderr
     assert "dead_letter=1" in status.stdout and "dead letters: 1" in status.stdout

@@ -28,7 +28,7 @@ import yaml
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.conftest import PYDICOM_FILES, echo_ok, free_port, serve, wait_for
+from tests.conftest import PYDICOM_FILES, echo_ok, free_port, node_config, serve, wait_for
 
 SEED = int(os.environ.get("RADPIPE_FUZZ_SEED", "11"))
 CASES = int(os.environ.get("RADPIPE_FUZZ_CASES", "2000"))
@@ -197,12 +197,9 @@ def _aborted(metrics_port: int) -> dict[str, float]:
 def test_fuzzed_association_streams(tmp_path: Path, dcmtk) -> None:
     port, metrics_port = free_port(), free_port()
     (tmp_path / "pipelines").mkdir()  # nothing routed: no model, so no threads of its own
-    config = {
-        "node": {"port": port, "artim_seconds": 2, "network_timeout_seconds": 5},
-        "metrics": {"port": metrics_port},
-        "storage": {"dir": str(tmp_path / "data"), "min_free_mb": 1},
-        "pipelines": {"dir": str(tmp_path / "pipelines")},
-    }
+    config = node_config(
+        tmp_path, node={"port": port, "artim_seconds": 2, "network_timeout_seconds": 5}, metrics={"port": metrics_port}
+    )
     (tmp_path / "radpipe.yaml").write_text(yaml.safe_dump(config))
     log_path = tmp_path / "node.log"
     node = serve(tmp_path / "radpipe.yaml", port, log_path)

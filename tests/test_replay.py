@@ -52,7 +52,9 @@ def test_replay_over_a_received_journal(
     assert storescu(node.port, *new).returncode == 0
 
     config = tmp_path / "radpipe.yaml"
-    config.write_text(yaml.safe_dump({"storage": {"dir": str(tmp_path / "data")}}))
+    config.write_text(
+        yaml.safe_dump({"storage": {"dir": str(tmp_path / "data")}, "journal": {"url": node.config.journal.url}})
+    )
     pipelines = tmp_path / "replay"
 
     def replay(pipeline: Path, *options: str) -> tuple[set[tuple[str, str, int]], Counter[str]]:

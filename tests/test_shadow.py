@@ -15,11 +15,11 @@ from pydicom import Dataset
 
 from plugin.app import Node
 from plugin.demo.series import write_synthetic_study
-from plugin.journal import FindingPair, JobSpec, Journal, PendingSeries
+from plugin.journal import FindingPair, JobSpec, PendingSeries
 from plugin.outputs.sr import ReportedFinding, read_measurement_report
 from plugin.pipeline import PipelineError, load_pipeline_files
 from plugin.router import Router
-from tests.conftest import DEMO_PIPELINE, free_port, storescu, wait_for, write_pipeline
+from tests.conftest import DEMO_PIPELINE, free_port, open_journal, storescu, wait_for, write_pipeline
 from tests.test_monitoring import http_get, metrics_url
 
 LIVE, SHADOW = "lung-nodule-demo", "lung-nodule-shadow"
@@ -115,7 +115,7 @@ def test_a_shadow_is_never_sent_and_compare_reports_its_agreement(
         for family in text_string_to_metric_families(http_get(metrics_url(node)).decode())
         for s in family.samples
     }
-    labels = {"pipeline": SHADOW, "live": LIVE, "finding": "nodule"}
+    labels = {"pipeline": SHADOW, "live": LIVE, "finding": "nodule", "node": node.config.node.id}
 
     def sample(name: str, **more: str) -> float:
         return samples[(name, tuple(sorted({**labels, **more}.items())))]
@@ -129,7 +129,9 @@ def test_a_shadow_is_never_sent_and_compare_reports_its_agreement(
 
     # And so does `radpipe compare`, by UID and with no patient's name or ID.
     config = tmp_path / "radpipe.yaml"
-    config.write_text(yaml.safe_dump({"storage": {"dir": str(tmp_path / "data")}}))
+    config.write_text(
+        yaml.safe_dump({"storage": {"dir": str(tmp_path / "data")}, "journal": {"url": node.config.journal.url}})
+    )
     code, out = radpipe("compare", LIVE, SHADOW, "--since", "1h", "--config", str(config))
     print(out)
     assert code == 0
@@ -195,8 +197,9 @@ def test_a_shadow_takes_only_what_its_live_pipeline_takes(tmp_path: Path) -> Non
 
 
 def test_finding_pairs_follow_the_journal(tmp_path: Path) -> None:
-    journal = Journal(tmp_path / "journal.sqlite")
-    series = PendingSeries("1.2.3", "1.2.3.4", 1, 0.0, 0.0, "x.dcm")
+    journal = open_journal(tmp_path)
+    # No instance journaled: the series closes with the 0 pending instances it counts.
+    series = PendingSeries("1.2.3", "1.2.3.4", 0, 0.0, 0.0, "x.dcm")
     journal.create_batches(
         "1.2.3", [(series, [JobSpec(LIVE, "1", "a" * 64, 0), JobSpec(SHADOW, "1", "b" * 64, -100)])], []
     )
