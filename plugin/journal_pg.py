@@ -96,7 +96,7 @@ class _Creating(_Qmark):
     on every start, for nothing."""
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor:
-        index = _CREATE_INDEX.match(sql)
+        index = _CREATE_INDEX.search(sql)
         if index is not None:
             exists = self._conn.execute("SELECT to_regclass(%s)", (index[1],))
             if exists.fetchone() != (None,):
@@ -104,7 +104,7 @@ class _Creating(_Qmark):
         return super().execute(sql, parameters)
 
 
-_CREATE_INDEX = re.compile(r"CREATE INDEX IF NOT EXISTS (\w+) ")
+_CREATE_INDEX = re.compile(r"^CREATE INDEX IF NOT EXISTS (\w+) ", re.MULTILINE)  # after any -- comment
 
 
 class Outage:
