@@ -168,6 +168,10 @@ def test_three_nodes_process_each_series_generation_once_with_one_killed_after_i
             _run(cluster, journal, with_new_uids(source, tmp_path / f"run-{run}"), pacs_dir, run)
             print(f"{time.monotonic() - run_started:.1f} s")
         print(f"{RUNS} runs, {time.monotonic() - started:.1f} s from the first start")
+        for name in NODES:  # which node closed what: any of them, never one series twice (above)
+            text = (tmp_path / f"{name}.log").read_text()
+            print(f"{name}: closed {text.count(' complete (generation ')} series generation(s)")
+            assert not [line for line in text.splitlines() if " ERROR " in line or " CRITICAL " in line], name
     finally:
         cluster.stop()
         journal.close()
