@@ -102,7 +102,7 @@ CREATE TABLE IF NOT EXISTS results (
     sop_instance_uid TEXT NOT NULL
 );
 -- Retention asks, for every old file of the results folder, whether a row names it.
-CREATE INDEX IF NOT EXISTS results_by_path ON results (path);
+CREATE INDEX IF NOT EXISTS results_by_sop ON results (sop_instance_uid);
 CREATE TABLE IF NOT EXISTS deliveries (
     result_id INTEGER NOT NULL,
     destination TEXT NOT NULL,
@@ -1008,18 +1008,18 @@ class Journal:
             db.execute("DELETE FROM batches WHERE study_instance_uid = ?", (study_uid,))
             db.execute("DELETE FROM instances WHERE study_instance_uid = ?", (study_uid,))
 
-    def journaled_paths(self, paths: Sequence[Path]) -> set[Path]:
-        """Which of ``paths`` a row names: a received instance's file (looked up by its SOP
-        Instance UID, the spool's file name) or a job's result."""
-        if not paths:
+    def journaled_uids(self, uids: Sequence[str]) -> set[str]:
+        """Which of ``uids`` a row names as a received instance's or a result's SOP
+        Instance UID (the name of its file in the spool or the results folder)."""
+        if not uids:
             return set()
-        marks = ", ".join("?" * len(paths))
+        marks = ", ".join("?" * len(uids))
         rows = self._all(
-            f"SELECT path FROM instances WHERE sop_instance_uid IN ({marks})"
-            f" UNION SELECT path FROM results WHERE path IN ({marks})",
-            (*(path.stem for path in paths), *map(str, paths)),
+            f"SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN ({marks})"
+            f" UNION SELECT sop_instance_uid FROM results WHERE sop_instance_uid IN ({marks})",
+            (*uids, *uids),
         )
-        return {Path(path) for (path,) in rows} & set(paths)
+        return {uid for (uid,) in rows}
 
     # -- monitoring --------------------------------------------------------------------
 

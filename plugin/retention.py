@@ -12,6 +12,8 @@ and row), a temporary file of a write cut short, a result of a job whose node di
 its finish. Every node sweeps the spool and results folders on its own: removing a file
 is idempotent, and a file is removed only if it is still the one found old (see
 :func:`remove_unchanged`), so a sweep never takes an instance being received again.
+A file is journaled when a row has its name's SOP Instance UID, whatever path the row
+holds: a node that sees the shared folder under another path removes nothing of it.
 """
 
 import logging
@@ -109,8 +111,8 @@ class Retention(Worker):
         removed = []
         files = self._files_before(older_than)
         while chunk := list(islice(files, SWEEP_CHUNK)):
-            journaled = self._journal.journaled_paths([path for path, _ in chunk])
-            removed += [path for path, seen in chunk if path not in journaled and remove_unchanged(path, seen)]
+            journaled = self._journal.journaled_uids([path.stem for path, _ in chunk])
+            removed += [path for path, seen in chunk if path.stem not in journaled and remove_unchanged(path, seen)]
         if removed:
             log.info("retention: removed %d file(s) no journal row names", len(removed))
         return removed

@@ -1,6 +1,7 @@
 """Retention's sweep of files no journal row names, on both journal back ends: what a
 failure leaves in the storage goes once past the grace period, nothing journaled or
-recent does, and a file written again since it was found old is kept."""
+recent does (also when the folder is seen under another path), and a file written again
+since it was found old is kept."""
 
 import time
 
@@ -36,6 +37,9 @@ def test_files_no_row_names_are_removed_once_past_the_grace_period(location, tmp
     assert sorted(retention.sweep(cutoff)) == sorted([unjournaled, partial, unfinished])
     assert kept.read_bytes() == b"kept" and result.is_file() and fresh.is_file()
     assert retention.sweep(cutoff) == []
+    mount = tmp_path.with_name(f"{tmp_path.name}-elsewhere")  # the shared folder as another node sees it
+    mount.symlink_to(tmp_path)
+    assert Retention(journal, Spool(mount / "spool"), mount / "results", retention_days=0).sweep(cutoff) == []
     assert retention.sweep(time.time() + 1) == [fresh]  # once it is past the grace period too
     left = [p.name for folder in (spool.root, results_dir) for p in folder.rglob("*") if p.is_file()]
     assert sorted(left) == ["1.2.3.1.dcm", "9.1.dcm"]
