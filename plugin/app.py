@@ -22,7 +22,7 @@ from plugin.config import ROLES, NodeConfig, Role
 from plugin.dicomweb import StowServer, start_stow_server
 from plugin.dispatch import Dispatcher
 from plugin.durability import GroupSync
-from plugin.journal import Journal, JournalUnavailable
+from plugin.journal import DELIVERIES_DUE, JOBS_QUEUED, Journal, JournalUnavailable
 from plugin.metrics import Metrics, serve_metrics
 from plugin.node import Storage, StoreLimits, start_servers
 from plugin.quarantine import Quarantine
@@ -106,6 +106,11 @@ class Node:
             if role in stages and following in stages:
                 stages[role].next_stage = stages[following]
         self.workers: list[Worker] = [*stages.values(), *helpers]
+        # Work another node queued (PostgreSQL's NOTIFY) wakes the stage that takes it.
+        self._woken_by = {
+            channel: stages[role].wake for channel, role in ((JOBS_QUEUED, "infer"), (DELIVERIES_DUE, "dispatch"))
+            if role in stages
+        }  # fmt: skip
         self.heartbeat = Heartbeat(self.journal)
         self.servers: list[AssociationServer] = []
         self.stow_server: StowServer | None = None
@@ -167,6 +172,7 @@ class Node:
         self.heartbeat.start()
         for worker in self.workers:
             worker.start()
+        self.journal.listen(self._woken_by)
         if "receive" not in self.roles:
             return
         assert self.group_sync is not None  # made for the receive role

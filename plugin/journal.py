@@ -31,6 +31,13 @@ every instance its caller counted is still pending, checked under a lock on the 
 closes it and the others create nothing. A lock per study, not per poll: nodes close
 different studies side by side.
 
+New work is announced: the transaction that queues jobs or deliveries notifies a channel
+(:data:`JOBS_QUEUED`, :data:`DELIVERIES_DUE`; PostgreSQL's NOTIFY, sent at commit), and
+:meth:`Journal.listen` wakes this node's workers when another node's does, so that a job
+queued by one node's assembler is claimed by an infer node at once, not at its next poll
+(polling stays, for a notification lost with a connection). SQLite's one node wakes its
+workers in process.
+
 A study's trace id (``logs.trace_id``) is not stored: it is a function of
 ``study_instance_uid``, computed where it is needed (:meth:`Journal.study_of_trace`).
 """
@@ -41,7 +48,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -146,6 +153,9 @@ _NEXT_GENERATION = (
     "SELECT COALESCE(MAX(generation), 0) + 1 FROM batches WHERE study_instance_uid = ?"
     " AND COALESCE(series_instance_uid, '') = COALESCE(CAST(? AS TEXT), '')"
 )
+# The channels of :meth:`Journal.listen`: jobs were queued (runners claim), deliveries
+# became due (senders send).
+JOBS_QUEUED, DELIVERIES_DUE = "radpipe_jobs", "radpipe_deliveries"
 # How long a claim holds without a heartbeat: a dead node's work waits this long for
 # another node. The heartbeat renews every third of it, so a node loses a lease only when
 # it cannot reach the journal for two renewals in a row.
@@ -330,6 +340,12 @@ class Backend(Protocol):
         transaction taking the same name waits for it (a check then a change, atomic
         across nodes). SQLite's transactions are serial already (BEGIN IMMEDIATE)."""
 
+    def notify(self, db: Connection, channel: str) -> None:
+        """Within a transaction: tell the nodes listening on ``channel`` once it commits."""
+
+    def listen(self, wake: Mapping[str, Callable[[], None]]) -> None:
+        """Until :meth:`close`: call ``wake[channel]`` whenever a notification on it arrives."""
+
     def prepare(self, create: Callable[[Connection], None]) -> None:
         """Have ``create`` (schema and migrations) run once, before the first statement
         of this process."""
@@ -376,6 +392,12 @@ class SqliteBackend:
         return ""
 
     def exclusive(self, db: Connection, name: str) -> None:
+        pass
+
+    def notify(self, db: Connection, channel: str) -> None:
+        pass  # one node: its workers wake each other in process
+
+    def listen(self, wake: Mapping[str, Callable[[], None]]) -> None:
         pass
 
     @contextmanager
@@ -444,6 +466,11 @@ class Journal:
                 " WHERE earlier.study_instance_uid = batches.study_instance_uid AND earlier.id <= batches.id"
                 " AND COALESCE(earlier.series_instance_uid, '') = COALESCE(batches.series_instance_uid, ''))"
             )
+
+    def listen(self, wake: Mapping[str, Callable[[], None]]) -> None:
+        """Wake this node's workers when another node queues work for them: ``wake`` maps
+        :data:`JOBS_QUEUED` or :data:`DELIVERIES_DUE` to a worker's ``wake``."""
+        self._backend.listen(wake)
 
     def close(self) -> None:
         self._backend.close()
@@ -564,6 +591,8 @@ class Journal:
                 )
             if study_jobs:
                 closed.append(batch(None, study_jobs))
+            if study_jobs or any(jobs for _, jobs in series):
+                self._backend.notify(db, JOBS_QUEUED)
         return closed
 
     def batch_study(self, batch_id: int) -> str | None:
@@ -688,6 +717,8 @@ class Journal:
                     "INSERT INTO deliveries (result_id, destination, status) VALUES (?, ?, 'pending')",
                     [(result_id, d) for d in destinations],
                 )
+            if results and destinations:
+                self._backend.notify(db, DELIVERIES_DUE)
         return True
 
     # A finish commits only on the claim this process holds: its owner and its attempts.
@@ -812,6 +843,7 @@ class Journal:
                     " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
                     [(job_id, self.node_id, attempts) for job_id, attempts in held],
                 )
+                self._backend.notify(db, JOBS_QUEUED)  # another node may take them at once
 
     def release_deliveries(self, deliveries: Iterable[Delivery]) -> None:
         """Hand back claimed deliveries this node did not try (it is stopping, or its round

@@ -7,7 +7,8 @@ that nodes starting together do not race each other's ``CREATE TABLE``), makes a
 and the change that depends on it atomic across nodes with a transaction's advisory lock
 on a name (``exclusive``: the assemblers closing a study), and claims jobs
 and deliveries with ``FOR UPDATE OF ... SKIP LOCKED`` (so that nodes claiming together
-never take the same one). Losing the server is :class:`~plugin.journal.JournalUnavailable`, not a crash, and
+never take the same one), and announces new work with NOTIFY, heard on a connection of
+its own that LISTENs (``listen``). Losing the server is :class:`~plugin.journal.JournalUnavailable`, not a crash, and
 a few log lines per outage (:class:`Outage`), not one per failed poll or reconnection.
 """
 
@@ -18,11 +19,12 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
@@ -40,6 +42,9 @@ POOL_SIZE = 16
 WAIT_SECONDS = 5.0
 # libpq waits for an unreachable host without limit unless told; a URL may set its own.
 CONNECT_TIMEOUT_SECONDS = 5
+# How often the listening connection looks up from waiting for notifications (to stop),
+# and the longest wait before it connects again after losing the server.
+LISTEN_POLL_SECONDS, LISTEN_RETRY_SECONDS = 1.0, 30.0
 # While the server stays unreachable, one line per this many seconds.
 OUTAGE_REPEAT_SECONDS = 60.0
 # psycopg_pool's lines about a failed (re)connection of its own: each is a failure of the
@@ -186,8 +191,10 @@ class PostgresBackend:
             open=False,
         )
         self._pool.open(wait=False)  # the node starts, and waits for the server, on its own terms
+        self._url, self._options = url, options
         self._create: Callable[[Connection], None] | None = None
         self._created = threading.Lock()
+        self._closed = threading.Event()
 
     def prepare(self, create: Callable[[Connection], None]) -> None:
         """``create`` runs before this process's first statement, not now: a node starting
@@ -206,6 +213,31 @@ class PostgresBackend:
         # left held. Two names sharing a 32-bit hash only wait for each other, harmlessly.
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big", signed=True)
         db.execute("SELECT pg_advisory_xact_lock(CAST(? AS INTEGER), CAST(? AS INTEGER))", (NAMED_LOCKS, key))
+
+    def notify(self, db: Connection, channel: str) -> None:
+        db.execute("SELECT pg_notify(?, '')", (channel,))
+
+    def listen(self, wake: Mapping[str, Callable[[], None]]) -> None:
+        if wake:
+            threading.Thread(target=self._listen, args=(dict(wake),), name="journal-listen", daemon=True).start()
+
+    def _listen(self, wake: dict[str, Callable[[], None]]) -> None:
+        """LISTEN on a connection outside the pool (a pooled one would be lent to others),
+        waking on each notification; after losing the server, connect again with backoff,
+        silently: the pool's :class:`Outage` tells of the outage, and the workers poll."""
+        delay = LISTEN_POLL_SECONDS
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(self._url, **self._options) as conn:
+                    for channel in wake:
+                        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    delay = LISTEN_POLL_SECONDS
+                    while not self._closed.is_set():
+                        for notification in conn.notifies(timeout=LISTEN_POLL_SECONDS):
+                            wake[notification.channel]()
+            except psycopg.OperationalError:
+                self._closed.wait(delay)
+                delay = min(2 * delay, LISTEN_RETRY_SECONDS)
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[TupleRow]]:
@@ -242,5 +274,6 @@ class PostgresBackend:
             yield _Qmark(conn)
 
     def close(self) -> None:
+        self._closed.set()
         self._pool.close()
         logging.getLogger("psycopg.pool").removeFilter(self._pool_failures)

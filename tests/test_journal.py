@@ -24,7 +24,16 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from plugin.app import Heartbeat, Node
 from plugin.config import NodeConfig
-from plugin.journal import MAX_JOB_CLAIMS, SCHEMA_STATEMENTS, InstanceRecord, JobSpec, Journal, ResultRecord
+from plugin.journal import (
+    DELIVERIES_DUE,
+    JOBS_QUEUED,
+    MAX_JOB_CLAIMS,
+    SCHEMA_STATEMENTS,
+    InstanceRecord,
+    JobSpec,
+    Journal,
+    ResultRecord,
+)
 from plugin.journal_pg import ddl
 from plugin.logs import trace_id
 from tests.conftest import free_port, node_config, results, serve, storescu, wait_for, write_pipeline
@@ -368,6 +377,35 @@ def test_two_nodes_claim_jobs_and_deliveries_each_exactly_once(location):
     assert not any(a.record_attempt(*d.key, None) for d in sent[1])  # node-b's, not node-a's to finish
     assert all(b.record_attempt(*d.key, None) for d in sent[1])
     assert {d.status for d in a.deliveries()} == {"delivered"}
+    a.close()
+    b.close()
+
+
+def test_work_queued_by_one_node_wakes_the_others_workers(postgres_url):
+    """PostgreSQL's NOTIFY: jobs queued by node-a's assembler wake node-b's runner, the
+    deliveries of a job node-a finished wake node-b's senders, each as its transaction
+    commits, not at the next poll; a series closed without a job wakes nobody."""
+    a, b = Journal(postgres_url, node_id="node-a"), Journal(postgres_url, node_id="node-b")
+    jobs_queued, deliveries_due = threading.Event(), threading.Event()
+    b.listen({JOBS_QUEUED: jobs_queued.set, DELIVERIES_DUE: deliveries_due.set})
+    with psycopg.connect(postgres_url, autocommit=True) as admin:  # node-b's listening connection is up
+
+        def listening() -> bool:
+            sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE %s"
+            return admin.execute(sql, (f"LISTEN %{DELIVERIES_DUE}%",)).fetchone() == (1,)
+
+        wait_for(listening, timeout=30, what="node-b listening")
+
+    a.record_instance(_instance("1.2.9.1", "1.2.9"))
+    a.create_batches("1.2", [(a.pending_series()[0], [])], [])  # unrouted: no job
+    _queue_jobs(a, 1)
+    assert jobs_queued.wait(5)
+    assert not deliveries_due.is_set()
+    jobs_queued.clear()
+    job = a.claim_job()
+    assert job is not None and a.complete_job(job.id, [("sr", "/r/1.dcm", "9.1")], ["pacs"])
+    assert deliveries_due.wait(5)
+    assert not jobs_queued.is_set()
     a.close()
     b.close()
 
