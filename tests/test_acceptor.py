@@ -359,6 +359,7 @@ def full_journal_disk(tmp_path):
         subprocess.run(["umount", "-l", str(data)], check=True)
 
 
+@pytest.mark.sqlite_only("fills the disk that holds the SQLite journal's file (PostgreSQL's is the server's)")
 def test_a_full_journal_disk_is_answered_out_of_resources(full_journal_disk, start_node, dcmtk, demo_study):
     node = start_node()
     with (full_journal_disk / "filler").open("wb", buffering=0) as filler, contextlib.suppress(OSError):

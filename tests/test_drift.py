@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 from plugin.app import Node
 from plugin.demo.phantom import PIXEL_SPACING_MM
 from plugin.demo.series import write_synthetic_study
-from plugin.metrics import Band
+from plugin.metrics import NODE_LABEL, Band
 from plugin.pipeline import PipelineError, load_pipeline
 from tests.conftest import DEMO_ARTIFACT, REPO, results, storescu, wait_for, write_pipeline
 from tests.test_monitoring import PROMETHEUS, http_get, metrics_url, tool
@@ -38,13 +38,15 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def scrape(node: Node) -> Samples:
-    """The node's model monitoring metrics (scores, verdicts, inputs, bands) from ``/metrics``."""
+    """The node's model monitoring metrics (scores, verdicts, inputs, bands) from ``/metrics``,
+    by their labels less ``node`` (the one node's id, on every sample it serves)."""
     samples: Samples = {}
     for family in text_string_to_metric_families(http_get(metrics_url(node)).decode()):
         if family.name.startswith(MONITORED):
             for sample in family.samples:
                 if not sample.name.endswith("_created"):
-                    samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+                    labels = sorted((k, v) for k, v in sample.labels.items() if k != NODE_LABEL)
+                    samples[(sample.name, tuple(labels))] = sample.value
     return samples
 
 
