@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pydicom
+import pytest
 import yaml
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -194,6 +195,7 @@ def _aborted(metrics_port: int) -> dict[str, float]:
     return {reason: float(value) for reason, value in found}
 
 
+@pytest.mark.sqlite_only("counts the node's descriptors: a PostgreSQL pool keeps the connections a load opened")
 def test_fuzzed_association_streams(tmp_path: Path, dcmtk) -> None:
     port, metrics_port = free_port(), free_port()
     (tmp_path / "pipelines").mkdir()  # nothing routed: no model, so no threads of its own
