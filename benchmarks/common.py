@@ -68,15 +68,17 @@ def node_config(work: Path, port: int, pipelines: Path, metrics_port: int = 0, *
     }
 
 
-def serve(work: Path, config: dict) -> subprocess.Popen:
-    """``radpipe serve`` with ``config`` (written to ``work/radpipe.yaml``), output discarded."""
+def serve(work: Path, config: dict, log: Path | None = None) -> subprocess.Popen:
+    """``radpipe serve`` with ``config`` (written to ``work/radpipe.yaml``), output discarded
+    or, given ``log``, written there."""
     (work / "radpipe.yaml").write_text(yaml.safe_dump(config))
-    return subprocess.Popen(
-        [sys.executable, "-m", "plugin", "serve", "--config", str(work / "radpipe.yaml")],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(log or os.devnull, "wb") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "plugin", "serve", "--config", str(work / "radpipe.yaml")],
+            env=ENV,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def report(figures: dict, json_path: Path | None) -> None:
