@@ -665,8 +665,10 @@ class Journal:
                 (now, f"abandoned: claimed {MAX_JOB_CLAIMS} times, never finished", now, MAX_JOB_CLAIMS),
             ).fetchall()
             row = db.execute(
+                # id = (...), not id IN (...): PostgreSQL may run an IN's subquery once per
+                # row, each run skipping the rows the last one locked, and so lease them all
                 "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, lease_owner = ?,"
-                f" lease_until = ? WHERE id IN (SELECT id FROM jobs WHERE (status = 'queued' OR ({expired}))"
+                f" lease_until = ? WHERE id = (SELECT id FROM jobs WHERE (status = 'queued' OR ({expired}))"
                 f" AND NOT EXISTS ({self._EARLIER_UNFINISHED})"
                 f" ORDER BY priority DESC, id LIMIT 1{self._backend.lock('jobs')})"
                 " AND (CAST(? AS TEXT) IS NULL OR pipeline_sha256 = ?)"

@@ -352,6 +352,18 @@ def _side_by_side(nodes: Sequence[Journal], claim: Callable[[Journal], list]) ->
     return got
 
 
+def test_a_claim_takes_one_job(location):
+    """However the database plans the claim (PostgreSQL may re-run a picking subquery of
+    ``id IN (...)`` per row, each run skipping the rows already locked), one claim leases
+    one job: another left running without this node knowing would wait out its lease."""
+    journal = Journal(location, node_id="node-a")
+    _queue_jobs(journal, 6)
+    for pipeline_sha256 in (None, "f" * 64):  # the runner's first claim, then one for the same pipeline
+        assert journal.claim_job(pipeline_sha256) is not None
+        assert [j.status for j in journal.jobs()].count("running") == (1 if pipeline_sha256 is None else 2)
+    journal.close()
+
+
 def test_two_nodes_claim_jobs_and_deliveries_each_exactly_once(location):
     """Two nodes (two journals, two ids) claim 30 jobs, then their 30 deliveries, side by
     side: each goes to exactly one node, leased to it, and status lists who holds what."""
