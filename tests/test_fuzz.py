@@ -191,7 +191,8 @@ def _counts(pid: int) -> tuple[int, int]:
 
 def _aborted(metrics_port: int) -> dict[str, float]:
     page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    found = re.findall(r'^radpipe_associations_aborted_total\{reason="(\w+)"\} (\S+)$', page, re.M)
+    # (each sample carries the node's id beside its reason)
+    found = re.findall(r'^radpipe_associations_aborted_total\{[^}]*\breason="(\w+)"[^}]*\} (\S+)$', page, re.M)
     return {reason: float(value) for reason, value in found}
 
 
