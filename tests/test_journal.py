@@ -6,7 +6,6 @@ the heartbeat, and a node SIGKILLed right after its claim."""
 import logging
 import signal
 import sqlite3
-import subprocess
 import threading
 import time
 import urllib.request
@@ -637,19 +636,13 @@ def test_node_started_while_postgresql_is_down_waits_and_says_so(own_postgres, t
 
 
 def test_a_node_killed_right_after_its_claim_leaves_the_job_to_another_node(
-    postgres_url, tmp_path, demo_study, dcmtk, monkeypatch, radpipe, start_node
+    postgres_url, tmp_path, demo_study, storescp, monkeypatch, radpipe, start_node
 ):
     """node-a, a process of its own, SIGKILLs itself right after claiming its job (the
     runner's test hook); radpipe status names it as the job's holder. node-b, on the same
     PostgreSQL journal and storage folder, takes the job over once node-a's lease expires:
     dcmtk's storescp, the destination, receives exactly one SR."""
-    pacs_port, pacs_dir = free_port(), tmp_path / "pacs"
-    pacs_dir.mkdir()
-    pacs = subprocess.Popen(
-        ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    pacs_port, pacs_dir = storescp
     write_pipeline(tmp_path / "pipelines")
     shared = {
         "journal": {"url": postgres_url},
@@ -678,5 +671,3 @@ def test_a_node_killed_right_after_its_claim_leaves_the_job_to_another_node(
         assert [ds.Modality for ds in received] == ["SR"]
     finally:
         journal.close()
-        pacs.terminate()
-        pacs.wait(10)
