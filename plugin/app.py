@@ -95,7 +95,9 @@ class Node:
         if self.roles & {"assemble", "infer"}:
             stages, helpers = self._pipeline_workers()
         if "assemble" in self.roles:
-            helpers.append(Retention(self.journal, self.spool, config.results_dir, config.storage.retention_days))
+            helpers.append(
+                Retention(self.journal, self.spool, config.results_dir, config.storage.retention_days, self.quarantine)
+            )
         if "dispatch" in self.roles:
             dispatcher = Dispatcher(
                 self.journal, config.destinations, config.node.ae_title, config.dispatch, self.metrics

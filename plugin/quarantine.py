@@ -46,6 +46,14 @@ class Quarantine:
         self._describe(target, reason, detail, source, sop_instance_uid)
         return target
 
+    def keep_moved(self, path: Path, reason: str, detail: str, source: str, sop_instance_uid: str) -> Path:
+        """Move a file here (a rename: the quarantine is in the same storage folder)."""
+        target = self._target(reason)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target)
+        self._describe(target, reason, detail, source, sop_instance_uid)
+        return target
+
     def count(self, reason: str | None = None) -> int:
         pattern = f"{reason}/*.dcm" if reason else "*/*.dcm"
         return len(list(self.root.glob(pattern)))

@@ -12,6 +12,10 @@ and row), a temporary file of a write cut short, a result of a job whose node di
 its finish. Every node sweeps the spool and results folders on its own: removing a file
 is idempotent, and a file is removed only if it is still the one found old (see
 :func:`remove_unchanged`), so a sweep never takes an instance being received again.
+Temporary files and results are deleted (a result is made again by its job's re-run); an
+instance file goes to the quarantine (``orphan``), never deleted: a storage folder put
+under another journal (a node switched to a new PostgreSQL, a journal file lost) holds
+nothing that journal names, and its instances must survive that mistake.
 A file is journaled when a row has its name's SOP Instance UID, whatever path the row
 holds: a node that sees the shared folder under another path removes nothing of it.
 """
@@ -27,6 +31,7 @@ from pathlib import Path
 from stat import S_ISREG
 
 from plugin.journal import Journal
+from plugin.quarantine import Quarantine
 from plugin.spool import Spool, is_valid_uid
 from plugin.worker import Worker
 
@@ -40,8 +45,9 @@ ORPHAN_GRACE_SECONDS = 3600.0
 SWEEP_CHUNK = 500
 
 
-def remove_unchanged(path: Path, seen: os.stat_result) -> bool:
+def remove_unchanged(path: Path, seen: os.stat_result, keep_in: Quarantine | None = None) -> bool:
     """Remove ``path`` if it is still the file ``seen`` (same inode); True if it was.
+    ``keep_in``: move it into that quarantine instead of deleting it.
 
     The file is first renamed aside, atomically: a receipt that wrote the same path again
     since (a new file, renamed into place) has its file put back. The aside name's change
@@ -54,7 +60,10 @@ def remove_unchanged(path: Path, seen: os.stat_result) -> bool:
     if aside.lstat().st_ino != seen.st_ino:
         aside.rename(path)
         return False
-    aside.unlink()
+    if keep_in is None:
+        aside.unlink()
+    else:
+        keep_in.keep_moved(aside, "orphan", "no journal row names it", "retention", path.stem)
     return True
 
 
@@ -67,11 +76,13 @@ class Retention(Worker):
         spool: Spool,
         results_dir: Path,
         retention_days: float,
+        quarantine: Quarantine,
         orphan_grace_seconds: float = ORPHAN_GRACE_SECONDS,
     ) -> None:
         super().__init__("retention")
         self._journal = journal
         self._spool = spool
+        self._quarantine = quarantine
         self._results_dir = results_dir
         self._seconds = retention_days * 86400
         self._grace = orphan_grace_seconds
@@ -106,13 +117,23 @@ class Retention(Worker):
                     yield path, stat
 
     def sweep(self, older_than: float) -> list[Path]:
-        """Remove every file of the spool and results folders that no journal row names and
-        that was last changed before ``older_than``; the files removed."""
+        """Take out every file of the spool and results folders that no journal row names
+        and that was last changed before ``older_than`` (instances into the quarantine,
+        the rest deleted); the files taken out."""
         removed = []
         files = self._files_before(older_than)
         while chunk := list(islice(files, SWEEP_CHUNK)):
             journaled = self._journal.journaled_uids([path.stem for path, _ in chunk])
-            removed += [path for path, seen in chunk if path.stem not in journaled and remove_unchanged(path, seen)]
+            removed += [
+                path
+                for path, seen in chunk
+                if path.stem not in journaled and remove_unchanged(path, seen, self._kept_in(path))
+            ]
         if removed:
-            log.info("retention: removed %d file(s) no journal row names", len(removed))
+            log.info("retention: took out %d file(s) no journal row names", len(removed))
         return removed
+
+    def _kept_in(self, path: Path) -> Quarantine | None:
+        """Where an orphan is kept: an instance (a spool file with its UID's name) in the
+        quarantine; a temporary file or a result nowhere."""
+        return self._quarantine if path.suffix == ".dcm" and path.is_relative_to(self._spool.root) else None
