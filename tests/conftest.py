@@ -170,6 +170,24 @@ def node_config(tmp_path: Path, **sections: dict) -> dict:
     return config
 
 
+def shared_journal(journal_url: str, pacs_port: int) -> dict[str, dict]:
+    """The sections of nodes that share a (PostgreSQL) journal: the journal, and dcmtk's
+    storescp on ``pacs_port`` (AE title PACS) as destination ``pacs``."""
+    return {
+        "journal": {"url": journal_url},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
+    }
+
+
+def write_node_config(tmp_path: Path, **sections: dict) -> tuple[Path, dict]:
+    """:func:`node_config` written to ``tmp_path/<node.id>.yaml``, for a node process of its
+    own (:func:`serve`): the file and the config (its ``node.port`` is the one to serve on)."""
+    config = node_config(tmp_path, **sections)
+    path = tmp_path / f"{config['node']['id']}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, config
+
+
 @pytest.fixture
 def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     """Start an in-process node (fresh metrics registry); stopped after the test."""

@@ -21,11 +21,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
-import yaml
 from pydicom import Dataset
 
 from plugin.journal import Journal
-from tests.conftest import free_port, node_config, serve, wait_for, with_new_uids, write_pipeline
+from tests.conftest import (
+    free_port,
+    serve,
+    shared_journal,
+    wait_for,
+    with_new_uids,
+    write_node_config,
+    write_pipeline,
+)
 from tests.test_journal import send_each
 
 RUNS = int(os.environ.get("RADPIPE_CLUSTER_RUNS", "10"))
@@ -51,15 +58,14 @@ class Cluster:
 
     def __init__(self, tmp_path: Path, journal_url: str, pacs_port: int) -> None:
         self.tmp_path = tmp_path
-        self.ports = {name: free_port() for name in NODES}
         self.processes: dict[str, subprocess.Popen] = {}
-        shared = {
-            "journal": {"url": journal_url},
-            "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
-        }
-        for name, port in self.ports.items():
-            config = node_config(tmp_path, node={"port": port, "id": name, "lease_seconds": 3}, **shared)
-            self.config(name).write_text(yaml.safe_dump({**config, "metrics": {"port": 0}}))
+        shared = shared_journal(journal_url, pacs_port)
+        self.ports: dict[str, int] = {}
+        for name in NODES:
+            _, config = write_node_config(
+                tmp_path, node={"id": name, "lease_seconds": 3}, metrics={"port": 0}, **shared
+            )
+            self.ports[name] = config["node"]["port"]
 
     def config(self, name: str) -> Path:
         return self.tmp_path / f"{name}.yaml"

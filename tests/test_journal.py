@@ -15,7 +15,6 @@ from pathlib import Path
 import psycopg
 import pydicom
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
@@ -35,7 +34,16 @@ from plugin.journal import (
 )
 from plugin.journal_pg import ddl
 from plugin.logs import trace_id
-from tests.conftest import free_port, node_config, results, serve, storescu, wait_for, write_pipeline
+from tests.conftest import (
+    node_config,
+    results,
+    serve,
+    shared_journal,
+    storescu,
+    wait_for,
+    write_node_config,
+    write_pipeline,
+)
 
 Location = Path | str
 
@@ -644,13 +652,10 @@ def test_a_node_killed_right_after_its_claim_leaves_the_job_to_another_node(
     dcmtk's storescp, the destination, receives exactly one SR."""
     pacs_port, pacs_dir = storescp
     write_pipeline(tmp_path / "pipelines")
-    shared = {
-        "journal": {"url": postgres_url},
-        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
-    }
-    port, config = free_port(), tmp_path / "node-a.yaml"
-    node_a_config = node_config(tmp_path, node={"port": port, "id": "node-a", "lease_seconds": 2}, **shared)
-    config.write_text(yaml.safe_dump({**node_a_config, "metrics": {"port": 0}}))
+    shared = shared_journal(postgres_url, pacs_port)
+    lease = {"id": "node-a", "lease_seconds": 2}
+    config, node_a_config = write_node_config(tmp_path, node=lease, metrics={"port": 0}, **shared)
+    port = node_a_config["node"]["port"]
     journal = Journal(postgres_url)
     try:
         monkeypatch.setenv("RADPIPE_TEST_KILL_AFTER_CLAIM", "1")

@@ -9,12 +9,18 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from plugin.app import Node
 from plugin.config import ConfigError, load_config
-from tests.conftest import free_port, node_config, serve, storescu, wait_for, write_pipeline
+from tests.conftest import (
+    serve,
+    shared_journal,
+    storescu,
+    wait_for,
+    write_node_config,
+    write_pipeline,
+)
 
 # An import line of PYTHONPROFILEIMPORTTIME: "import time: <self us> | <cumulative us> | <indent><module>".
 IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$", re.MULTILINE)
@@ -56,13 +62,9 @@ def test_a_receive_only_node_stores_what_another_node_infers_and_delivers(
     its /metrics carries node="receiver"."""
     pacs_port, pacs_dir = storescp
     write_pipeline(tmp_path / "pipelines")
-    shared = {
-        "journal": {"url": postgres_url},
-        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
-    }
-    port, config = free_port(), tmp_path / "receiver.yaml"
-    receiver_config = node_config(tmp_path, node={"port": port, "id": "receiver", "roles": ["receive"]}, **shared)
-    config.write_text(yaml.safe_dump(receiver_config))
+    shared = shared_journal(postgres_url, pacs_port)
+    config, receiver_config = write_node_config(tmp_path, node={"id": "receiver", "roles": ["receive"]}, **shared)
+    port = receiver_config["node"]["port"]
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # the receiver logs every module it imports
     receiver = serve(config, port, tmp_path / "receiver.log")
     monkeypatch.delenv("PYTHONPROFILEIMPORTTIME")
@@ -110,10 +112,7 @@ def test_receivers_and_gpu_workers_as_kubernetes_splits_them(
     receiver closes the series, the worker writes the SR into the shared storage, the
     receiver sends it."""
     pacs_port, pacs_dir = storescp
-    shared = {
-        "journal": {"url": postgres_url},
-        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
-    }
+    shared = shared_journal(postgres_url, pacs_port)
     receiver = start_node(node={"id": "receiver", "roles": ["receive", "assemble", "dispatch"]}, **shared)
     worker = start_node(node={"id": "worker", "roles": ["infer"]}, **shared)
     assert receiver.pool is None and worker.servers == [] and worker.stow_server is None

@@ -2,7 +2,6 @@
 and journaled but never sent; its agreement with the live one is exported and compared."""
 
 import re
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from plugin.journal import FindingPair, JobSpec, PendingSeries
 from plugin.outputs.sr import ReportedFinding, read_measurement_report
 from plugin.pipeline import PipelineError, load_pipeline_files
 from plugin.router import Router
-from tests.conftest import DEMO_PIPELINE, free_port, open_journal, storescu, wait_for, write_pipeline
+from tests.conftest import DEMO_PIPELINE, open_journal, storescu, wait_for, write_pipeline
 from tests.test_monitoring import http_get, metrics_url
 
 LIVE, SHADOW = "lung-nodule-demo", "lung-nodule-shadow"
@@ -47,49 +46,40 @@ def reported(paths: list[str]) -> dict[str, ReportedFinding]:
 
 
 def test_a_shadow_is_never_sent_and_compare_reports_its_agreement(
-    tmp_path: Path, start_node: Callable[..., Node], radpipe: Callable[..., tuple[int, str]], dcmtk: None
+    tmp_path: Path,
+    start_node: Callable[..., Node],
+    radpipe: Callable[..., tuple[int, str]],
+    storescp: tuple[int, Path],
 ) -> None:
-    port, pacs_dir = free_port(), tmp_path / "pacs"  # dcmtk's storescp as the destination
-    pacs_dir.mkdir()
-    pacs = subprocess.Popen(
-        ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        write_pipeline(tmp_path / "pipelines", destinations=["pacs"])
-        write_shadow(tmp_path / "pipelines", destinations=["pacs"])  # never sent there all the same
-        studies = [write_synthetic_study(tmp_path / f"s{seed}", seed, n_slices=16) for seed in range(3)]
-        sent = [path for study in studies for series in study for path in series.paths]
-        node = start_node(destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": port}})
-        assert storescu(node.port, *sent).returncode == 0
-        n_series = 2 * len(studies)
+    port, pacs_dir = storescp  # dcmtk's storescp as the destination
+    write_pipeline(tmp_path / "pipelines", destinations=["pacs"])
+    write_shadow(tmp_path / "pipelines", destinations=["pacs"])  # never sent there all the same
+    studies = [write_synthetic_study(tmp_path / f"s{seed}", seed, n_slices=16) for seed in range(3)]
+    sent = [path for study in studies for series in study for path in series.paths]
+    node = start_node(destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": port}})
+    assert storescu(node.port, *sent).returncode == 0
+    n_series = 2 * len(studies)
 
-        def finished() -> list:
-            jobs = node.journal.jobs()
-            return jobs if len(jobs) == 2 * n_series and all(j.status == "done" for j in jobs) else []
+    def finished() -> list:
+        jobs = node.journal.jobs()
+        return jobs if len(jobs) == 2 * n_series and all(j.status == "done" for j in jobs) else []
 
-        jobs = wait_for(finished, timeout=60, what="both pipelines' jobs done")
-        wait_for(lambda: len(list(pacs_dir.iterdir())) >= n_series, what="the live SRs at the PACS")
-        live_jobs = {j.batch_id: j for j in jobs if j.pipeline == LIVE}
-        shadow_jobs = {j.batch_id: j for j in jobs if j.pipeline == SHADOW}
-        assert live_jobs.keys() == shadow_jobs.keys() and len(live_jobs) == n_series
-        for batch, shadow_job in shadow_jobs.items():  # on the same series, after the live job
-            assert shadow_job.priority < live_jobs[batch].priority
-            assert shadow_job.started_at >= live_jobs[batch].finished_at
-        live_srs = {r.sop_instance_uid: r.path for j in live_jobs.values() for r in node.journal.results(j.id)}
-        shadow_srs = {r.sop_instance_uid: r.path for j in shadow_jobs.values() for r in node.journal.results(j.id)}
-        assert len(live_srs) == len(shadow_srs) == n_series
-        assert all(Path(p).is_file() and Path(p).is_relative_to(node.results_dir) for p in shadow_srs.values())
-        assert all(node.journal.deliveries(j.id) == [] for j in shadow_jobs.values())
-        wait_for(
-            lambda: all(d.status == "delivered" for j in live_jobs.values() for d in node.journal.deliveries(j.id))
-        )
-        received = [pydicom.dcmread(path, stop_before_pixels=True) for path in pacs_dir.iterdir()]
-        assert sorted(ds.SOPInstanceUID for ds in received) == sorted(live_srs)  # exactly the live results
-    finally:
-        pacs.terminate()
-        pacs.wait(timeout=10)
+    jobs = wait_for(finished, timeout=60, what="both pipelines' jobs done")
+    wait_for(lambda: len(list(pacs_dir.iterdir())) >= n_series, what="the live SRs at the PACS")
+    live_jobs = {j.batch_id: j for j in jobs if j.pipeline == LIVE}
+    shadow_jobs = {j.batch_id: j for j in jobs if j.pipeline == SHADOW}
+    assert live_jobs.keys() == shadow_jobs.keys() and len(live_jobs) == n_series
+    for batch, shadow_job in shadow_jobs.items():  # on the same series, after the live job
+        assert shadow_job.priority < live_jobs[batch].priority
+        assert shadow_job.started_at >= live_jobs[batch].finished_at
+    live_srs = {r.sop_instance_uid: r.path for j in live_jobs.values() for r in node.journal.results(j.id)}
+    shadow_srs = {r.sop_instance_uid: r.path for j in shadow_jobs.values() for r in node.journal.results(j.id)}
+    assert len(live_srs) == len(shadow_srs) == n_series
+    assert all(Path(p).is_file() and Path(p).is_relative_to(node.results_dir) for p in shadow_srs.values())
+    assert all(node.journal.deliveries(j.id) == [] for j in shadow_jobs.values())
+    wait_for(lambda: all(d.status == "delivered" for j in live_jobs.values() for d in node.journal.deliveries(j.id)))
+    received = [pydicom.dcmread(path, stop_before_pixels=True) for path in pacs_dir.iterdir()]
+    assert sorted(ds.SOPInstanceUID for ds in received) == sorted(live_srs)  # exactly the live results
 
     # What the two pipelines reported, read back from their SRs and paired by series.
     headers = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in sent)}
