@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS instances (
     size INTEGER NOT NULL,
     calling_ae TEXT NOT NULL,
     received_at REAL NOT NULL,
-    batch_id INTEGER
+    batch_id INTEGER,
+    attributes TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_instance_uid, batch_id);
 -- The assembler polls pending instances several times a second: this keeps that poll
@@ -141,8 +142,10 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, next_attem
 SCHEMA_STATEMENTS = [statement.strip() for statement in SCHEMA.split(";\n") if statement.strip()]
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 # The columns added since to tables of an earlier radpipe's journal (added on open):
-# leases, and the generation of a batch (the how-manieth close of its series or study).
+# what the receipt read of an instance's header (plugin/attributes.py), leases, and the
+# generation of a batch (the how-manieth close of its series or study).
 ADDED_COLUMNS = {
+    "instances": ("attributes TEXT",),
     "jobs": ("attempts INTEGER NOT NULL DEFAULT 0", "lease_owner TEXT", "lease_until REAL"),
     "deliveries": ("lease_owner TEXT", "lease_until REAL"),
     "batches": ("generation INTEGER NOT NULL DEFAULT 1",),
@@ -184,6 +187,7 @@ class InstanceRecord:
     calling_ae: str
     received_at: float
     batch_id: int | None = None
+    attributes: str | None = None  # plugin/attributes.py's journal entry; None: read the file
 
 
 @dataclass(frozen=True)
@@ -498,7 +502,7 @@ class Journal:
             if replace:
                 db.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,))
             db.execute(
-                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
                 (
                     record.sop_instance_uid,
                     record.sop_class_uid,
@@ -508,6 +512,7 @@ class Journal:
                     record.size,
                     record.calling_ae,
                     record.received_at,
+                    record.attributes,
                 ),
             )
 

@@ -1,15 +1,20 @@
 """Loading a job's instances: headers in anatomical order, then pixels one instance at a
 time (compressed transfer syntaxes are decoded by pydicom's pylibjpeg/GDCM plugins)."""
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-from pydicom import Dataset
+from pydicom import Dataset, FileDataset
+from pydicom.dataelem import DataElement
+from pydicom.dataset import FileMetaDataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut
+from pydicom.uid import UID
 
+from plugin.attributes import PIXEL_DATA, PixelData, read_journal_entry
 from plugin.journal import InstanceRecord
 
 
@@ -28,10 +33,26 @@ logging.getLogger("pydicom.pixels.decoders.base").addFilter(_WithoutDecoderTrace
 
 @dataclass(frozen=True)
 class Source:
-    """One input instance: its header (no pixels) and where it lies."""
+    """One input instance: its header (no pixels), where it lies and, when the receipt
+    journaled it, where its Pixel Data is in that file."""
 
     header: Dataset
     path: str
+    pixel_data: PixelData | None = None
+
+
+def file_source(path: str) -> Source:
+    """An instance as its file alone tells: its whole header, and no pixel location."""
+    return Source(pydicom.dcmread(path, stop_before_pixels=True), path)
+
+
+def _journaled_source(record: InstanceRecord) -> Source:
+    """An instance as the receipt journaled it (:mod:`plugin.attributes`); from its file
+    when nothing was journaled (an earlier radpipe's row, lookup tables)."""
+    if record.attributes is None:
+        return file_source(record.path)
+    journaled = read_journal_entry(record.attributes)
+    return Source(journaled.header, record.path, journaled.pixel_data)
 
 
 def _position_along_normal(header: Dataset) -> float | None:
@@ -45,11 +66,13 @@ def _position_along_normal(header: Dataset) -> float | None:
         return None
 
 
-def read_sources(records: Sequence[InstanceRecord], sort: str = "position") -> list[Source]:
-    """Headers of every instance in order: ``position`` sorts along the slice normal
+def read_images(records: Sequence[InstanceRecord], sort: str = "position") -> list[Source]:
+    """The images among ``records``, in order: ``position`` sorts along the slice normal
     (falling back to InstanceNumber where the geometry is unknown); ``instance_number``
-    sorts by InstanceNumber. Ties go by SOP Instance UID."""
-    sources = [Source(pydicom.dcmread(r.path, stop_before_pixels=True), r.path) for r in records]
+    sorts by InstanceNumber. Ties go by SOP Instance UID. Headers come from the journal;
+    the first image's whole header from its file, as the results copy the patient and
+    the study from it."""
+    sources = [s for s in map(_journaled_source, records) if is_image(s)]
 
     def order(source: Source) -> tuple[float, float, str]:
         h = source.header
@@ -61,7 +84,10 @@ def read_sources(records: Sequence[InstanceRecord], sort: str = "position") -> l
             str(h.SOPInstanceUID),
         )
 
-    return sorted(sources, key=order)
+    ordered = sorted(sources, key=order)
+    if ordered and not isinstance(ordered[0].header, FileDataset):
+        ordered[0] = dataclasses.replace(ordered[0], header=file_source(ordered[0].path).header)
+    return ordered
 
 
 def frame_count(header: Dataset) -> int:
@@ -81,6 +107,21 @@ def modality_frames(ds: Dataset) -> np.ndarray:
     pixels = apply_modality_lut(pixels, ds) if samples == 1 else pixels.astype(np.float32).mean(axis=-1)
     pixels = np.asarray(pixels, dtype=np.float32)
     return pixels.reshape(frames, *pixels.shape[-2:])
+
+
+def decoded_frames(source: Source) -> np.ndarray:
+    """:func:`modality_frames` of ``source``. With its Pixel Data's location journaled,
+    only that value is read from the file, into a copy of the journaled header; else the
+    file is read whole."""
+    location = source.pixel_data
+    if location is None:
+        return modality_frames(pydicom.dcmread(source.path))
+    dataset = Dataset(dict(source.header.items()))  # the source's own header stays as it is
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = UID(location.transfer_syntax)
+    native_words = not UID(location.transfer_syntax).is_encapsulated and int(dataset.BitsAllocated) > 8
+    dataset["PixelData"] = DataElement(PIXEL_DATA, "OW" if native_words else "OB", location.read(source.path))
+    return modality_frames(dataset)
 
 
 class PixelDataError(Exception):

@@ -6,6 +6,7 @@ else happens in background workers that read the journal. Whatever it refuses, i
 quarantines with the reason, and it answers a named DIMSE status.
 """
 
+import dataclasses
 import errno
 import functools
 import io
@@ -24,6 +25,7 @@ from types import TracebackType
 
 import pydicom
 from pydicom import Dataset
+from pydicom.uid import UID
 
 from plugin.acceptor import (
     IMPLEMENTATION_CLASS_UID,
@@ -32,6 +34,7 @@ from plugin.acceptor import (
     Services,
     StoreRequest,
 )
+from plugin.attributes import PIXEL_DATA, PIXEL_TAGS, PixelDataElement, header_values, journal_entry, pixel_data_element
 from plugin.config import NodeSection, TLSConfig
 from plugin.durability import GroupSync
 from plugin.journal import InstanceRecord, Journal, JournalUnavailable
@@ -126,22 +129,24 @@ PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL",
                "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"}  # fmt: skip
 
 
-def check_pixel_module(ds: Dataset, encapsulated: bool, max_bytes: int) -> None:
+def check_pixel_module(
+    values: dict[str, str | int], pixels: PixelDataElement | None, encapsulated: bool, max_bytes: int
+) -> None:
     """Refuse pixel data that cannot be what its header says, before it is stored: the
-    decoder must never be asked to allocate an absurd size or read past the data."""
-    has_pixels = "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
-    if "Rows" not in ds and not has_pixels:
+    decoder must never be asked to allocate an absurd size or read past the data.
+    ``values``: the header's (:func:`header_values`); ``pixels``: its pixel data element."""
+    if "Rows" not in values and pixels is None:
         return  # not an image (SR, RTSTRUCT, presentation state, ...)
     bad = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
-    if not has_pixels:
+    if pixels is None:
         raise Refusal(bad, "missing_pixel_data", "image attributes present but no Pixel Data")
     try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        samples = int(ds.get("SamplesPerPixel", 1))
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        photometric = str(ds.get("PhotometricInterpretation", ""))
-    except (AttributeError, TypeError, ValueError) as e:
+        rows, columns = int(values["Rows"]), int(values["Columns"])
+        bits = int(values["BitsAllocated"])
+        samples = int(values.get("SamplesPerPixel", 1))
+        frames = int(values.get("NumberOfFrames", 1))
+        photometric = str(values.get("PhotometricInterpretation", ""))
+    except (KeyError, ValueError) as e:
         raise Refusal(bad, "unsupported_pixel_format", f"incomplete image pixel module: {e}") from e
     if rows <= 0 or columns <= 0 or frames <= 0 or samples not in (1, 3):
         raise Refusal(bad, "unsupported_pixel_format", f"{rows}x{columns}, {frames} frame(s), {samples} sample(s)")
@@ -150,10 +155,27 @@ def check_pixel_module(ds: Dataset, encapsulated: bool, max_bytes: int) -> None:
     expected = (rows * columns * frames * samples * bits + 7) // 8
     if expected > max_bytes:
         raise Refusal(bad, "absurd_size", f"pixels would decode to {expected / 2**20:.0f} MiB")
-    if not encapsulated and "PixelData" in ds:
-        length = len(ds.PixelData)
-        if length not in (expected, expected + 1):
-            raise Refusal(bad, "pixel_data_mismatch", f"Pixel Data has {length} bytes, the header implies {expected}")
+    if not encapsulated and pixels.tag == PIXEL_DATA and pixels.length not in (expected, expected + 1):
+        detail = f"Pixel Data has {pixels.length} bytes, the header implies {expected}"
+        raise Refusal(bad, "pixel_data_mismatch", detail)
+
+
+def _parse(data: bytes, transfer_syntax: UID) -> tuple[Dataset, PixelDataElement | None]:
+    """The header, parsed up to the pixel data, and the pixel data element (its length
+    as far as ``data`` holds it)."""
+    if not transfer_syntax.is_deflated:
+        stream = io.BytesIO(data)
+        dataset = pydicom.dcmread(stream, stop_before_pixels=True)
+        pixels = pixel_data_element(data, stream.tell(), transfer_syntax)
+        if pixels is not None and pixels.offset is not None:
+            return dataset, dataclasses.replace(pixels, length=min(pixels.length, len(data) - pixels.offset))
+        if pixels is not None or stream.tell() == len(data):
+            return dataset, pixels
+    # Deflated (pydicom inflates it into a buffer of its own), or encoded otherwise than its
+    # transfer syntax says (pydicom reads it anyway): parsed whole; where its pixels lie is not known.
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    tag = next((tag for tag in PIXEL_TAGS if tag in dataset), None)
+    return dataset, None if tag is None else PixelDataElement(tag, None, len(dataset[tag].value))
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:
@@ -192,15 +214,16 @@ def _store(request: StoreRequest, storage: Storage) -> None:
     bad = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     try:
         data = file_header(request) + request.dataset
-        dataset = pydicom.dcmread(io.BytesIO(data))
+        dataset, pixels = _parse(data, request.transfer_syntax)
         if "SOPClassUID" not in dataset and "SOPInstanceUID" not in dataset:
             raise Refusal(StoreStatus.CANNOT_UNDERSTAND, "undecodable", "not a DICOM data set")
-        study_uid = str(dataset.get("StudyInstanceUID", ""))
-        series_uid = str(dataset.get("SeriesInstanceUID", ""))
+        values = header_values(dataset)
+        study_uid = str(values.get("StudyInstanceUID", ""))
+        series_uid = str(values.get("SeriesInstanceUID", ""))
         if study_uid:
             follow(study_uid)  # this instance's records, its refusal's included, carry the study's trace id
-        encapsulated = request.transfer_syntax.is_encapsulated
-        check_pixel_module(dataset, encapsulated, limits.max_instance_bytes)
+        check_pixel_module(values, pixels, request.transfer_syntax.is_encapsulated, limits.max_instance_bytes)
+        entry = journal_entry(values, dataset, pixels, request.transfer_syntax)
     except Refusal:
         raise
     except Exception as e:
@@ -232,6 +255,7 @@ def _store(request: StoreRequest, storage: Storage) -> None:
                 size=len(data),
                 calling_ae=request.calling_ae,
                 received_at=received_at,
+                attributes=entry,
             )
             journal.record_instance(record, replace=lost)
             storage.group_sync.sync()  # file, directory entry and journal row: on disk before success

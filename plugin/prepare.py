@@ -20,10 +20,9 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
-import pydicom
 import torch
 
-from plugin.loader import PixelDataError, Source, modality_frames
+from plugin.loader import PixelDataError, Source, decoded_frames
 from plugin.preprocess import PreprocessStep, preprocess
 
 log = logging.getLogger(__name__)
@@ -40,11 +39,11 @@ class Prepared:
     warnings: tuple[str, ...] = ()  # Python warnings raised in a worker process, for the node to log
 
 
-def prepare(path: str, steps: list[PreprocessStep]) -> Prepared:
+def prepare(source: Source, steps: list[PreprocessStep]) -> Prepared:
     """Decode one instance and preprocess its frames."""
     start = time.perf_counter()
     try:
-        frames = modality_frames(pydicom.dcmread(path))
+        frames = decoded_frames(source)
     except Exception as e:  # decoders raise many types; all mean the same to the job
         return Prepared(None, f"{type(e).__name__}: {e}", time.perf_counter() - start, 0.0)
     decoded = time.perf_counter()
@@ -52,12 +51,12 @@ def prepare(path: str, steps: list[PreprocessStep]) -> Prepared:
     return Prepared(images, None, decoded - start, time.perf_counter() - decoded)
 
 
-def _prepare_in_worker(path: str, steps: list[PreprocessStep]) -> Prepared:
+def _prepare_in_worker(source: Source, steps: list[PreprocessStep]) -> Prepared:
     """:func:`prepare` in a worker process. Its stderr is not the node's log, so its
     Python warnings (a decoder's complaint may quote a patient's value) come back with the
     result and the node logs them, scrubbed, like its own."""
     with warnings.catch_warnings(record=True) as caught:
-        prepared = prepare(path, steps)
+        prepared = prepare(source, steps)
     return dataclasses.replace(prepared, warnings=tuple(str(w.message) for w in caught))
 
 
@@ -92,21 +91,21 @@ class Preparer:
         for the first that cannot be decoded, :class:`WorkerDied` if a worker died."""
         if self._executor is None:
             for source in sources:
-                yield source, self._checked(source, prepare(source.path, steps))
+                yield source, self._checked(source, prepare(source, steps))
             return
         executor = self._executor
         pending: deque[tuple[Source, Future[Prepared]]] = deque()
         remaining = iter(sources)
         try:
             for source in remaining:
-                pending.append((source, executor.submit(_prepare_in_worker, source.path, steps)))
+                pending.append((source, executor.submit(_prepare_in_worker, source, steps)))
                 if len(pending) >= 2 * self.workers:
                     break
             while pending:
                 source, future = pending.popleft()
                 following = next(remaining, None)
                 if following is not None:
-                    pending.append((following, executor.submit(_prepare_in_worker, following.path, steps)))
+                    pending.append((following, executor.submit(_prepare_in_worker, following, steps)))
                 prepared = future.result()
                 for message in prepared.warnings:
                     logging.getLogger("py.warnings").warning("%s", message)

@@ -40,7 +40,7 @@ from pydicom import Dataset
 from pydicom.filewriter import dcmwrite
 
 from plugin.journal import InstanceRecord, JobRecord, Journal, JournalUnavailable
-from plugin.loader import PixelDataError, Source, is_image, read_sources
+from plugin.loader import PixelDataError, Source, file_source, read_images
 from plugin.logs import identifying_values, log_context, redacting, scrub
 from plugin.match import holds
 from plugin.metrics import Metrics, StageTimer
@@ -297,8 +297,7 @@ class Runner(Worker):
                 if not records:
                     raise JobError("no_instances", f"batch {job.batch_id} has no instances")
                 with timer.stage("load"):
-                    selected = self._select(pipeline, records)
-                    sources = [s for s in read_sources(selected, pipeline.input.sort) if is_image(s)]
+                    sources = read_images(self._select(pipeline, records), pipeline.input.sort)
                 if not sources:
                     raise JobError("no_images", "no images among the inputs (non-image SOP classes only)")
                 if not all(referenceable(s.header) for s in sources):
@@ -486,6 +485,15 @@ class Runner(Worker):
         previous = self._journal.previous_result(job)
         return [pydicom.dcmread(previous.path)] if previous and Path(previous.path).is_file() else []
 
+    @staticmethod
+    def _whole(work: Work, headers: list[Dataset]) -> list[Dataset]:
+        """The whole headers of the job's images ``headers``, read from their files: a KOS
+        copies the patient and the study from its first image (the journal keeps only the
+        series' first image's), a SEG the image pixel and plane modules of each."""
+        paths = {str(s.header.SOPInstanceUID): s.path for s in work.sources}
+        first = work.sources[0].header
+        return [first if h is first else file_source(paths[str(h.SOPInstanceUID)]).header for h in headers]
+
     def _write_findings(
         self, work: Work, result: list[Finding], algorithm: AlgorithmIdentity
     ) -> tuple[list[tuple[str, str, str]], str]:
@@ -499,7 +507,7 @@ class Runner(Worker):
             elif output.kos is not None:
                 images = key_images(headers, result, only_present=output.kos.when == "positive")
                 if images:
-                    kos = key_object_selection(headers, images, algorithm)
+                    kos = key_object_selection(headers, self._whole(work, images), algorithm)
                     written.append(("kos", self._write(kos), str(kos.SOPInstanceUID)))
         summary = ", ".join(f"{f.spec.label}={f.probability:.3f}{' (present)' if f.present else ''}" for f in result)
         return written, summary
@@ -511,7 +519,7 @@ class Runner(Worker):
         summary line. The SEG is written first whatever the order of the outputs."""
         headers = [s.header for s in work.sources]
         [seg_output] = [o.seg for o in work.pipeline.outputs if o.seg is not None]  # exactly one (pipeline.py)
-        seg = segmentation_object(headers, segmentation, algorithm, seg_output.type)
+        seg = segmentation_object(self._whole(work, headers), segmentation, algorithm, seg_output.type)
         written = [("seg", self._write(seg), str(seg.SOPInstanceUID))]
         for output in work.pipeline.outputs:
             if output.sr is not None:

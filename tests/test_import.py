@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from plugin.demo.series import NEGATIVE_DESCRIPTION, POSITIVE_DESCRIPTION
+from plugin.loader import file_source
 from plugin.metrics import Metrics
 from plugin.models.artifact import ArtifactError, load_artifact, sha256_file
 from plugin.models.importer import ImportRequest, import_model
@@ -106,7 +107,7 @@ def package_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _series_scores(model: nn.Module, paths: list[Path], steps: list) -> float:
     """The source model run directly on the pipeline's preprocessed slices: the series'
     nodule probability as the documented postprocess makes it (mean of the top 3)."""
-    images = torch.cat([torch.from_numpy(prepare(str(p), steps).images) for p in paths])
+    images = torch.cat([torch.from_numpy(prepare(file_source(str(p)), steps).images) for p in paths])
     with torch.inference_mode():
         probabilities = model(images).softmax(1)[:, 1]
     return float(probabilities.topk(3).values.mean())

@@ -94,15 +94,17 @@ def test_instance_round_trip_and_replacement_of_a_lost_file(location):
 
 def test_journal_of_an_earlier_version_opens_with_its_rows(location):
     """radpipe 0.1 journals kept a sha256 per instance; the column goes, the rows stay.
-    Journals from before leases gain their columns; a job they left running is free."""
+    Journals from before leases gain their columns; a job they left running is free.
+    Their instances have no journaled attributes: the runner reads their files."""
     old = [
         s.replace("series_instance_uid TEXT NOT NULL,", "series_instance_uid TEXT NOT NULL, sha256 TEXT NOT NULL,")
         .replace(",\n    attempts INTEGER NOT NULL DEFAULT 0,\n    lease_owner TEXT,\n    lease_until REAL", "")
         .replace("\n    lease_owner TEXT,\n    lease_until REAL,", "")
         .replace(",\n    generation INTEGER NOT NULL DEFAULT 1", "")
+        .replace(",\n    attributes TEXT", "")
         for s in SCHEMA_STATEMENTS
     ]
-    assert not any("lease" in s or "generation" in s for s in old)
+    assert not any("lease" in s or "generation" in s or "attributes" in s for s in old)
     _execute(location, [*old, "INSERT INTO instances VALUES ('1.2.3.1', '1.2.840.10008.5.1.4.1.1.2', '1.2', '1.2.3',"
                               " 'ab', '/s', 10, 'CT1', 100.0, NULL)",
                         "INSERT INTO batches VALUES (1, '1.2', '1.2.3', 100.0, 'routed')",

@@ -30,6 +30,7 @@ from torch import nn
 
 from plugin.demo.phantom import PIXEL_SPACING_MM
 from plugin.demo.series import NEGATIVE_DESCRIPTION, POSITIVE_DESCRIPTION, SLICE_THICKNESS_MM
+from plugin.loader import file_source
 from plugin.models.monai_bundle import Bundle, network_id, translate
 from plugin.outputs.sr import read_measurement_report
 from plugin.prepare import prepare
@@ -105,7 +106,10 @@ def test_the_documented_bundle_serves_its_networks_own_scores(start_node, tmp_pa
 
     documented = yaml.safe_load(_block("yaml"))
     steps = [PreprocessStep.model_validate(step) for step in documented["preprocess"]]
-    slices = {d: torch.cat([torch.from_numpy(prepare(str(p), steps).images) for p in demo_study[d]]) for d in SERIES}
+    slices = {
+        d: torch.cat([torch.from_numpy(prepare(file_source(str(p)), steps).images) for p in demo_study[d]])
+        for d in SERIES
+    }
     labels = torch.cat([torch.full((len(slices[d]),), int(SERIES[d])) for d in SERIES])
     inference = json.loads(files["nodule-bundle/configs/inference.json"])
     network = _trained(inference, torch.cat(list(slices.values())), labels, steps=30)

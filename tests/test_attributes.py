@@ -1,0 +1,96 @@
+"""Parse once (invariant 7): what the receipt journals of a header is what the runner reads
+back, and the pixels it decodes at the journaled offset are the file's, for every real
+file the node accepts."""
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import UID
+
+from plugin.attributes import JOURNALED, header_values, journal_entry, read_journal_entry
+from plugin.journal import InstanceRecord
+from plugin.loader import Source, decoded_frames, modality_frames, read_images
+from plugin.node import Refusal, _parse, check_pixel_module
+from tests.conftest import DEID_HUMANS, PYDICOM_DATA, PYDICOM_FILES, results, storescu, wait_for
+
+FILES = sorted(
+    p for p in [*PYDICOM_FILES.rglob("*.dcm"), *PYDICOM_DATA.rglob("*.dcm"), *DEID_HUMANS.rglob("*")] if p.is_file()
+)
+
+
+@pytest.fixture(autouse=True)
+def as_the_node_reads(monkeypatch):
+    """The node judges values itself (plugin/app.py): pydicom reads them without checks."""
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.IGNORE)
+
+
+def _received(path: Path) -> tuple[pydicom.Dataset, str | None] | None:
+    """The whole file as pydicom reads it, and the node's journal entry for it; None if
+    pydicom cannot decode its pixels or the node refuses it."""
+    try:
+        whole = pydicom.dcmread(path)
+        whole.pixel_array  # noqa: B018 (what the comparison needs)
+    except Exception:
+        return None
+    syntax = UID(whole.file_meta.TransferSyntaxUID)
+    data = path.read_bytes()
+    try:
+        header, pixels = _parse(data, syntax)
+        values = header_values(header)
+        check_pixel_module(values, pixels, syntax.is_encapsulated, 2**31)
+    except Refusal:
+        return None
+    return whole, journal_entry(values, header, pixels, syntax)
+
+
+def test_journaled_headers_and_pixels_are_the_files_own(tmp_path):
+    located = 0
+    for path in FILES:
+        received = _received(path)
+        if received is None or received[1] is None:
+            continue
+        whole, entry = received
+        journaled = read_journal_entry(entry)
+        for keyword in JOURNALED:
+            assert str(journaled.header.get(keyword)) == str(whole.get(keyword) if keyword in whole else None), (
+                path.name,
+                keyword,
+            )
+        if journaled.pixel_data is None:
+            continue
+        # Everything before the Pixel Data value blanked: only that value may be read.
+        data = bytearray(path.read_bytes())
+        data[: journaled.pixel_data.offset] = bytes(journaled.pixel_data.offset)
+        blanked = tmp_path / path.name
+        blanked.write_bytes(data)
+        frames = decoded_frames(Source(journaled.header, str(blanked), journaled.pixel_data))
+        np.testing.assert_array_equal(frames, modality_frames(whole), err_msg=path.name)
+        located += 1
+    assert located >= 90  # native and compressed, little endian: most of the corpus
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_jpeg_ls_lossless.dcm", "emri_small_RLE.dcm"])
+def test_a_row_without_journaled_attributes_reads_its_file(name):
+    path = PYDICOM_FILES / name if (PYDICOM_FILES / name).exists() else PYDICOM_DATA / name
+    whole, entry = _received(path)
+    record = InstanceRecord("1.2.3", str(whole.SOPClassUID), "1.2", "1.2.3", str(path), 0, "CT1", 0.0)
+    [journaled] = read_images([InstanceRecord(**{**record.__dict__, "attributes": entry})])
+    [from_file] = read_images([record])
+    assert from_file.pixel_data is None and journaled.pixel_data is not None
+    np.testing.assert_array_equal(decoded_frames(journaled), decoded_frames(from_file))
+
+
+def test_the_node_journals_where_each_instances_pixels_lie(start_node, demo_study):
+    node = start_node()
+    paths = demo_study["Demo chest CT, nodules"]
+    assert storescu(node.port, *paths).returncode == 0
+    rows = node.journal.received_instances()
+    assert len(rows) == len(paths)
+    for row in rows:
+        journaled = read_journal_entry(row.attributes)
+        stored = pydicom.dcmread(row.path)
+        assert journaled.pixel_data.read(row.path) == stored.PixelData
+        assert journaled.header.ImagePositionPatient == stored.ImagePositionPatient
+    wait_for(lambda: results(node.results_dir), what="the series' SR")
