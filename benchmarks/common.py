@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,18 @@ def node_config(work: Path, port: int, pipelines: Path, metrics_port: int = 0, *
         "pipelines": {"dir": str(pipelines)},
         **sections,
     }
+
+
+def stage_seconds(metrics_port: int, name: str) -> dict[str, float]:
+    """The node's ``radpipe_stage_seconds`` sums for pipeline ``name``, by stage."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    stages = {}
+    for line in text.splitlines():
+        if line.startswith("radpipe_stage_seconds_sum{") and f'pipeline="{name}"' in line:
+            stage = line.split('stage="', 1)[1].split('"', 1)[0]
+            stages[stage] = float(line.rsplit(" ", 1)[1])
+    return stages
 
 
 def serve(work: Path, config: dict, log: Path | None = None) -> subprocess.Popen:

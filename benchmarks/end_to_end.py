@@ -6,6 +6,8 @@ the SRs delivered to a PACS (dcmtk storescp), compared with the raw model in the
 2. throughput: 20 series of 100 slices sent by ``--senders`` concurrent storescu
    (TCP_NODELAY=1); instances/s from the first byte sent to the last SR delivered, and
    the same without the last series' quiet period (which no node can skip);
+   with the runner's time per image by stage, from the node's metrics (what is not
+   inference: the non-model overhead);
 3. latency: 24-slice series sent one at a time; from the last instance's success to the
    SR delivered, minus the quiet period: p50 and p95.
 
@@ -27,7 +29,18 @@ import pydicom
 import torch
 from prometheus_client import CollectorRegistry
 
-from benchmarks.common import ENV, REPO, ct_series, free_port, node_config, report, serve, storescu, wait_for_echo
+from benchmarks.common import (
+    ENV,
+    REPO,
+    ct_series,
+    free_port,
+    node_config,
+    report,
+    serve,
+    stage_seconds,
+    storescu,
+    wait_for_echo,
+)
 from plugin.loader import modality_frames
 from plugin.metrics import Metrics
 from plugin.models.pool import ModelPool
@@ -35,6 +48,8 @@ from plugin.pipeline import Pipeline, load_pipeline
 from plugin.preprocess import preprocess
 
 PIPELINE = REPO / "pipelines" / "lung-nodule-demo.yaml"
+# The runner's stages besides the model's: reading headers, decoding, preprocessing, writing results.
+OVERHEAD = ("load", "preprocess", "write")
 
 
 def raw_model_rate(pipeline: Pipeline, files: list[Path], images: int) -> float:
@@ -91,13 +106,14 @@ def main() -> int:
     instances = sum(map(len, series))
     raw = raw_model_rate(pipeline, series[0], 2000)
 
-    pacs_port, node_port = free_port(), free_port()
+    pacs_port, node_port, metrics_port = free_port(), free_port(), free_port()
     pacs_dir = work / "pacs"
     pacs_dir.mkdir()
     config = node_config(
         work,
         node_port,
         PIPELINE.parent,
+        metrics_port,
         runner={"decode_workers": args.decode_workers},
         destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
     )
@@ -114,6 +130,7 @@ def main() -> int:
         sent = time.perf_counter()
         delivered = wait_for_results(pacs_dir, len(series))
         total = delivered - start
+        stages = stage_seconds(metrics_port, pipeline.name)
         latencies = []
         for index, files in enumerate(small):
             acknowledged = time.perf_counter() + storescu(node_port, files)
@@ -136,6 +153,11 @@ def main() -> int:
         "ratio_to_raw_model": round(instances / total / raw, 2),
         "without_last_quiet_period_instances_per_second": round(instances / (total - quiet), 1),
         "ratio_to_raw_model_without_last_quiet_period": round(instances / (total - quiet) / raw, 2),
+        # The node's time per image, by stage (its metrics).
+        "runner_ms_per_image": {stage: round(seconds / instances * 1000, 2) for stage, seconds in stages.items()},
+        "non_model_ms_per_image": round(
+            sum(v for k, v in stages.items() if k not in ("infer", "wait")) / instances * 1000, 2
+        ),
         "latency_series_slices": 24,
         "quiet_seconds": quiet,
         "beyond_quiet_p50_seconds": round(statistics.median(latencies), 3),

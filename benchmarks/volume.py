@@ -18,13 +18,12 @@ import os
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 import yaml
 
-from benchmarks.common import ct_series, free_port, node_config, report, serve, storescu, wait_for_echo
+from benchmarks.common import ct_series, free_port, node_config, report, serve, stage_seconds, storescu, wait_for_echo
 from benchmarks.memory import memory_kib
 from plugin.models.architectures import densenet3d
 from plugin.models.artifact import save_artifact
@@ -65,18 +64,6 @@ def pipeline(directory: Path, model: Path, selection: dict) -> None:
     (directory / "volume-bench.yaml").write_text(yaml.safe_dump(text, sort_keys=False))
 
 
-def stage_seconds(metrics_port: int, name: str) -> dict[str, float]:
-    """The node's ``radpipe_stage_seconds`` sums for pipeline ``name``, by stage."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    stages = {}
-    for line in text.splitlines():
-        if line.startswith("radpipe_stage_seconds_sum{") and f'pipeline="{name}"' in line:
-            stage = line.split('stage="', 1)[1].split('"', 1)[0]
-            stages[stage] = round(float(line.rsplit(" ", 1)[1]), 2)
-    return stages
-
-
 def run(work: Path, files: list[Path], model: Path, mode: str) -> dict:
     pipeline(work / "pipelines", model, MODES[mode])
     return serve_and_send(work, files, "volume-bench", 1)
@@ -114,7 +101,7 @@ def serve_and_send(work: Path, files: list[Path], name: str, results: int) -> di
         "peak_above_started_mib": round((finished["VmHWM"] - started["VmRSS"]) / 1024),
         "last_instance_to_sr_seconds": round(seconds, 2),
         "beyond_quiet_period_seconds": round(seconds - QUIET_SECONDS, 2),
-        **{f"stage_{stage}_seconds": value for stage, value in sorted(stages.items())},
+        **{f"stage_{stage}_seconds": round(value, 2) for stage, value in sorted(stages.items())},
     }
 
 
