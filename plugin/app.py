@@ -4,13 +4,21 @@ metrics + the heartbeat of its leases, all sharing one journal.
 ``radpipe serve`` and the tests both start it through here.
 
 The stages that read pipelines or run models are imported only by a node whose roles
-include them: a receive-only node never imports torch nor reads a model artifact."""
+include them: a receive-only node never imports torch nor reads a model artifact.
+
+A node listens first and loads afterwards (issue 15, cold start): once the journal has
+resumed, it answers C-ECHO and C-STORE (each instance fsync'd and journaled before its
+success, as always), and a :class:`PipelineLoading` thread imports the pipeline stages
+(torch, highdicom: seconds), reads the pipelines, starts the assembler, the runner and the
+reloader, and warms every model, during the quiet period of the series arriving meanwhile.
+A job claimed before its model is ready waits for it in ``ModelPool.get``."""
 
 import logging
 import time
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
-from threading import Event, Thread
+from threading import Event, Lock, Thread
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
@@ -53,6 +61,26 @@ class Heartbeat(Worker):
         return False
 
 
+class PipelineLoading(Worker):
+    """Runs ``load`` once, after the node listens (module doc); ``done`` is set when it
+    returned or raised, ``error`` is what it raised (the node then stops: see
+    :meth:`Node.start`)."""
+
+    def __init__(self, load: Callable[[], None]) -> None:
+        super().__init__("pipeline-loading")
+        self._load = load
+        self.done = Event()
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self._load()
+        except Exception as e:  # raised again by Node.wait_ready, or handed to radpipe serve
+            self.error = e
+        finally:
+            self.done.set()
+
+
 def read_pipelines(config: NodeConfig) -> "list[Pipeline]":
     """The configured pipelines. A missing or empty folder is an error in the log: the
     node would still answer every C-STORE with success, and store every series unrouted."""
@@ -86,14 +114,13 @@ class Node:
         self.quarantine = Quarantine(storage / "quarantine")
         self.group_sync = GroupSync(storage) if "receive" in self.roles else None
         self.metrics.observe_state(self.journal.queue_depths, self.spool.free_bytes)
+        # Made by the loading (start): the stages that read pipelines import torch.
         self.router: Router | None = None
         self.pool: ModelPool | None = None
         # The roles' stages, in the order data flows (each wakes the next after it did work),
-        # and the workers that serve them.
-        stages: dict[Role, Worker] = {}
+        # and the workers that serve them; the assembler and the runner join once loaded.
+        self._stages: dict[Role, Worker] = {}
         helpers: list[Worker] = []
-        if self.roles & {"assemble", "infer"}:
-            stages, helpers = self._pipeline_workers()
         if "assemble" in self.roles:
             helpers.append(
                 Retention(self.journal, self.spool, config.results_dir, config.storage.retention_days, self.quarantine)
@@ -102,22 +129,18 @@ class Node:
             dispatcher = Dispatcher(
                 self.journal, config.destinations, config.node.ae_title, config.dispatch, self.metrics
             )
-            stages["dispatch"] = dispatcher
+            self._stages["dispatch"] = dispatcher
             helpers += dispatcher.senders  # one per destination: a dead PACS holds up no other
-        for role, following in pairwise(ROLES):  # assemble -> infer -> dispatch (receive has no stage)
-            if role in stages and following in stages:
-                stages[role].next_stage = stages[following]
-        self.workers: list[Worker] = [*stages.values(), *helpers]
-        # Work another node queued (PostgreSQL's NOTIFY) wakes the stage that takes it.
-        self._woken_by = {
-            channel: stages[role].wake for channel, role in ((JOBS_QUEUED, "infer"), (DELIVERIES_DUE, "dispatch"))
-            if role in stages
-        }  # fmt: skip
+        self.workers: list[Worker] = [*self._stages.values(), *helpers]
+        self.loading = PipelineLoading(self._load) if self.roles & {"assemble", "infer"} else None
+        self.ready = Event()  # every stage started and every model warmed (or its failure logged)
         self.heartbeat = Heartbeat(self.journal)
         self.servers: list[AssociationServer] = []
         self.stow_server: StowServer | None = None
         self.metrics_server: tuple[WSGIServer, Thread] | None = None
         self._stopping = Event()
+        self._starting = Lock()  # held while workers start: stop() sees them all, or none start
+        self._failed: Callable[[], None] | None = None  # start's ``failed``
 
     def _pipeline_workers(self) -> "tuple[dict[Role, Worker], list[Worker]]":
         """The assembler and the runner, as the roles ask, on the configured pipelines (the
@@ -128,10 +151,10 @@ class Node:
         from plugin.router import Router
 
         config = self.config
-        self.router = Router(read_pipelines(config))
+        router = self.router = Router(read_pipelines(config))
         stages: dict[Role, Worker] = {}
         if "assemble" in self.roles:
-            stages["assemble"] = Assembler(self.journal, self.router, self.metrics)
+            stages["assemble"] = Assembler(self.journal, router, self.metrics)
         if "infer" in self.roles:
             from plugin.models.pool import ModelPool
             from plugin.prepare import Preparer
@@ -140,7 +163,7 @@ class Node:
             self.pool = ModelPool(self.metrics, config.storage.dir / "compiled")
             stages["infer"] = Runner(
                 self.journal,
-                self.router,
+                router,
                 self.pool,
                 config.results_dir,
                 list(config.destinations),
@@ -149,18 +172,22 @@ class Node:
                 Preparer(config.runner.workers),
             )
         destinations = set(config.destinations)
-        return stages, [PipelineReloader(config.pipelines.dir, self.router, destinations, self.pool, self.metrics)]
+        return stages, [PipelineReloader(config.pipelines.dir, router, destinations, self.pool, self.metrics)]
 
     @property
     def results_dir(self) -> Path:
         return self.config.results_dir
 
-    def start(self) -> None:
-        """Warm every model (an ``infer`` node), wait for the journal, resume interrupted
-        work, then start the roles' workers and, for ``receive``, listen. Returns without
-        starting anything more if :meth:`stop` is called while it waits for the journal."""
+    def start(self, wait_ready: bool = True, failed: Callable[[], None] | None = None) -> None:
+        """Wait for the journal, resume interrupted work, start the workers that need no
+        pipeline and, for ``receive``, listen; then (``assemble``/``infer``) load in the
+        background: the pipeline stages and every model (module doc). With ``wait_ready``
+        (the default) return once that is done, raising what the loading raised (an
+        invalid pipeline: :class:`~plugin.pipeline.PipelineError`); without, return at once
+        and call ``failed`` if the loading raises (``radpipe serve`` then stops, and
+        reports :attr:`load_error`). Returns without starting anything more if :meth:`stop`
+        is called while it waits for the journal."""
         log.info("node %s roles: %s", self.config.node.id, ",".join(self.config.node.roles))
-        self._load_pipelines()
         if self.config.metrics.port:  # first: radpipe_journal_up tells while the node waits for its journal
             self.metrics_server = serve_metrics(
                 self.metrics, self.config.metrics.host, self.config.metrics.port, self.config.node.id
@@ -172,35 +199,97 @@ class Node:
         if resumed:
             log.info("resuming %d job(s) of node %s interrupted by its last shutdown", resumed, self.config.node.id)
         self.heartbeat.start()
-        for worker in self.workers:
-            worker.start()
-        self.journal.listen(self._woken_by)
-        if "receive" not in self.roles:
+        with self._starting:
+            for worker in self.workers:
+                worker.start()
+        if self.loading is None:
+            self.journal.listen(self._woken_by())
+            self.ready.set()
+        if "receive" in self.roles:
+            assert self.group_sync is not None  # made for the receive role
+            limits = StoreLimits(
+                min_free_bytes=self.config.storage.min_free_mb * 2**20,
+                max_instance_bytes=self.config.storage.max_instance_mb * 2**20,
+                max_queued_jobs=self.config.node.max_queued_jobs,
+            )
+            storage = Storage(self.spool, self.journal, self.group_sync, self.quarantine, self.metrics, limits)
+            self.servers = start_servers(self.config.node, storage)
+            self.stow_server = start_stow_server(self.config.node, storage, self.config.storage.dir)
+        if self.loading is None:
             return
-        assert self.group_sync is not None  # made for the receive role
-        limits = StoreLimits(
-            min_free_bytes=self.config.storage.min_free_mb * 2**20,
-            max_instance_bytes=self.config.storage.max_instance_mb * 2**20,
-            max_queued_jobs=self.config.node.max_queued_jobs,
-        )
-        storage = Storage(self.spool, self.journal, self.group_sync, self.quarantine, self.metrics, limits)
-        self.servers = start_servers(self.config.node, storage)
-        self.stow_server = start_stow_server(self.config.node, storage, self.config.storage.dir)
+        self._failed = failed
+        self.loading.start()
+        if wait_ready:
+            self.wait_ready()
 
-    def _load_pipelines(self) -> None:
-        """Metrics labels for each pipeline, and its model warmed where this node infers."""
-        if self.router is None:
-            return
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Until the pipeline stages run and every model is warmed; raises what the loading
+        raised, or TimeoutError."""
+        if self.loading is not None:
+            if not self.loading.done.wait(timeout):
+                raise TimeoutError(f"node {self.config.node.id} still loading after {timeout} s")
+            if self.loading.error is not None:
+                raise self.loading.error
+
+    @property
+    def load_error(self) -> Exception | None:
+        """What the background loading raised (an invalid pipeline), if anything."""
+        return None if self.loading is None else self.loading.error
+
+    def _woken_by(self) -> dict[str, Callable[[], None]]:
+        """Work another node queued (PostgreSQL's NOTIFY) wakes the stage that takes it."""
+        return {
+            channel: self._stages[role].wake for channel, role in ((JOBS_QUEUED, "infer"), (DELIVERIES_DUE, "dispatch"))
+            if role in self._stages
+        }  # fmt: skip
+
+    def _load(self) -> None:
+        """The loading (in :class:`PipelineLoading`'s thread): build the pipeline stages,
+        start them, then warm each pipeline's model. A job the runner claims meanwhile waits
+        in ``ModelPool.get`` for its model (loaded once, by whichever thread asks first); a
+        model that cannot be loaded is logged and fails its jobs, the node runs on. Anything
+        else it raises (an invalid pipeline) goes to ``failed``."""
+        try:
+            self._start_pipeline_workers()
+            self._load_pipelines()
+        except Exception:
+            if self._failed is not None:
+                self._failed()
+            raise
+        self.ready.set()
+
+    def _start_pipeline_workers(self) -> None:
+        stages, helpers = self._pipeline_workers()
+        assert self.router is not None  # made by _pipeline_workers
         for pipeline in self.router.pipelines:
             self.metrics.add_pipeline_labels(pipeline.name, pipeline.destinations_in(list(self.config.destinations)))
-            if self.pool is not None:
-                from plugin.models.artifact import ArtifactError
-
-                try:
-                    self.pool.get(pipeline)
-                except ArtifactError as e:  # its jobs will fail with the same message; others run
-                    log.error("pipeline %s: model not loaded: %s", pipeline.name, e)
             log.info("pipeline %s v%s loaded from %s", pipeline.name, pipeline.version, pipeline.source)
+        with self._starting:
+            if self._stopping.is_set():
+                return
+            merged = {**self._stages, **stages}
+            self._stages = {role: merged[role] for role in ROLES if role in merged}  # in the order data flows
+            for role, following in pairwise(ROLES):  # assemble -> infer -> dispatch (receive has no stage)
+                if role in self._stages and following in self._stages:
+                    self._stages[role].next_stage = self._stages[following]
+            self.workers = [*stages.values(), *self.workers, *helpers]
+            for worker in [*stages.values(), *helpers]:
+                worker.start()
+            self.journal.listen(self._woken_by())
+
+    def _load_pipelines(self) -> None:
+        """Each pipeline's model warmed, where this node infers."""
+        if self.pool is None or self.router is None:
+            return
+        from plugin.models.artifact import ArtifactError
+
+        for pipeline in self.router.pipelines:
+            if self._stopping.is_set():
+                return
+            try:
+                self.pool.get(pipeline)
+            except ArtifactError as e:  # its jobs will fail with the same message; others run
+                log.error("pipeline %s: model not loaded: %s", pipeline.name, e)
 
     def _wait_for_journal(self, longest: float = 30.0) -> int | None:
         """Take back what this node held when it last stopped (``Journal.resume``: other
@@ -232,7 +321,8 @@ class Node:
         still running at the deadline keeps its lease until it expires (or this node
         starts again under the same id)."""
         deadline = time.monotonic() + self.config.node.shutdown_seconds
-        self._stopping.set()
+        with self._starting:  # a loading still under way starts nothing more
+            self._stopping.set()
         for server in self.servers:
             server.stop(max(0.0, deadline - time.monotonic()))  # one deadline for every listener and worker
         if self.stow_server is not None:
@@ -243,10 +333,12 @@ class Node:
             self.metrics_server[1].join(5)
         for worker in self.workers:
             worker.stopping.set()
+        if self.loading is not None:  # warming a model: it stops after that one
+            self.loading.stop(max(0.0, deadline - time.monotonic()))
         for worker in self.workers:
             worker.stop(max(0.0, deadline - time.monotonic()))
         self.heartbeat.stop()
-        stuck = [w.name for w in self.workers if w.is_alive()]
+        stuck = [w.name for w in [*self.workers, *filter(None, [self.loading])] if w.is_alive()]
         if stuck:
             log.warning("shutdown deadline reached with %s still busy; their work resumes on restart", stuck)
             return  # the journal stays open for them; the process is exiting anyway

@@ -77,12 +77,14 @@ def serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, options={"--roles": ("node", "roles", args.roles)} if args.roles else None)
     logging.getLogger(__name__).info("effective config: %s", config.model_dump_json())
     node = Node(config)
-    node.start()
     stop = threading.Event()
+    node.start(wait_ready=False, failed=stop.set)  # listens, then loads pipelines and models
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     node.stop()
+    if node.load_error is not None:  # an invalid pipeline at start: printed by main, exit 1
+        raise node.load_error
     return 0
 
 

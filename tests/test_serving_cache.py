@@ -1,22 +1,30 @@
 """The node's compile cache (plugin/models/compile_cache.py): a restarted node loads its
 int8 program instead of compiling it, gets the same outputs, and refuses a package that
-is not byte for byte what it wrote."""
+is not byte for byte what it wrote. And a starting node (plugin/app.py) listens before its
+models are loaded: a job claimed meanwhile waits for its model; a model that cannot load
+is logged and the node runs on."""
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from plugin.app import Node
+from plugin.config import NodeConfig
 from plugin.metrics import Metrics
 from plugin.models.artifact import load_artifact, write_artifact
 from plugin.models.compile_cache import CompileCache
 from plugin.models.registry import build
 from plugin.models.serving import convert_int8, exported_graph, observer_state, prepare_int8
+from plugin.outputs.sr import read_measurement_report
+from tests.conftest import DEMO_ARTIFACT, echo_ok, node_config, results, storescu, wait_for, write_pipeline
 
 ARCHITECTURE = {"id": "demo-cnn", "params": {"in_channels": 1, "num_classes": 2, "channels": [8]}}
 SHAPE = (1, 32, 32)
@@ -34,6 +42,7 @@ artifact = load_artifact(Path(sys.argv[1]), torch.device("cpu"), compile_cache=c
 torch.save(artifact.module(torch.load(sys.argv[3])), sys.argv[4])
 for source in ("cache", "compile"):
     print(source, metrics.registry.get_sample_value("radpipe_model_compile_seconds_count", {"source": source}))
+print("inductor", "torch._inductor" in sys.modules)  # a cache hit does without it (seconds to import)
 """
 
 
@@ -84,7 +93,7 @@ def test_restart_loads_the_cached_program_and_refuses_an_altered_one(tmp_path, t
     run = [sys.executable, "-c", FRESH_LOAD, str(tiny_int8), str(compiled), str(tmp_path / "images.pt")]
     done = subprocess.run([*run, str(tmp_path / "cached.pt")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["cache", "1.0", "compile", "0.0"]
+    assert done.stdout.split() == ["cache", "1.0", "compile", "0.0", "inductor", "False"]
     assert torch.equal(torch.load(tmp_path / "cached.pt"), fresh)
 
     data = bytearray(package.read_bytes())
@@ -110,3 +119,56 @@ def test_a_package_made_for_something_else_is_refused(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="plugin.models.compile_cache"):
         assert cache._load("k", identity) is None
     assert "made for something else" in caplog.text
+
+
+def _tiny_pipeline(directory: Path, artifact: Path) -> Path:
+    """The demo pipeline on the tiny int8 model (32x32 input, a batch bucket of 4)."""
+    preprocess = [{"window": {"center": -600, "width": 1500}}, {"resize": [32, 32]}]
+    return write_pipeline(directory, preprocess=preprocess, model={"artifact": str(artifact), "batch_size": 4})
+
+
+def test_a_node_listens_and_stores_while_its_model_loads(tmp_path, tiny_int8, demo_study, dcmtk):
+    """Cold start (issue 15): the node answers C-ECHO and C-STORE while its int8 model is
+    still being compiled (an empty compile cache: seconds), a job claimed meanwhile waits for
+    the model instead of failing, and its SR is written once the model is ready."""
+    _tiny_pipeline(tmp_path / "pipelines", tiny_int8)
+    node = Node(NodeConfig.model_validate(node_config(tmp_path)), CollectorRegistry())
+    sample = node.metrics.registry.get_sample_value
+    try:
+        node.start(wait_ready=False)
+        assert echo_ok(node.port)
+        series = demo_study["Demo chest CT, nodules"][:4]
+        assert storescu(node.port, *series).returncode == 0
+        assert not node.ready.is_set()  # acknowledged (fsync'd, journaled) before the model is ready
+        assert sample("radpipe_instances_received_total", {"calling_ae": "STORESCU"}) == 4
+        running = wait_for(lambda: [j for j in node.journal.jobs() if j.status == "running"], what="a claimed job")
+        assert not node.ready.is_set(), "the model was ready before the job was claimed: nothing waited"
+        [sr] = wait_for(lambda: results(node.results_dir), timeout=300, what="the SR")
+        assert node.ready.wait(60)
+        [job] = node.journal.jobs()
+        assert (job.id, job.status, job.attempts) == (running[0].id, "done", 1)
+        [finding] = read_measurement_report(pydicom.dcmread(sr))
+        assert finding.algorithm_name == "lung-nodule-demo" and len(finding.source_sop_instance_uids) == 4
+        assert sample("radpipe_model_compile_seconds_count", {"source": "compile"}) == 1  # waited, not loaded twice
+    finally:
+        node.stop()
+
+
+def test_a_model_that_cannot_load_is_logged_and_the_node_runs_on(tmp_path, demo_study, dcmtk, caplog):
+    artifact = tmp_path / "broken"
+    shutil.copytree(DEMO_ARTIFACT, artifact)
+    weights = next(artifact.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8])  # no longer the bytes its manifest's hash names
+    write_pipeline(tmp_path / "pipelines", model={"artifact": str(artifact), "batch_size": 8})
+    node = Node(NodeConfig.model_validate(node_config(tmp_path)), CollectorRegistry())
+    try:
+        with caplog.at_level(logging.ERROR, logger="plugin.app"):
+            node.start()
+        [line] = [r.getMessage() for r in caplog.records if "model not loaded" in r.getMessage()]
+        assert line.startswith("pipeline lung-nodule-demo: model not loaded: ")
+        assert echo_ok(node.port)
+        assert storescu(node.port, *demo_study["Demo chest CT, no nodules"][:2]).returncode == 0
+        [job] = wait_for(lambda: [j for j in node.journal.jobs() if j.status == "failed"], what="the failed job")
+        assert "sha256" in (job.error or "")
+    finally:
+        node.stop()

@@ -6,8 +6,8 @@ the FX graph and AOTAutograd caches): radpipe compiles int8 programs with freezi
 oneDNN gets prepacked weights, and torch 2.13 bypasses both caches for exactly those graphs
 ("mkldnn tensors unpickleable", "Cannot cache a graph with freezing enabled"): they would
 store nothing. ``torch._inductor.aoti_compile_and_package`` compiles the same frozen graph
-(the same oneDNN calls, the same outputs) into a package per batch bucket, and
-``aoti_load_package`` loads one in milliseconds.
+(the same oneDNN calls, the same outputs) into a package per batch bucket, which torch's
+C++ package loader loads in milliseconds (see ``_load_package``).
 
 A package is generated C++ compiled to a shared library, and loading it runs that code, so
 it is not a model artifact's kind of file (DESIGN invariant 9: nothing inside an artifact is
@@ -23,7 +23,6 @@ receives and sends.
 """
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from prometheus_client import Histogram
 from torch import Tensor, nn
 
@@ -111,8 +111,8 @@ class CompileCache:
                     )
                     return None
                 # the bytes hashed are the bytes loaded: no window to swap the file in between
-                loaded[bucket] = torch._inductor.aoti_load_package(io.BytesIO(data))
-        except (OSError, ValueError, KeyError, AttributeError) as e:
+                loaded[bucket] = _load_package(data)
+        except (OSError, ValueError, KeyError, AttributeError, RuntimeError) as e:
             log.warning("compile cache %s unreadable (%s); compiling afresh", record, e)
             return None
         return _ByBatch(loaded)
@@ -139,13 +139,41 @@ class CompileCache:
                 torch._inductor.aoti_compile_and_package(exported, package_path=str(staged))
                 data = staged.read_bytes()
                 hashes[str(bucket)] = _sha256(data)
-                loaded[bucket] = torch._inductor.aoti_load_package(io.BytesIO(data))
+                loaded[bucket] = _load_package(data)
             record = Path(staging) / f"{key}.json"
             record.write_text(json.dumps({"identity": identity, "sha256": hashes}, indent=2) + "\n")
             for package in packages.values():
                 os.replace(Path(staging) / package.name, package)
             os.replace(record, self.directory / record.name)
         return _ByBatch(loaded)
+
+
+def _load_package(data: bytes) -> Program:
+    """The program of the AOTInductor package ``data``, loaded by torch's C++ package loader
+    (what ``torch._inductor.aoti_load_package`` ends in) from a file in a folder of this
+    process's own (the loader reads a path; the folder is gone once it has loaded).
+
+    Not through ``aoti_load_package`` itself: that imports inductor and dynamo and probes the
+    CPU's vector instructions by building and running test programs, about 3 s of a 3.3 s
+    load of three packages on 2 cores, for a check that only warns when a package was
+    compiled for another CPU; the cache's identity refuses such a package already (``cpu``).
+    The outputs are the same, bit for bit (tests/test_serving_cache.py)."""
+    with tempfile.TemporaryDirectory(prefix="radpipe-program-") as folder:
+        path = Path(folder) / "program.pt2"
+        path.write_bytes(data)
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    return _Package(loader)
+
+
+class _Package:
+    """A loaded package called as its exported program is: one batch in, the logits out."""
+
+    def __init__(self, loader: Any) -> None:
+        self._run = loader.boxed_run
+        self._outputs = pytree.treespec_loads(loader.get_call_spec()[1])
+
+    def __call__(self, batch: Tensor) -> Tensor:
+        return pytree.tree_unflatten(self._run([batch]), self._outputs)
 
 
 class _ByBatch:
