@@ -33,7 +33,14 @@ from plugin.models.artifact import ArtifactError, load_artifact, read_manifest, 
 from plugin.models.importer import ImportRequest, import_model
 from plugin.models.onnx_model import OnnxModule
 from plugin.models.registry import build
-from plugin.models.serving import BucketedModule
+from plugin.models.serving import (
+    OBSERVER_PREFIX,
+    BucketedModule,
+    compile_program,
+    exported_graph,
+    int8_max_pools,
+    restore_int8,
+)
 from plugin.outputs.sr import read_measurement_report
 from plugin.pipeline import PipelineError, load_pipeline
 from tests.conftest import DEMO_ARTIFACT, DEMO_PIPELINE, results, storescu, wait_for, write_pipeline
@@ -131,6 +138,34 @@ def test_int8_artifact_runs_in_the_node_and_the_sr_records_hash_and_precision(
     assert (int8.softmax(1) - fp32.softmax(1)).abs().max() < 0.1
 
     _assert_serves(start_node, tmp_path, int8_artifact, demo_study, loaded, manifest)
+
+
+def test_int8_max_pools_run_on_the_uint8_tensor_and_the_logits_stay_bit_for_bit(int8_artifact, data):
+    """The int8 program's max-pools: each dequantize -> max_pool2d -> quantize at one scale
+    becomes a max-pool of the uint8 tensor (inductor's vectorized loop instead of ATen's
+    quantized max_pool2d, a scalar loop below 32 channels), and the compiled program's
+    logits are the same as without the pass."""
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+
+    def float_pools(graph: nn.Module) -> int:
+        return sum(
+            1
+            for node in graph.graph.nodes
+            if node.target is torch.ops.aten.max_pool2d.default and node.args[0].target is dequantize
+        )
+
+    tensors = load_file(str(int8_artifact / "weights.safetensors"))
+    observers = {k.removeprefix(OBSERVER_PREFIX): v for k, v in tensors.items() if k.startswith(OBSERVER_PREFIX)}
+    module = fp32_module(int8_artifact)
+
+    def converted() -> nn.Module:
+        return restore_int8(exported_graph(module, "int8_static", data.heldout.images[:2]), "int8_static", observers)
+
+    unchanged, passed = converted(), int8_max_pools(converted())
+    assert float_pools(unchanged) == 4 and float_pools(passed) == 0  # demo-cnn: a pool after each of 4 convs
+    with torch.inference_mode():
+        images = data.heldout.images[:8]
+        assert torch.equal(compile_program(passed)(images), compile_program(unchanged)(images))
 
 
 def test_tampered_optimized_artifact_is_refused(tmp_path, int8_artifact):
