@@ -40,6 +40,10 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 Program = Callable[[Tensor], Tensor]
+# What radpipe makes of an artifact before compiling it (plugin/models/serving.py): raise it
+# when that changes, so that a node's packages of the old graph are compiled afresh.
+# 2: int8 max-pools run on the uint8 tensor (same outputs, faster).
+GRAPH_VERSION = 2
 
 
 def _sha256(data: bytes) -> str:
@@ -58,10 +62,12 @@ class CompileCache:
     @staticmethod
     def identity(manifest: dict[str, Any], buckets: Sequence[int], shape: Sequence[int]) -> dict[str, Any]:
         """Everything a compiled program depends on: the artifact (its whole manifest,
-        which records every file's hash), this torch, this CPU, the input and the buckets."""
+        which records every file's hash), radpipe's graph of it, this torch, this CPU, the
+        input and the buckets."""
         text = json.dumps(manifest, sort_keys=True)
         return {
             "manifest_sha256": _sha256(text.encode()),
+            "graph": GRAPH_VERSION,
             "torch": str(torch.__version__),
             "cpu": torch.backends.cpu.get_cpu_capability(),
             "input": list(shape),
