@@ -6,7 +6,8 @@ pruned fp32, int8 (torchao static PTQ of the unpruned model), the optimized arti
 (e.g. pruned+int8), and what a user would otherwise pick: ONNX Runtime fp32 and ONNX
 Runtime static int8 of the original (for an ONNX original, its own graph and its int8).
 Every int8 row is made by ``radpipe optimize``'s own code and loaded as the node loads
-it. For batch sizes 1, 8 and 32: latency p50/p95, images/s (batch / median latency),
+it (torchao's through a compile cache, as ``radpipe serve`` compiles them: AOTInductor
+packages, no Python guards per call). For batch sizes 1, 8 and 32: latency p50/p95, images/s (batch / median latency),
 size on disk, and AUC on the same held-out images. Every int8 variant made here is
 calibrated on the images ``radpipe optimize`` calibrates the recipe's int8 on (the
 recipe's data through the pipeline's preprocessing), and the speed ratios are given per
@@ -53,6 +54,7 @@ from plugin.models.artifact import (
     versions,
     write_artifact,
 )
+from plugin.models.compile_cache import CompileCache
 from plugin.models.registry import build
 from plugin.models.serving import OBSERVER_PREFIX, BucketedModule, apply_layer_shapes, compile_program
 from plugin.pipeline import Pipeline, load_pipeline
@@ -79,20 +81,37 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def measure(run: Runner, images: Tensor, batch: int, seconds: float) -> tuple[float, float, float]:
-    """(p50 ms, p95 ms, images/s) of ``run`` on one batch, after a warm-up."""
-    x = images[torch.arange(batch) % len(images)]
+ROUNDS = 3  # turns each variant gets at each batch size, the variants in turn within a round
+
+
+def measure(
+    runs: dict[str, Runner], images: Tensor, batch_sizes: list[int], seconds: float, rounds: int = ROUNDS
+) -> dict[tuple[str, int], tuple[float, float, float]]:
+    """(p50 ms, p95 ms, images/s) of every run at every batch size, after a warm-up. Each
+    gets ``seconds`` in ``rounds`` turns, the runs taking turns within each round, so that
+    other work on the machine falls on all of them alike rather than on whichever was
+    being measured then; the percentiles are over the calls of all its turns. The batch
+    is an inference tensor, as the node's preprocessing makes: a served int8 program
+    copies any other tensor before calling its compiled program (plugin/models/serving.py)."""
+    times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
-        for _ in range(3):
-            run(x)
-        times: list[float] = []
-        deadline = time.perf_counter() + seconds
-        while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 2000):
-            start = time.perf_counter()
-            run(x)
-            times.append(time.perf_counter() - start)
-    p50, p95 = np.percentile(times, [50, 95])
-    return 1000 * float(p50), 1000 * float(p95), batch / float(p50)
+        batches = {batch: images[torch.arange(batch) % len(images)] for batch in batch_sizes}
+        for turn in range(rounds):
+            for name, run in runs.items():
+                for batch, x in batches.items():
+                    for _ in range(3 if turn == 0 else 0):
+                        run(x)
+                    calls = times.setdefault((name, batch), [])
+                    made, deadline = len(calls), time.perf_counter() + seconds / rounds
+                    while len(calls) - made < 2 or (time.perf_counter() < deadline and len(calls) < 2000):
+                        start = time.perf_counter()
+                        run(x)
+                        calls.append(time.perf_counter() - start)
+    measured = {}
+    for (name, batch), calls in times.items():
+        p50, p95 = np.percentile(calls, [50, 95])
+        measured[name, batch] = (1000 * float(p50), 1000 * float(p95), batch / float(p50))
+    return measured
 
 
 def fp32_module(optimized: Path) -> nn.Module:
@@ -188,8 +207,11 @@ def bench(
     gate; a baseline that fails it against the original gets no speed ratio, since beating
     a broken baseline says nothing."""
     cpu = torch.device("cpu")
+    # int8 programs compiled as `radpipe serve` compiles them: AOTInductor packages in a
+    # compile cache (plugin/models/compile_cache.py), here one in the scratch folder
+    cache = CompileCache(work / "compiled")
     original = load_artifact(original_dir, cpu)
-    optimized = load_artifact(optimized_dir, cpu) if optimized_dir is not None else None
+    optimized = load_artifact(optimized_dir, cpu, compile_cache=cache) if optimized_dir is not None else None
     best = _row_name(optimized) if optimized is not None else ""
     buckets = sorted(set(batch_sizes))
     recipe = Recipe.model_validate(
@@ -208,7 +230,7 @@ def bench(
             return served(optimized)
         made = optimize_artifact(source, recipe, data, steps, findings, "softmax", work / name.replace(" ", "-"))
         assert made.target is not None  # nothing to refuse with these limits
-        return served(load_artifact(made.target, cpu))
+        return served(load_artifact(made.target, cpu, compile_cache=cache))
 
     variants: dict[str, tuple[Runner, int]] = {}
     onnx = original
@@ -230,12 +252,14 @@ def bench(
     rows: list[Row] = []
     scores: dict[str, Scores] = {}
     classes = original.classes
-    for name, (run, size) in variants.items():
+    for name, (run, _) in variants.items():
         scores[name] = evaluate(run, data.heldout, classes, findings, batch=max(buckets), what=f"AUC of {name}")
+    print(f"measuring {len(variants)} variants in turn, {ROUNDS} rounds ...", flush=True)
+    measured = measure({name: run for name, (run, _) in variants.items()}, data.heldout.images, batch_sizes, seconds)
+    for name, (_, size) in variants.items():
         for batch in batch_sizes:
-            p50, p95, rate = measure(run, data.heldout.images, batch, seconds)
+            p50, p95, rate = measured[name, batch]
             rows.append(Row(name, batch, p50, p95, rate, size / 1e6, scores[name].overall))
-            print(f"{name:<22} batch {batch:>3}: {p50:8.2f} ms p50, {rate:8.1f} images/s", flush=True)
     shown = best or ("ORT int8 static" if original.format == ONNX else "int8")
     summary = {"original format": original.format, **summarize(rows, scores, shown, accept or Accept())}
     summary["calibration"] = data.calibration.description
@@ -298,12 +322,12 @@ def bench_volumes(
         print(f"int8: none: {int8}", flush=True)
 
     rows: list[Row] = []
-    for name, (module, size) in variants.items():
-        dice = scorer(module, f"Dice of {name}").overall
+    dice = {name: scorer(module, f"Dice of {name}").overall for name, (module, _) in variants.items()}
+    measured = measure({name: module for name, (module, _) in variants.items()}, windows, batch_sizes, seconds)
+    for name, (_, size) in variants.items():
         for batch in batch_sizes:
-            p50, p95, rate = measure(module, windows, batch, seconds)
-            rows.append(Row(name, batch, p50, p95, rate, size / 1e6, dice))
-            print(f"{name:<22} batch {batch:>3}: {p50:8.2f} ms p50, {rate:8.1f} windows/s, Dice {dice:.4f}", flush=True)
+            p50, p95, rate = measured[name, batch]
+            rows.append(Row(name, batch, p50, p95, rate, size / 1e6, dice[name]))
 
     def row(variant: str, batch: int) -> Row:
         return next(r for r in rows if r.variant == variant and r.batch == batch)
