@@ -94,6 +94,16 @@ def serve(work: Path, config: dict, log: Path | None = None) -> subprocess.Popen
         )
 
 
+def wait_for_log(log: Path, text: str, timeout: float = 600) -> None:
+    """Wait until a line of ``log`` holds ``text`` (a node listens before it has loaded its
+    pipelines and models: a steady-state figure waits for its "loaded model" line)."""
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and text in log.read_text(errors="replace")):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {text!r} in {log} after {timeout} s")
+        time.sleep(0.1)
+
+
 def report(figures: dict, json_path: Path | None) -> None:
     """Print ``figures`` one per line and, if asked, write them to ``json_path``."""
     width = max(map(len, figures))

@@ -11,8 +11,12 @@ the SRs delivered to a PACS (dcmtk storescp), compared with the raw model in the
 3. latency: 24-slice series sent one at a time; from the last instance's success to the
    SR delivered, minus the quiet period: p50 and p95.
 
+With ``--artifact DIR`` the demo pipeline runs that model artifact instead (e.g. the
+pruned int8 one), and the same node first receives the same series with the pipeline
+matching nothing (Modality MR): its ingest-only rate, against which end to end is set.
+
 Run: .venv/bin/python -m benchmarks.end_to_end [--series 20] [--slices 100] [--decode-workers auto]
-     [--json out.json]
+     [--artifact DIR] [--json out.json]
 """
 
 import argparse
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import pydicom
 import torch
+import yaml
 from prometheus_client import CollectorRegistry
 
 from benchmarks.common import (
@@ -40,6 +45,7 @@ from benchmarks.common import (
     stage_seconds,
     storescu,
     wait_for_echo,
+    wait_for_log,
 )
 from plugin.loader import modality_frames
 from plugin.metrics import Metrics
@@ -87,6 +93,37 @@ def send_concurrently(port: int, series: list[list[Path]], senders: int) -> None
         thread.join()
 
 
+def pipelines(work: Path, artifact: Path | None, matching: bool) -> Path:
+    """A folder holding the demo pipeline, with ``artifact`` as its model if given; not
+    ``matching``, it takes no series (Modality MR): the node receives and stores only."""
+    text = yaml.safe_load(PIPELINE.read_text())
+    text["model"]["artifact"] = str(artifact.absolute() if artifact else PIPELINE.parent / text["model"]["artifact"])
+    if not matching:
+        text["match"]["Modality"] = "MR"
+    folder = work / ("pipelines" if matching else "pipelines-matching-nothing")
+    folder.mkdir()
+    (folder / PIPELINE.name).write_text(yaml.safe_dump(text, sort_keys=False))
+    return folder
+
+
+def start(work: Path, folder: Path, decode_workers: int | str, destinations: dict | None = None) -> tuple:
+    """``radpipe serve`` on ``folder``'s pipeline, once it listens and has loaded its
+    model: (process, port, metrics port)."""
+    port, metrics_port = free_port(), free_port()
+    config = node_config(
+        work, port, folder, metrics_port, runner={"decode_workers": decode_workers}, destinations=destinations or {}
+    )
+    node = serve(work, config, work / "node.log")
+    wait_for_echo(port)
+    wait_for_log(work / "node.log", "loaded model")
+    return node, port, metrics_port
+
+
+def stop(node: subprocess.Popen) -> None:
+    node.terminate()
+    node.wait(60)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--series", type=int, default=20)
@@ -95,69 +132,82 @@ def main() -> int:
     parser.add_argument("--latency-series", type=int, default=10)
     parser.add_argument("--decode-workers", default="auto", type=lambda v: v if v == "auto" else int(v),
                         help="the node's runner.decode_workers")  # fmt: skip
+    parser.add_argument("--artifact", type=Path, help="the model artifact to run instead of the demo's")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="radpipe-e2e-"))
-    pipeline = load_pipeline(PIPELINE)
+    folder = pipelines(work, args.artifact, matching=True)
+    pipeline = load_pipeline(folder / PIPELINE.name)
     quiet = pipeline.completion.quiet_seconds
     series = [ct_series(work / f"series-{i}", args.slices, seed=i + 1) for i in range(args.series)]
     small = [ct_series(work / f"small-{i}", 24, seed=1000 + i) for i in range(args.latency_series)]
     instances = sum(map(len, series))
     raw = raw_model_rate(pipeline, series[0], 2000)
 
-    pacs_port, node_port, metrics_port = free_port(), free_port(), free_port()
+    ingest_only = None
+    if args.artifact:
+        (work / "ingest-only").mkdir()
+        node, port, _ = start(work / "ingest-only", pipelines(work, args.artifact, False), args.decode_workers)
+        try:
+            os.sync()
+            start_time = time.perf_counter()
+            send_concurrently(port, series, args.senders)
+            ingest_only = instances / (time.perf_counter() - start_time)
+        finally:
+            stop(node)
+
+    pacs_port = free_port()
     pacs_dir = work / "pacs"
     pacs_dir.mkdir()
-    config = node_config(
-        work,
-        node_port,
-        PIPELINE.parent,
-        metrics_port,
-        runner={"decode_workers": args.decode_workers},
-        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
-    )
     pacs = subprocess.Popen(
         ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)], env=ENV, stderr=subprocess.DEVNULL
     )
-    node = serve(work, config)
+    destinations = {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}}
+    node, node_port, metrics_port = start(work, folder, args.decode_workers, destinations)
     try:
-        wait_for_echo(node_port)
         wait_for_echo(pacs_port, "PACS")
         os.sync()  # the generated series must not be flushed on the node's account
-        start = time.perf_counter()
+        start_time = time.perf_counter()
         send_concurrently(node_port, series, args.senders)
         sent = time.perf_counter()
         delivered = wait_for_results(pacs_dir, len(series))
-        total = delivered - start
+        total = delivered - start_time
         stages = stage_seconds(metrics_port, pipeline.name)
         latencies = []
         for index, files in enumerate(small):
             acknowledged = time.perf_counter() + storescu(node_port, files)
             latencies.append(wait_for_results(pacs_dir, len(series) + index + 1) - acknowledged - quiet)
     finally:
-        node.terminate()
-        node.wait(60)
+        stop(node)
         pacs.terminate()
         pacs.wait(10)
 
+    rate = instances / (total - quiet)
     figures = {
         "series": args.series,
         "slices_per_series": args.slices,
         "senders": args.senders,
         "decode_workers": args.decode_workers,
+        "artifact": str(args.artifact or pipeline.model.artifact),
         "raw_model_images_per_second": round(raw, 1),
-        "receive_seconds": round(sent - start, 2),
+        "receive_seconds": round(sent - start_time, 2),
         "first_byte_to_last_sr_seconds": round(total, 2),
         "end_to_end_instances_per_second": round(instances / total, 1),
         "ratio_to_raw_model": round(instances / total / raw, 2),
-        "without_last_quiet_period_instances_per_second": round(instances / (total - quiet), 1),
-        "ratio_to_raw_model_without_last_quiet_period": round(instances / (total - quiet) / raw, 2),
+        "without_last_quiet_period_instances_per_second": round(rate, 1),
+        "ratio_to_raw_model_without_last_quiet_period": round(rate / raw, 2),
+        **(
+            {
+                "ingest_only_instances_per_second": round(ingest_only, 1),
+                "ratio_to_ingest_only_without_last_quiet_period": round(rate / ingest_only, 2),
+            }
+            if ingest_only
+            else {}
+        ),
         # The node's time per image, by stage (its metrics).
         "runner_ms_per_image": {stage: round(seconds / instances * 1000, 2) for stage, seconds in stages.items()},
-        "non_model_ms_per_image": round(
-            sum(v for k, v in stages.items() if k not in ("infer", "wait")) / instances * 1000, 2
-        ),
+        "non_model_ms_per_image": round(sum(v for k, v in stages.items() if k in OVERHEAD) / instances * 1000, 2),
         "latency_series_slices": 24,
         "quiet_seconds": quiet,
         "beyond_quiet_p50_seconds": round(statistics.median(latencies), 3),

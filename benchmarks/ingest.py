@@ -7,6 +7,9 @@
   one (temporary file, rename, syncfs) with no network and no DICOM at all. No receiver
   that flushes before it answers success can beat it on this disk.
 
+Then dcmtk storescp and radpipe again, with 4 storescu associations at once, each
+sending a series of its own (a quarter of the slices each).
+
 Run: .venv/bin/python -m benchmarks.ingest [--slices 200] [--rounds 5] [--json out.json]
 """
 
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -26,6 +30,8 @@ from benchmarks.common import ENV, ct_series, free_port, storescu, wait_for_echo
 from plugin.durability import GroupSync
 from plugin.spool import write_atomically
 
+CONCURRENT = 4
+CONCURRENT_RECEIVERS = ("dcmtk storescp", "radpipe")
 MINIMAL_SCP = """
 import sys
 from pathlib import Path
@@ -63,7 +69,8 @@ def receivers(work: Path) -> dict[str, list[str]]:
     }
 
 
-def measure(command: list[str], port: int, files: list[Path]) -> float:
+def measure(command: list[str], port: int, shares: list[list[Path]]) -> float:
+    """Seconds for ``shares`` to be sent, each by its own storescu association, at once."""
     # Start clean: radpipe's flushes must not pay for what the series generation or an
     # earlier receiver left in the page cache.
     os.sync()
@@ -75,7 +82,10 @@ def measure(command: list[str], port: int, files: list[Path]) -> float:
     )
     try:
         wait_for_echo(port)
-        return storescu(port, files)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(shares)) as senders:
+            list(senders.map(lambda files: storescu(port, files), shares))
+        return time.perf_counter() - start
     finally:
         process.terminate()
         process.wait(30)
@@ -104,31 +114,39 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="radpipe-ingest-"))
     files = ct_series(work / "series", args.slices)
+    # 4 associations at once, each with a series of its own (a quarter of the slices).
+    concurrent = [ct_series(work / f"series-{n}", args.slices // CONCURRENT, seed=2 + n) for n in range(CONCURRENT)]
     megabytes = sum(f.stat().st_size for f in files) / 1e6
-    timings: dict[str, list[float]] = {}
+    modes = {"one association": [files], f"{CONCURRENT} associations": concurrent}
+    timings: dict[tuple[str, str], list[float]] = {}
     for round_number in range(args.rounds):  # interleaved, so a noisy moment hits every receiver
-        for name, command in receivers(work).items():
-            port = free_port()
-            for folder in ("storescp", "pynetdicom"):
-                (work / folder).mkdir(exist_ok=True)
-            # radpipe with no pipelines: this measures receiving only.
-            (work / "radpipe.yaml").write_text(
-                yaml.safe_dump(
-                    {
-                        "node": {"port": port},
-                        "metrics": {"port": 0},
-                        "storage": {"dir": str(work / f"radpipe-{port}")},
-                        "pipelines": {"dir": str(work / "no-pipelines")},
-                    }
+        for mode, shares in modes.items():
+            for name, command in receivers(work).items():
+                if mode != "one association" and name not in CONCURRENT_RECEIVERS:
+                    continue
+                port = free_port()
+                for folder in ("storescp", "pynetdicom"):
+                    (work / folder).mkdir(exist_ok=True)
+                # radpipe with no pipelines: this measures receiving only.
+                (work / "radpipe.yaml").write_text(
+                    yaml.safe_dump(
+                        {
+                            "node": {"port": port},
+                            "metrics": {"port": 0},
+                            "storage": {"dir": str(work / f"radpipe-{port}")},
+                            "pipelines": {"dir": str(work / "no-pipelines")},
+                        }
+                    )
                 )
-            )
-            timings.setdefault(name, []).append(measure(command, port, files))
-        timings.setdefault("durable-write floor", []).append(durable_write_floor(files, work / f"floor-{round_number}"))
+                timings.setdefault((mode, name), []).append(measure(command, port, shares))
+        floor = durable_write_floor(files, work / f"floor-{round_number}")
+        timings.setdefault(("one association", "durable-write floor"), []).append(floor)
     rows = []
-    for name, values in timings.items():
+    for (mode, name), values in timings.items():
         seconds = statistics.median(values)
         rows.append(
             {
+                "associations": mode,
                 "receiver": name,
                 "seconds": round(seconds, 3),
                 "instances_per_second": round(len(files) / seconds, 1),
@@ -136,14 +154,14 @@ def main() -> int:
                 "all_seconds": [round(v, 3) for v in values],
             }
         )
-    reference = rows[0]["instances_per_second"]
+    dcmtk = {row["associations"]: row["instances_per_second"] for row in rows if row["receiver"] == "dcmtk storescp"}
     for row in rows:
-        row["ratio_to_dcmtk"] = round(row["instances_per_second"] / reference, 2)
-    print(f"{len(files)} instances, {megabytes:.0f} MB, one association, loopback, median of {args.rounds} rounds")
-    print(f"{'receiver':<24} {'s':>7} {'inst/s':>8} {'MB/s':>7} {'x dcmtk':>8}")
+        row["ratio_to_dcmtk"] = round(row["instances_per_second"] / dcmtk[row["associations"]], 2)
+    print(f"{len(files)} instances, {megabytes:.0f} MB, loopback, median of {args.rounds} interleaved rounds")
+    print(f"{'associations':<16} {'receiver':<24} {'s':>7} {'inst/s':>8} {'MB/s':>7} {'x dcmtk':>8}")
     for row in rows:
         print(
-            f"{row['receiver']:<24} {row['seconds']:>7} {row['instances_per_second']:>8} "
+            f"{row['associations']:<16} {row['receiver']:<24} {row['seconds']:>7} {row['instances_per_second']:>8} "
             f"{row['megabytes_per_second']:>7} {row['ratio_to_dcmtk']:>8}"
         )
     if args.json:
