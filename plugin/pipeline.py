@@ -178,7 +178,12 @@ class SegmentSpec(_Strict):
     below ``min_mean_probability`` (the lesion's score, as a detector's), or when it is less
     compact than ``min_compactness``: its volume over that of a ball as wide as its longest
     axial diameter, 1 for a ball, lower for flat shapes such as vessels branching in the
-    slice plane (the default 0 keeps every shape)."""
+    slice plane (the default 0 keeps every shape). ``grow_threshold`` (at most
+    ``threshold``; by default equal to it) is hysteresis: a lesion that passed the filters
+    grows into the voxels connected to it whose probability is at least ``grow_threshold``,
+    and its outline and measurements are those of the grown lesion; the filters judge it as
+    detected, on its voxels at or above ``threshold``: growing changes outlines and
+    measurements, not which lesions are found. E.g. ``{threshold: 0.5, grow_threshold: 0.3}``."""
 
     label: str = Field(min_length=1)
     code: _Code
@@ -187,6 +192,15 @@ class SegmentSpec(_Strict):
     min_volume_mm3: float = Field(default=0.0, ge=0.0)
     min_mean_probability: float = Field(default=0.0, ge=0.0, le=1.0)
     min_compactness: float = Field(default=0.0, ge=0.0)
+    grow_threshold: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    @field_validator("grow_threshold")
+    @classmethod
+    def _grows_below_threshold(cls, value: float | None, info: ValidationInfo) -> float | None:
+        threshold = info.data.get("threshold")
+        if value is not None and threshold is not None and value > threshold:
+            raise ValueError(f"{value} is above threshold {threshold}: a lesion grows into less probable voxels")
+        return value
 
 
 class Postprocess(_Strict):

@@ -21,6 +21,15 @@ a reader checks a volume or a diameter on them, not on the grid the model happen
 - A lesion is a 26-connected component of a segment's mask; one that fails the segment's
   ``min_volume_mm3``, ``min_mean_probability`` or ``min_compactness`` (plugin/pipeline.py,
   SegmentSpec) is removed from the mask too.
+- With a ``grow_threshold`` below the threshold (hysteresis), each lesion that passed the
+  filters then grows into the voxels connected to it at or above ``grow_threshold`` (of its
+  class, for softmax), not through a part the filters removed; lesions that meet become
+  one. The filters judge a lesion as detected, on its voxels at or above the threshold, and
+  its mean and maximum probability (its score) stay theirs: growing moves outlines, never
+  which lesions are found (the lower-probability rim would lower every small lesion's mean
+  and push it under ``min_mean_probability``, and grow specks past ``min_volume_mm3``).
+  The mask, and so the SEG, is the grown lesions, and their volume, diameter and centroid
+  are measured on it: the SR measures what the SEG outlines.
 """
 
 import dataclasses
@@ -131,19 +140,31 @@ def _longest_diameter(inside: np.ndarray, in_plane: np.ndarray) -> float:
     return longest
 
 
-def _lesions(
-    mask: np.ndarray, spec: SegmentSpec, number: int, values: np.ndarray, positions: list[np.ndarray], source: Grid
-) -> list[Lesion]:
-    """The connected parts of segment ``number``'s ``mask``, measured; parts that fail the
-    segment's lesion filters are cleared from the mask. ``values`` ``[1, ...]``: the
-    segment's probabilities on the model's grid."""
+_Part = tuple[tuple[slice, ...], np.ndarray, np.ndarray]  # bounding box on the source, the part in it, probabilities
+
+
+def _parts(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The 26-connected parts of ``mask`` ``[D, H, W]``, labelled over the slices that hold
+    any (labelling only those is faster), and the first of those slices."""
     occupied = np.flatnonzero(mask.any(axis=(1, 2)))
     if not len(occupied):
+        return np.zeros((0, *mask.shape[1:]), dtype=np.int32), 0
+    first = int(occupied[0])
+    return ndimage.label(mask[first : occupied[-1] + 1], structure=_CONNECTIVITY)[0], first
+
+
+def _detected(
+    mask: np.ndarray, spec: SegmentSpec, values: np.ndarray, positions: list[np.ndarray], source: Grid
+) -> list[_Part]:
+    """The connected parts of ``mask`` that pass the segment's lesion filters, each as its
+    bounding box on the source, the part within it and its voxels' probabilities; parts that
+    fail are cleared from ``mask``. ``values`` ``[1, ...]``: the segment's probabilities on
+    the model's grid."""
+    components, first = _parts(mask)
+    if not len(components):
         return []
-    first = int(occupied[0])  # only the slices that hold the segment are labelled
-    components, _ = ndimage.label(mask[first : occupied[-1] + 1], structure=_CONNECTIVITY)
     voxel_mm3 = abs(float(np.linalg.det(source.affine[:3, :3])))
-    found = []
+    passed: list[_Part] = []
     for component, (depth, rows, columns) in enumerate(ndimage.find_objects(components), start=1):
         inside = components[depth, rows, columns] == component
         box = (slice(depth.start + first, depth.stop + first), rows, columns)  # on the source
@@ -157,6 +178,53 @@ def _lesions(
         if probability.mean() < spec.min_mean_probability or compactness < spec.min_compactness:
             mask[box][inside] = False
             continue
+        passed.append((box, inside, probability))
+    return passed
+
+
+def _grown(mask: np.ndarray, grown: np.ndarray, values: np.ndarray, positions: list[np.ndarray]) -> list[_Part]:
+    """Hysteresis: the connected parts of ``grown`` that hold a lesion of ``mask`` (the
+    detected ones, all within ``grown``), each as its bounding box on the source, the part
+    within it and the probabilities of its detected voxels (its score, as the filters judged
+    it). ``mask`` becomes those parts."""
+    components, first = _parts(grown)
+    if not len(components):
+        return []
+    depth = slice(first, first + len(components))
+    held = np.unique(components[mask[depth]])
+    parts: list[_Part] = []
+    for component, where in enumerate(ndimage.find_objects(components), start=1):
+        if where is None or component not in held:
+            continue
+        inside = components[where] == component
+        box = (slice(where[0].start + first, where[0].stop + first), *where[1:])
+        probability = _on_source(values, positions, box)[0][inside & mask[box]]
+        parts.append((box, inside, probability))
+    mask[depth] |= np.isin(components, held[held > 0])
+    return parts
+
+
+def _lesions(
+    mask: np.ndarray,
+    grown: np.ndarray | None,
+    spec: SegmentSpec,
+    number: int,
+    values: np.ndarray,
+    positions: list[np.ndarray],
+    source: Grid,
+) -> list[Lesion]:
+    """The lesions of segment ``number``, measured: the connected parts of its ``mask``
+    (voxels at or above its threshold) that pass its lesion filters, grown into ``grown``
+    (those at or above its ``grow_threshold``; None: not grown). ``mask`` becomes the
+    lesions' voxels. ``values`` ``[1, ...]``: the segment's probabilities on the model's grid."""
+    detected = None if grown is None else mask.copy()
+    parts = _detected(mask, spec, values, positions, source)
+    if grown is not None and detected is not None:
+        # parts that failed the filters stay out: a lesion does not grow through them
+        parts = _grown(mask, grown & ~(detected & ~mask), values, positions)
+    voxel_mm3 = abs(float(np.linalg.det(source.affine[:3, :3])))
+    found = []
+    for box, inside, probability in parts:
         voxels = np.argwhere(inside) + [b.start for b in box]
         centroid = source.to_patient(voxels.mean(axis=0, keepdims=True))[0]
         found.append(
@@ -164,8 +232,8 @@ def _lesions(
                 label=spec.label,
                 segment_number=number,
                 number=0,
-                volume_mm3=volume,
-                diameter_mm=diameter,
+                volume_mm3=int(inside.sum()) * voxel_mm3,
+                diameter_mm=_longest_diameter(inside, source.affine[:3, 1:3]),
                 centroid=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
                 mean_probability=float(probability.mean()),
                 max_probability=float(probability.max()),
@@ -207,22 +275,31 @@ def segment(postprocess: Postprocess, classes: list[str], output: ModelOutput) -
 
     depth, height, width = source.shape
     thresholds = np.array([s.threshold for s in postprocess.segments], dtype=np.float32).reshape(-1, 1, 1, 1)
+    growing = [s.grow_threshold is not None and s.grow_threshold < s.threshold for s in postprocess.segments]
+    lows = np.array(
+        [s.threshold if s.grow_threshold is None else s.grow_threshold for s in postprocess.segments], dtype=np.float32
+    ).reshape(-1, 1, 1, 1)
     masks = np.zeros((len(channels), *source.shape), dtype=bool)
+    grown = np.zeros((len(channels), *source.shape), dtype=bool) if any(growing) else masks
     probabilities = np.zeros((len(channels), *source.shape), dtype=np.uint8)
     chunk = max(1, _CHUNK_VOXELS // (len(values) * height * width))
     for start in range(0, depth, chunk):  # by chunks of slices: only the masks and uint8 probabilities are whole
         part = slice(start, start + chunk)
         sampled = _on_source(values, positions, (part, slice(None), slice(None)))
         chosen = sampled[channels]
-        inside = chosen >= thresholds
+        inside, low = chosen >= thresholds, chosen >= lows
         if softmax and len(values) > 1:
-            inside &= torch.from_numpy(sampled).argmax(dim=0).numpy() == np.reshape(channels, (-1, 1, 1, 1))
+            most = torch.from_numpy(sampled).argmax(dim=0).numpy() == np.reshape(channels, (-1, 1, 1, 1))
+            inside, low = inside & most, low & most
         masks[:, part] = inside
+        if any(growing):
+            grown[:, part] = low
         probabilities[:, part] = np.rint(chosen * 255)
 
     lesions: list[Lesion] = []
     for number, (spec, channel) in enumerate(zip(postprocess.segments, channels, strict=True), start=1):
-        found = _lesions(masks[number - 1], spec, number, values[channel : channel + 1], positions, source)
+        rim = grown[number - 1] if growing[number - 1] else None
+        found = _lesions(masks[number - 1], rim, spec, number, values[channel : channel + 1], positions, source)
         lesions += sorted(found, key=lambda lesion: -lesion.volume_mm3)
     lesions = [dataclasses.replace(lesion, number=i) for i, lesion in enumerate(lesions, start=1)]
     return Segmentation(list(postprocess.segments), masks, probabilities, lesions)

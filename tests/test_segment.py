@@ -170,6 +170,39 @@ def test_lesions_less_certain_or_flatter_than_the_filters_are_dropped_from_the_m
     assert result.masks.sum() * 0.49 == pytest.approx(ball.volume_mm3)
 
 
+def test_grow_threshold_grows_detected_lesions_to_their_soft_edge():
+    """A model that under-segments: its probability falls through 0.5 at 4.4 mm from a 5 mm
+    ball's centre and through 0.3 at 5 mm. At threshold 0.5 the lesion is the 4.4 mm ball;
+    growing to 0.3 gives the 5 mm ball, in the mask and in its measurements alike. The
+    filters judge each lesion as detected, on its voxels at or above 0.5: the ball's mean
+    probability there passes 0.7, the grown ball's would not; a speck of 2 mm3 fails
+    min_volume_mm3 and does not grow (to 10 mm3, which would pass); a blob that never
+    reaches 0.5 is no lesion."""
+    grid = Resampling(SOURCE, "RAS", (0.8, 0.8, 0.8)).target
+    positions = _positions(grid)
+    ball, blob, speck = np.array([10.3, -12.55, 5.0]), np.array([-15.2, 8.05, -10.0]), np.array([15.0, 18.0, -14.0])
+    nodule = 1.41 * (4.4 - np.linalg.norm(positions - ball, axis=-1))  # logit 0 at 4.4 mm, -0.85 (p 0.3) at 5 mm
+    nodule = np.maximum(nodule, -0.4 - np.linalg.norm(positions - blob, axis=-1))  # p at most 0.4
+    nodule = np.maximum(nodule, 2.0 * (1.0 - np.linalg.norm(positions - speck, axis=-1)))
+    logits = np.stack([np.zeros(grid.shape), nodule]).astype(np.float32)
+    filters = {"min_volume_mm3": 5, "min_mean_probability": 0.7}
+
+    [detected] = _run(logits, grid, {"segments": [{**NODULE, **filters}]}).lesions
+    same = _run(logits, grid, {"segments": [{**NODULE, **filters, "grow_threshold": 0.5}]})
+    grown = _run(logits, grid, {"segments": [{**NODULE, **filters, "grow_threshold": 0.3}]})
+    assert same.lesions == [detected]
+    assert detected.volume_mm3 == pytest.approx(4 / 3 * np.pi * 4.4**3, rel=0.05)
+    [lesion] = grown.lesions
+    assert lesion.volume_mm3 == pytest.approx(4 / 3 * np.pi * 5.0**3, rel=0.05)
+    assert lesion.diameter_mm == pytest.approx(10.0, abs=0.7) and detected.diameter_mm < lesion.diameter_mm - 1
+    np.testing.assert_allclose(lesion.centroid, ball, atol=0.1)
+    assert (lesion.mean_probability, lesion.max_probability) == (detected.mean_probability, detected.max_probability)
+    assert grown.probabilities[0][grown.masks[0]].mean() / 255 < 0.7  # the grown voxels' mean fails the filter
+    assert grown.masks.sum() * 0.49 == pytest.approx(lesion.volume_mm3)  # the SEG's mask is what the SR measures
+    assert (grown.masks >= same.masks).all()
+    np.testing.assert_array_equal(grown.probabilities, same.probabilities)
+
+
 def test_nothing_above_threshold_is_no_lesion():
     grid = Resampling(SOURCE, None, (2.0, 2.0, 2.0)).target
     logits = np.stack([np.zeros(grid.shape), np.full(grid.shape, -1.0)]).astype(np.float32)  # p = 0.27
@@ -271,6 +304,13 @@ MISTAKES = [
         [
             "8:3: postprocess.findings: findings are for task: classification",
             "7:1: postprocess.segments: a segmentation pipeline lists at least one segment",
+        ],
+    ),
+    (
+        SEGMENTATION.replace("min_volume_mm3: 10", "min_volume_mm3: 10, grow_threshold: 0.7"),
+        [
+            "9:92: postprocess.segments.0.grow_threshold: 0.7 is above threshold 0.6: "
+            "a lesion grows into less probable voxels"
         ],
     ),
     (

@@ -213,14 +213,19 @@ def lesions(model: torch.nn.Module, pipeline: Pipeline, volume: PhantomVolume) -
     return ndimage.label(found.masks[0], structure=np.ones((3, 3, 3)))[0]
 
 
-def evaluate(model: torch.nn.Module, pipeline: Pipeline, volumes: list[PhantomVolume]) -> dict[str, Any]:
+def evaluate(
+    model: torch.nn.Module, pipeline: Pipeline, volumes: list[PhantomVolume], per_nodule: bool = False
+) -> dict[str, Any]:
     """Voxel Dice over all ``volumes`` on the series' own voxels; per nodule whether a
     reported lesion overlaps it (sensitivity) and the volume of the lesions that do against
-    its drawn mask (volume accuracy, for nodules of at least 5 mm); false lesions per volume."""
+    its drawn mask (volume accuracy, for nodules of at least 5 mm); false lesions per volume.
+    ``per_nodule`` also prints each nodule's drawn and measured voxels, by diameter (is an
+    error a bias of one size, or noise?)."""
     overlap = predicted = true = 0
     nodules: list[tuple[float, bool, float]] = []  # diameter, found, measured / drawn volume - 1
     false_lesions = 0
-    for volume in volumes:
+    table: list[tuple[float, int, int, int]] = []  # diameter, volume, drawn voxels, measured voxels
+    for number, volume in enumerate(volumes):
         reported = lesions(model, pipeline, volume)
         overlap += int(((volume.mask > 0) & (reported > 0)).sum())
         predicted, true = predicted + int((reported > 0).sum()), true + int((volume.mask > 0).sum())
@@ -231,6 +236,7 @@ def evaluate(model: torch.nn.Module, pipeline: Pipeline, volumes: list[PhantomVo
             hit = set(np.unique(reported[drawn]).tolist()) - {0}
             measured = sum(int(sizes[lesion]) for lesion in hit)
             nodules.append((2 * float(radius), bool(hit), measured / max(int(drawn.sum()), 1) - 1))
+            table.append((2 * float(radius), number, int(drawn.sum()), measured))
             touched |= hit
         false_lesions += int(reported.max()) - len(touched)
 
@@ -238,6 +244,11 @@ def evaluate(model: torch.nn.Module, pipeline: Pipeline, volumes: list[PhantomVo
         found = [hit for diameter, hit, _ in nodules if diameter >= smallest]
         return round(sum(found) / max(len(found), 1), 4)
 
+    if per_nodule:
+        print("diameter mm  volume  drawn voxels  measured  error", flush=True)
+        for diameter, number, drawn_voxels, measured in sorted(table):
+            error = f"{measured / max(drawn_voxels, 1) - 1:+.1%}" if measured else "not found"
+            print(f"{diameter:11.1f}  {number:6d}  {drawn_voxels:12d}  {measured:8d}  {error}", flush=True)
     errors = np.array([error for diameter, _, error in nodules if diameter >= 5])
     return {
         "dice": round(2 * overlap / max(predicted + true, 1), 4),
@@ -329,14 +340,14 @@ def _train(
     return manifest
 
 
-def rescore(directory: Path, pipeline_path: Path, seed: int, n_val: int) -> dict[str, Any]:
+def rescore(directory: Path, pipeline_path: Path, seed: int, n_val: int, per_nodule: bool = False) -> dict[str, Any]:
     """The evaluation of the artifact in ``directory`` on ``seed``'s ``n_val`` held-out
     volumes with the pipeline as it now is; recorded in the manifest when ``seed`` is the one
     the artifact was trained with (its own held-out volumes)."""
     manifest = read_manifest(directory)
     model = load_artifact(directory, torch.device("cpu"), manifest).module
     heldout = phantom_volumes(np.random.SeedSequence(seed).spawn(2)[1], n_val)
-    evaluation = evaluate(model, read_pipeline(pipeline_path), heldout)
+    evaluation = evaluate(model, read_pipeline(pipeline_path), heldout, per_nodule)
     if seed == manifest["training"]["seed"] and n_val == manifest["evaluation"]["n_heldout"]:
         kept = {key: value for key, value in manifest.items() if key not in ("format", "versions", "files")}
         save_artifact(directory, model, {**kept, "evaluation": evaluation})
@@ -349,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="artifact directory to write (or to --evaluate)")
     parser.add_argument("--evaluate", action="store_true", help="score the artifact in --out; do not train")
     parser.add_argument("--pipeline", type=Path, default=PIPELINE, help="the pipeline the model is for")
+    parser.add_argument(
+        "--per-nodule", action="store_true", help="with --evaluate: print each nodule's drawn and measured volume"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=60, help="training volumes")
     parser.add_argument("--n-val", type=int, default=20, help="held-out volumes")
@@ -360,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.evaluate:
-        print(json.dumps(rescore(args.out, args.pipeline, args.seed, args.n_val), indent=2))
+        print(json.dumps(rescore(args.out, args.pipeline, args.seed, args.n_val, args.per_nodule), indent=2))
         return 0
     train(args.out, args.pipeline, args.seed, args.n_train, args.n_val, args.steps, args.batch_size)
     return 0
