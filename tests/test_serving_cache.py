@@ -14,6 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import torch
+import yaml
 from prometheus_client import CollectorRegistry
 
 from plugin.app import Node
@@ -172,3 +173,15 @@ def test_a_model_that_cannot_load_is_logged_and_the_node_runs_on(tmp_path, demo_
         assert "sha256" in (job.error or "")
     finally:
         node.stop()
+
+
+def test_serve_with_an_invalid_pipeline_exits_1_with_its_errors(tmp_path):
+    """The pipelines are read after the node listens, and an invalid one still stops
+    ``radpipe serve`` with exit 1 and its ``file:line`` errors, as when they were read first."""
+    path = write_pipeline(tmp_path / "pipelines", match={"Modalty": "CT"})
+    (tmp_path / "radpipe.yaml").write_text(yaml.safe_dump(node_config(tmp_path)))
+    serve = [sys.executable, "-m", "plugin", "serve", "--config", str(tmp_path / "radpipe.yaml")]
+    done = subprocess.run(serve, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{path}:" in done.stdout and "match.Modalty: unknown DICOM keyword 'Modalty'" in done.stdout
+    assert "listening on" in done.stderr
