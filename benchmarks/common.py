@@ -96,7 +96,7 @@ def serve(work: Path, config: dict, log: Path | None = None) -> subprocess.Popen
 
 def wait_for_log(log: Path, text: str, timeout: float = 600) -> None:
     """Wait until a line of ``log`` holds ``text`` (a node listens before it has loaded its
-    pipelines and models: a steady-state figure waits for its "loaded model" line)."""
+    pipelines and models: a steady-state figure waits for its "node ... ready:" line)."""
     deadline = time.monotonic() + timeout
     while not (log.exists() and text in log.read_text(errors="replace")):
         if time.monotonic() > deadline:

@@ -115,7 +115,7 @@ def start(work: Path, folder: Path, decode_workers: int | str, destinations: dic
     )
     node = serve(work, config, work / "node.log")
     wait_for_echo(port)
-    wait_for_log(work / "node.log", "loaded model")
+    wait_for_log(work / "node.log", " ready: ")
     return node, port, metrics_port
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import ENV, ct_series, free_port, storescu, wait_for_echo
+from benchmarks.common import ENV, ct_series, free_port, storescu, wait_for_echo, wait_for_log
 from plugin.durability import GroupSync
 from plugin.spool import write_atomically
 
@@ -69,19 +69,20 @@ def receivers(work: Path) -> dict[str, list[str]]:
     }
 
 
-def measure(command: list[str], port: int, shares: list[list[Path]]) -> float:
-    """Seconds for ``shares`` to be sent, each by its own storescu association, at once."""
+def measure(command: list[str], port: int, shares: list[list[Path]], log: Path, ready: str | None) -> float:
+    """Seconds for ``shares`` to be sent, each by its own storescu association, at once,
+    once the receiver answers C-ECHO and (``ready``) has logged that line."""
     # Start clean: radpipe's flushes must not pay for what the series generation or an
     # earlier receiver left in the page cache.
     os.sync()
-    process = subprocess.Popen(
-        [part.replace("{port}", str(port)) for part in command],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [part.replace("{port}", str(port)) for part in command], env=ENV, stdout=output, stderr=subprocess.STDOUT
+        )
     try:
         wait_for_echo(port)
+        if ready:  # radpipe listens first, then loads: receiving is measured once it has
+            wait_for_log(log, ready)
         start = time.perf_counter()
         with ThreadPoolExecutor(len(shares)) as senders:
             list(senders.map(lambda files: storescu(port, files), shares))
@@ -138,7 +139,9 @@ def main() -> int:
                         }
                     )
                 )
-                timings.setdefault((mode, name), []).append(measure(command, port, shares))
+                ready = " ready: " if name == "radpipe" else None
+                seconds = measure(command, port, shares, work / f"{name}.log", ready)
+                timings.setdefault((mode, name), []).append(seconds)
         floor = durable_write_floor(files, work / f"floor-{round_number}")
         timings.setdefault(("one association", "durable-write floor"), []).append(floor)
     rows = []

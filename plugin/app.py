@@ -256,6 +256,7 @@ class Node:
             if self._failed is not None:
                 self._failed()
             raise
+        log.info("node %s ready: its pipelines' stages run and their models are loaded", self.config.node.id)
         self.ready.set()
 
     def _start_pipeline_workers(self) -> None:

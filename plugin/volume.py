@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
 from pydicom import Dataset
 from torch import Tensor
 
@@ -378,6 +377,8 @@ def segment_volume(
         output = predict(image)
     else:
         with torch.inference_mode():  # the model pool's outputs are inference tensors, which MONAI adds up in place
+            from monai.inferers import sliding_window_inference  # seconds to import: only volume pipelines need it
+
             output = sliding_window_inference(image, roi, batch, predict, overlap=overlap, mode="constant")
     if not isinstance(output, Tensor) or output.ndim != 5 or output.shape[2:] != image.shape[2:]:
         got = list(output.shape) if isinstance(output, Tensor) else type(output).__name__

@@ -210,6 +210,8 @@ def test_fuzzed_association_streams(tmp_path: Path, dcmtk) -> None:
         mutator = Mutator(_split(_record(port)))
         assert [p[0] for p in mutator.pdus][:2] == [0x01, 0x04] and mutator.pdus[-1][0] == 0x05
         assert _exchange(port, mutator.stream) == [A_ASSOCIATE_AC, P_DATA_TF, P_DATA_TF, A_RELEASE_RP]
+        # The node listens before it has started its pipeline stages: the baseline waits for them.
+        wait_for(lambda: " ready: " in log_path.read_text(errors="replace"), 60, "the node loaded")
         _aborted(metrics_port)  # the scrape's own thread comes and goes before the baseline
         time.sleep(0.5)
         before = _counts(node.pid)

@@ -112,12 +112,10 @@ class InputSpec:
 
 def preprocessed_shape(steps: Sequence[PreprocessStep], spatial_dims: int = 2) -> tuple[int | None, ...]:
     """``(C, *spatial)`` of what ``steps`` make of a one-channel image (``spatial_dims=2``)
-    or volume (3); None for a size that follows the input's. Runs the steps on shapes only
-    (the meta device: no pixels, no memory), so any step the pipeline may hold is covered."""
-    shapes = [
-        preprocess(list(steps), torch.zeros((1, 1, *probe[:spatial_dims]), device="meta")).shape[1:]
-        for probe in _PROBES
-    ]
+    or volume (3); None for a size that follows the input's. Runs the steps on two small
+    blank inputs, so any step the pipeline may hold is covered (on the CPU: torch's meta
+    device, which needs no memory, imports torch._dynamo, seconds of a node's start)."""
+    shapes = [preprocess(list(steps), torch.zeros((1, 1, *probe[:spatial_dims]))).shape[1:] for probe in _PROBES]
     first, second = shapes
     return (int(first[0]), *(int(a) if a == b else None for a, b in zip(first[1:], second[1:], strict=True)))
 
