@@ -3,6 +3,7 @@
 import argparse
 import logging
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -17,6 +18,9 @@ from plugin.logs import configure as configure_logging
 if TYPE_CHECKING:
     from plugin.config import NodeConfig
     from plugin.journal import Journal
+
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms).
+GIL_SWITCH_SECONDS = 0.0005
 
 Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Handler, list[tuple[tuple[str, ...], dict]]]] = {}
@@ -77,6 +81,9 @@ def serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, options={"--roles": ("node", "roles", args.roles)} if args.roles else None)
     logging.getLogger(__name__).info("effective config: %s", config.model_dump_json())
     node = Node(config)
+    # An association thread takes the GIL back after every recv and every flush; at Python's
+    # default switch interval a busy runner thread keeps it up to 5 ms each time.
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     stop = threading.Event()
     node.start(wait_ready=False, failed=stop.set)  # listens, then loads pipelines and models
     for signum in (signal.SIGINT, signal.SIGTERM):
