@@ -17,10 +17,11 @@ from pydicom import Dataset
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.tag import BaseTag
 
-# How the pixels are encoded, not what they are: compared decoded instead.
-PIXEL_DATA_TAGS = {0x7FE0_0010, 0x7FE0_0008, 0x7FE0_0009}
+from plugin.attributes import PIXEL_TAGS
+
+# How the pixels are encoded (PIXEL_TAGS), not what they are: compared decoded instead.
 NOT_COMPARED = {
-    *PIXEL_DATA_TAGS,
+    *PIXEL_TAGS,
     0x0028_0006,  # Planar Configuration: native colour layout; compressed data decodes to one layout
     0xFFFC_FFFC,  # Data Set Trailing Padding
 }
@@ -61,8 +62,8 @@ def _same_elements(a: Dataset, b: Dataset) -> bool:
 
 
 def _same_pixels(a: Dataset, b: Dataset) -> bool:
-    if not any(t in a for t in PIXEL_DATA_TAGS):
-        return not any(t in b for t in PIXEL_DATA_TAGS)
+    if not any(t in a for t in PIXEL_TAGS):
+        return not any(t in b for t in PIXEL_TAGS)
     return np.array_equal(a.pixel_array, b.pixel_array)
 
 
