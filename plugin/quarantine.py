@@ -38,19 +38,17 @@ class Quarantine:
         self._describe(target, reason, detail, source, sop_instance_uid)
         return target
 
-    def keep_file(self, path: Path, reason: str, detail: str, source: str, sop_instance_uid: str) -> Path:
-        """Copy a stored instance here (the spool copy stays: the journal refers to it)."""
+    def keep_file(
+        self, path: Path, reason: str, detail: str, source: str, sop_instance_uid: str, move: bool = False
+    ) -> Path:
+        """Copy a stored instance here (the spool copy stays: the journal refers to it), or
+        with ``move`` move it here (a rename: the quarantine is in the same storage folder)."""
         target = self._target(reason)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-        self._describe(target, reason, detail, source, sop_instance_uid)
-        return target
-
-    def keep_moved(self, path: Path, reason: str, detail: str, source: str, sop_instance_uid: str) -> Path:
-        """Move a file here (a rename: the quarantine is in the same storage folder)."""
-        target = self._target(reason)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        path.rename(target)
+        if move:
+            path.rename(target)
+        else:
+            shutil.copyfile(path, target)
         self._describe(target, reason, detail, source, sop_instance_uid)
         return target
 

@@ -63,7 +63,7 @@ def remove_unchanged(path: Path, seen: os.stat_result, keep_in: Quarantine | Non
     if keep_in is None:
         aside.unlink()
     else:
-        keep_in.keep_moved(aside, "orphan", "no journal row names it", "retention", path.stem)
+        keep_in.keep_file(aside, "orphan", "no journal row names it", "retention", path.stem, move=True)
     return True
 
 
