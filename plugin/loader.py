@@ -125,8 +125,8 @@ def decoded_frames(source: Source) -> np.ndarray:
         return modality_frames(pydicom.dcmread(source.path))
     dataset = Dataset(dict(source.header.items()))  # the source's own header stays as it is
     dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = UID(location.transfer_syntax)
-    native_words = not UID(location.transfer_syntax).is_encapsulated and int(dataset.BitsAllocated) > 8
+    syntax = dataset.file_meta.TransferSyntaxUID = UID(location.transfer_syntax)
+    native_words = not syntax.is_encapsulated and int(dataset.BitsAllocated) > 8
     dataset["PixelData"] = DataElement(PIXEL_DATA, "OW" if native_words else "OB", location.read(source.path))
     return modality_frames(dataset)
 
