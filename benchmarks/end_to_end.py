@@ -6,8 +6,8 @@ the SRs delivered to a PACS (dcmtk storescp), compared with the raw model in the
 2. throughput: 20 series of 100 slices sent by ``--senders`` concurrent storescu
    (TCP_NODELAY=1); instances/s from the first byte sent to the last SR delivered, and
    the same without the last series' quiet period (which no node can skip);
-   with the runner's time per image by stage, from the node's metrics (what is not
-   inference: the non-model overhead);
+   with the node's time per image by stage, from its metrics (load, preprocess and
+   write: the non-model overhead);
 3. latency: 24-slice series sent one at a time; from the last instance's success to the
    SR delivered, minus the quiet period: p50 and p95.
 
