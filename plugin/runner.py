@@ -46,7 +46,7 @@ from plugin.match import holds
 from plugin.metrics import Metrics, StageTimer
 from plugin.models.artifact import Artifact
 from plugin.models.pool import ModelPool
-from plugin.outputs.conformance import load_tables, referenceable
+from plugin.outputs.conformance import referenceable
 from plugin.outputs.kos import key_images, key_object_selection
 from plugin.outputs.seg import segmentation_object
 from plugin.outputs.sr import AlgorithmIdentity, measurement_report, volumetric_measurement_report
@@ -208,10 +208,6 @@ class Runner(Worker):
             batcher.flush()
             self._finish_inferred(fed)
         return True
-
-    def run(self) -> None:
-        load_tables()  # before the first job, not during it
-        super().run()
 
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)

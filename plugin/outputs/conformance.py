@@ -139,7 +139,7 @@ def _modules(sop_class_uid: str) -> tuple[_Module, ...]:
 def load_tables() -> None:
     """Read highdicom's module tables for every SOP class radpipe writes (SR, KOS, SEG):
     0.3-0.5 s once per process, which the first result of a node would otherwise add to
-    its series' wait. The runner calls this as its thread starts."""
+    its series' wait. A node calls this while it loads."""
     for sop_class_uid in (Comprehensive3DSRStorage, EnhancedSRStorage, KeyObjectSelectionDocumentStorage,
                           SegmentationStorage):  # fmt: skip
         _modules(sop_class_uid)
