@@ -190,7 +190,8 @@ def _add_source_images(document: hd.sr.Comprehensive3DSR | hd.sr.EnhancedSR, gro
     [measurements] = [item for item in document.content[0].ContentSequence if item.name == IMAGING_MEASUREMENTS]
     for (group, images), copy in zip(groups, measurements.ContentSequence, strict=True):
         if images:
-            group[0].ContentSequence.extend(images)
+            for image in images:  # highdicom's extend indexes each item twice, its append once
+                group[0].ContentSequence.append(image)
             element = group[0]["ContentSequence"]
             copy[element.tag] = element  # as it is: setting the attribute would check each item again
 
