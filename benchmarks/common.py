@@ -1,11 +1,14 @@
 """Shared by the benchmarks: a synthetic CT series on disk, free ports, starting and
 waiting for a node, and printing the figures."""
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -18,6 +21,13 @@ from plugin.demo.series import write_ct_series
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk waits ~40 ms per message for a delayed ACK without it
+
+
+def scratch(prefix: str) -> Path:
+    """A work folder, removed when the benchmark exits: its series and spools are GBs."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, True)
+    return work
 
 
 def free_port() -> int:

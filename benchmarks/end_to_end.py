@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from benchmarks.common import (
     free_port,
     node_config,
     report,
+    scratch,
     serve,
     stage_seconds,
     storescu,
@@ -136,7 +136,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="radpipe-e2e-"))
+    work = scratch("radpipe-e2e-")
     folder = pipelines(work, args.artifact, matching=True)
     pipeline = load_pipeline(folder / PIPELINE.name)
     quiet = pipeline.completion.quiet_seconds

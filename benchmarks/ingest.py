@@ -3,6 +3,9 @@
 - dcmtk storescp (C++; writes each file, no fsync: it has no option for one);
 - a minimal pynetdicom SCP (writes the received bytes, no fsync);
 - radpipe (each instance durable: file + journal row flushed before success);
+- radpipe with its flush skipped (``GroupSync._flush`` replaced in that process; never a
+  mode the node has): what receiving costs radpipe's Python before any disk flush, the
+  bound on what making the flush cheaper could reach;
 - and, for scale, the durable-write floor: the same files written and flushed one by
   one (temporary file, rename, syncfs) with no network and no DICOM at all. No receiver
   that flushes before it answers success can beat it on this disk.
@@ -19,19 +22,25 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
-from benchmarks.common import ENV, ct_series, free_port, storescu, wait_for_echo, wait_for_log
+from benchmarks.common import ENV, ct_series, free_port, scratch, storescu, wait_for_echo, wait_for_log
 from plugin.durability import GroupSync
 from plugin.spool import write_atomically
 
 CONCURRENT = 4
 CONCURRENT_RECEIVERS = ("dcmtk storescp", "radpipe")
+NO_FLUSH = """
+import sys
+from plugin import durability
+durability.GroupSync._flush = lambda self: None
+from plugin.cli import main
+sys.exit(main())
+"""
 MINIMAL_SCP = """
 import sys
 from pathlib import Path
@@ -66,6 +75,7 @@ def receivers(work: Path) -> dict[str, list[str]]:
         ],
         "pynetdicom minimal SCP": [sys.executable, "-c", MINIMAL_SCP, "{port}", str(work / "pynetdicom")],
         "radpipe": [sys.executable, "-m", "plugin", "serve", "--config", str(config)],
+        "radpipe, flush skipped": [sys.executable, "-c", NO_FLUSH, "serve", "--config", str(config)],
     }
 
 
@@ -113,7 +123,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="runs per receiver; the table shows the median")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="radpipe-ingest-"))
+    work = scratch("radpipe-ingest-")
     files = ct_series(work / "series", args.slices)
     # 4 associations at once, each with a series of its own (a quarter of the slices).
     concurrent = [ct_series(work / f"series-{n}", args.slices // CONCURRENT, seed=2 + n) for n in range(CONCURRENT)]
@@ -139,7 +149,7 @@ def main() -> int:
                         }
                     )
                 )
-                ready = " ready: " if name == "radpipe" else None
+                ready = " ready: " if name.startswith("radpipe") else None
                 seconds = measure(command, port, shares, work / f"{name}.log", ready)
                 timings.setdefault((mode, name), []).append(seconds)
         floor = durable_write_floor(files, work / f"floor-{round_number}")

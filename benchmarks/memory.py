@@ -12,13 +12,12 @@ Run: .venv/bin/python -m benchmarks.memory [--series 8] [--slices 500] [--json o
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, free_port, node_config, report, serve, storescu, wait_for_echo
+from benchmarks.common import REPO, free_port, node_config, report, scratch, serve, storescu, wait_for_echo
 from plugin.demo.phantom import make_volume
 from plugin.demo.series import write_ct_series
 
@@ -53,7 +52,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="radpipe-memory-"))
+    work = scratch("radpipe-memory-")
     files = study(work / "study", args.series, args.slices)
     size = sum(f.stat().st_size for f in files)
     port = free_port()

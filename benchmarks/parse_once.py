@@ -18,7 +18,6 @@ import dataclasses
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 
-from benchmarks.common import ct_series, report
+from benchmarks.common import ct_series, report, scratch
 from plugin.attributes import header_values, journal_entry
 from plugin.journal import InstanceRecord
 from plugin.loader import decoded_frames, read_images
@@ -55,7 +54,7 @@ def main() -> int:
     args = parser.parse_args()
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE  # as the node reads
 
-    files = ct_series(Path(tempfile.mkdtemp(prefix="radpipe-parse-once-")), args.slices)
+    files = ct_series(scratch("radpipe-parse-once-"), args.slices)
     contents = [f.read_bytes() for f in files]
     records = [
         InstanceRecord("", "", "", "", str(f), len(data), "BENCH", 0.0, None, receipt(data))

@@ -11,14 +11,13 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pydicom
 import torch
 
-from benchmarks.common import REPO, ct_series, report
+from benchmarks.common import REPO, ct_series, report, scratch
 from plugin.loader import modality_frames
 from plugin.pipeline import load_pipeline
 from plugin.preprocess import preprocess
@@ -32,7 +31,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps = load_pipeline(REPO / "pipelines" / "lung-nodule-demo.yaml").preprocess
-    files = ct_series(Path(tempfile.mkdtemp(prefix="radpipe-preprocess-")), args.batch)
+    files = ct_series(scratch("radpipe-preprocess-"), args.batch)
     images = torch.cat([torch.from_numpy(modality_frames(pydicom.dcmread(f)))[:, None] for f in files])
     one_by_one, batched = [], []
     for _ in range(args.rounds):

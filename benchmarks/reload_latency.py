@@ -10,13 +10,11 @@ import argparse
 import shutil
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from benchmarks.common import REPO, free_port, node_config
+from benchmarks.common import REPO, free_port, node_config, scratch
 from plugin.app import Node
 from plugin.config import NodeConfig
 
@@ -25,7 +23,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edits", type=int, default=10)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="radpipe-reload-"))
+    work = scratch("radpipe-reload-")
     shutil.copytree(REPO / "pipelines", work / "pipelines")
     config = node_config(work, free_port(), work / "pipelines")
     node = Node(NodeConfig.model_validate(config), CollectorRegistry())

@@ -15,7 +15,6 @@ Run: .venv/bin/python -m benchmarks.segmentation [--slices 300] [--json out.json
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -25,7 +24,7 @@ import numpy as np
 import pydicom
 import yaml
 
-from benchmarks.common import REPO, report
+from benchmarks.common import REPO, report, scratch
 from benchmarks.volume import QUIET_SECONDS, serve_and_send
 from plugin.demo.phantom import render_volume
 from plugin.demo.series import SLICE_THICKNESS_MM, write_ct_series
@@ -87,7 +86,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="radpipe-segmentation-"))
+    work = scratch("radpipe-segmentation-")
     files = series(work / "series", args.slices)
     pipelines(work / "node" / "pipelines")
     figures: dict = {

@@ -16,14 +16,23 @@ Run: .venv/bin/python -m benchmarks.volume [--slices 300] [--modes windows whole
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from benchmarks.common import ct_series, free_port, node_config, report, serve, stage_seconds, storescu, wait_for_echo
+from benchmarks.common import (
+    ct_series,
+    free_port,
+    node_config,
+    report,
+    scratch,
+    serve,
+    stage_seconds,
+    storescu,
+    wait_for_echo,
+)
 from benchmarks.memory import memory_kib
 from plugin.models.architectures import densenet3d
 from plugin.models.artifact import save_artifact
@@ -112,7 +121,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="radpipe-volume-"))
+    work = scratch("radpipe-volume-")
     files = ct_series(work / "series", args.slices)
     model = artifact(work / "model")
     figures: dict = {
