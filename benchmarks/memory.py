@@ -2,11 +2,13 @@
 (4000 instances, about 2.1 GB) in one study, received and run through the demo pipeline
 until every series' SR is written.
 
+The node serves one pipeline, the demo classifier by default (the goal was set for it),
+or ``--pipeline FILE`` (e.g. the segmentation demo, whose 3D jobs hold a whole series).
 Reports the node's resident memory once started with its model warm (the runtime and the
 model), its peak (VmHWM) at the end, and the difference: what receiving and processing
 the study added. The goal is a peak under 1 GB plus the model.
 
-Run: .venv/bin/python -m benchmarks.memory [--series 8] [--slices 500] [--json out.json]
+Run: .venv/bin/python -m benchmarks.memory [--series 8] [--slices 500] [--pipeline FILE] [--json out.json]
 """
 
 import argparse
@@ -16,8 +18,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from benchmarks.common import REPO, free_port, node_config, report, scratch, serve, storescu, wait_for_echo
+from benchmarks.common import (
+    REPO,
+    free_port,
+    node_config,
+    report,
+    scratch,
+    serve,
+    storescu,
+    wait_for_echo,
+    wait_for_log,
+)
 from plugin.demo.phantom import make_volume
 from plugin.demo.series import write_ct_series
 
@@ -49,6 +62,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--series", type=int, default=8)
     parser.add_argument("--slices", type=int, default=500)
+    parser.add_argument("--pipeline", type=Path, default=REPO / "pipelines" / "lung-nodule-demo.yaml")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -56,21 +70,28 @@ def main() -> int:
     files = study(work / "study", args.series, args.slices)
     size = sum(f.stat().st_size for f in files)
     port = free_port()
-    config = node_config(work, port, REPO / "pipelines")
-    node = serve(work, config)
+    pipelines = work / "pipelines"
+    pipelines.mkdir()
+    pipeline = yaml.safe_load(args.pipeline.read_text())
+    pipeline["model"]["artifact"] = str(args.pipeline.parent.absolute() / pipeline["model"]["artifact"])
+    (pipelines / args.pipeline.name).write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    node = serve(work, node_config(work, port, pipelines), work / "node.log")
     try:
         wait_for_echo(port)
+        wait_for_log(work / "node.log", " ready: ")  # listening comes first, then the model
         started = memory_kib(node.pid)
         os.sync()
         receive_seconds = storescu(port, files)
         results = work / "data" / "results" / STUDY_UID
-        while len(list(results.glob("*.dcm"))) < args.series:
+        outputs = len(pipeline["outputs"])  # one result file per output and series
+        while len(list(results.glob("*.dcm"))) < args.series * outputs:
             time.sleep(0.5)
         finished = memory_kib(node.pid)
     finally:
         node.terminate()
         node.wait(60)
     figures = {
+        "pipeline": args.pipeline.name,
         "instances": len(files),
         "study_gigabytes": round(size / 1e9, 2),
         "receive_seconds": round(receive_seconds, 1),
