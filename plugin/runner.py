@@ -23,6 +23,7 @@ SIGKILLs itself right after its first claim (tests/test_journal.py: another node
 finish the job once the lease expires). Nothing else reads it.
 """
 
+import ctypes
 import io
 import logging
 import os
@@ -62,6 +63,7 @@ from plugin.volume import Placement, Resampling, VolumeError, infer_volume, segm
 from plugin.worker import Worker
 
 log = logging.getLogger(__name__)
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; absent elsewhere
 
 
 class JobError(Exception):
@@ -350,7 +352,9 @@ class Runner(Worker):
     def _run_volume(self, work: Work) -> None:
         """One volume job: check the series' geometry (before decoding a pixel), stack its
         slices, resample and preprocess the volume, run the model on it and write the result.
-        The model's calls hold this volume's windows only."""
+        The model's calls hold this volume's windows only. At the end the freed heap goes
+        back to the system: glibc kept about 0.8 GB of a 500-slice job's, on which the next
+        job stacked its own peak."""
         job, pipeline, timer = work.job, work.pipeline, work.timer
         selection = pipeline.input
         window = selection.sliding_window
@@ -394,6 +398,9 @@ class Runner(Worker):
                 self._finish(work, ModelOutput(logits, Placement(source, grid, centres)))
             except Exception as e:
                 self._fail(job, e)
+            finally:
+                if _malloc_trim is not None:
+                    _malloc_trim(0)
 
     def _stack(self, work: Work, resampling: Resampling) -> torch.Tensor:
         """The job's slices, decoded in modality units and resampled in their plane as they
