@@ -266,8 +266,9 @@ def segment(postprocess: Postprocess, classes: list[str], output: ModelOutput) -
     axes, positions = _source_axes(source, placement.grid)
     with torch.no_grad():
         scores = logits[0].detach().float().cpu()
-        # softmax keeps every non-background class: a voxel goes to the most probable
-        on_grid = torch.softmax(scores, dim=0)[1:] if softmax else torch.sigmoid(scores)
+        # softmax keeps every non-background class: a voxel goes to the most probable. A copy
+        # of those classes, so that the background's probabilities (a whole volume) are freed.
+        on_grid = torch.softmax(scores, dim=0)[1:].clone() if softmax else torch.sigmoid(scores)
     channels = [classes.index(s.label) - softmax for s in postprocess.segments]
     if not softmax:
         on_grid, channels = on_grid[channels], list(range(len(channels)))
