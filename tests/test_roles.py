@@ -123,9 +123,15 @@ def test_receivers_and_gpu_workers_as_kubernetes_splits_them(
     [sr] = [pydicom.dcmread(path, stop_before_pixels=True) for path in pacs_dir.iterdir()]
     assert sr.Modality == "SR"
     pipeline = {"pipeline": "lung-nodule-demo"}
-    assert worker.metrics.registry.get_sample_value("radpipe_jobs_total", {**pipeline, "status": "done"}) == 1
-    assert receiver.metrics.registry.get_sample_value("radpipe_jobs_total", {**pipeline, "status": "done"}) == 0
     delivered = {"destination": "pacs"}
+    # storescp writes the file before its response reaches the dispatcher, and the worker
+    # counts its job after the commit that lets the receiver send: each count comes soon after.
+    done = {**pipeline, "status": "done"}
+    wait_for(lambda: worker.metrics.registry.get_sample_value("radpipe_jobs_total", done), what="the job count")
+    wait_for(lambda: receiver.metrics.registry.get_sample_value("radpipe_results_delivered_total", delivered),
+             what="the delivery count")  # fmt: skip
+    assert worker.metrics.registry.get_sample_value("radpipe_jobs_total", done) == 1
+    assert receiver.metrics.registry.get_sample_value("radpipe_jobs_total", done) == 0
     assert receiver.metrics.registry.get_sample_value("radpipe_results_delivered_total", delivered) == 1
     assert worker.metrics.registry.get_sample_value("radpipe_results_delivered_total", delivered) == 0
     for node, models in ((receiver, 0), (worker, 1)):
