@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,20 @@ def scratch(prefix: str) -> Path:
     work = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, work, True)
     return work
+
+
+def pipeline_folder(folder: Path, source: Path, edit: Callable[[dict], None] | None = None) -> dict:
+    """``folder`` (made) holding a copy of the pipeline file ``source`` and nothing else
+    (pipelines/ holds two demos that match the same series), its model artifact by absolute
+    path (a pipeline names it relative to its own file), changed by ``edit`` if given;
+    returns the pipeline as written."""
+    pipeline = yaml.safe_load(source.read_text())
+    pipeline["model"]["artifact"] = str((source.parent / pipeline["model"]["artifact"]).resolve())
+    if edit is not None:
+        edit(pipeline)
+    folder.mkdir(parents=True)
+    (folder / source.name).write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    return pipeline
 
 
 def free_port() -> int:

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pydicom
 import torch
-import yaml
 from prometheus_client import CollectorRegistry
 
 from benchmarks.common import (
@@ -39,6 +38,7 @@ from benchmarks.common import (
     ct_series,
     free_port,
     node_config,
+    pipeline_folder,
     report,
     scratch,
     serve,
@@ -96,13 +96,15 @@ def send_concurrently(port: int, series: list[list[Path]], senders: int) -> None
 def pipelines(work: Path, artifact: Path | None, matching: bool) -> Path:
     """A folder holding the demo pipeline, with ``artifact`` as its model if given; not
     ``matching``, it takes no series (Modality MR): the node receives and stores only."""
-    text = yaml.safe_load(PIPELINE.read_text())
-    text["model"]["artifact"] = str(artifact.absolute() if artifact else PIPELINE.parent / text["model"]["artifact"])
-    if not matching:
-        text["match"]["Modality"] = "MR"
+
+    def edit(pipeline: dict) -> None:
+        if artifact:
+            pipeline["model"]["artifact"] = str(artifact.absolute())
+        if not matching:
+            pipeline["match"]["Modality"] = "MR"
+
     folder = work / ("pipelines" if matching else "pipelines-matching-nothing")
-    folder.mkdir()
-    (folder / PIPELINE.name).write_text(yaml.safe_dump(text, sort_keys=False))
+    pipeline_folder(folder, PIPELINE, edit)
     return folder
 
 

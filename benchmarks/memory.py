@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from benchmarks.common import (
     REPO,
     free_port,
     node_config,
+    pipeline_folder,
     report,
     scratch,
     serve,
@@ -71,10 +71,7 @@ def main() -> int:
     size = sum(f.stat().st_size for f in files)
     port = free_port()
     pipelines = work / "pipelines"
-    pipelines.mkdir()
-    pipeline = yaml.safe_load(args.pipeline.read_text())
-    pipeline["model"]["artifact"] = str(args.pipeline.parent.absolute() / pipeline["model"]["artifact"])
-    (pipelines / args.pipeline.name).write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    pipeline = pipeline_folder(pipelines, args.pipeline)
     node = serve(work, node_config(work, port, pipelines), work / "node.log")
     try:
         wait_for_echo(port)

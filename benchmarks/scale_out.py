@@ -43,21 +43,11 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import REPO, ct_series, free_port, node_config, serve, storescu, wait_for_echo
+from benchmarks.common import REPO, ct_series, free_port, node_config, pipeline_folder, serve, storescu, wait_for_echo
 from plugin.journal import Journal
 from tests.postgres import PostgresServer
 
 PIPELINE = REPO / "pipelines" / "lung-nodule-demo.yaml"
-
-
-def demo_pipelines(folder: Path) -> Path:
-    """A pipelines folder holding the demo classification pipeline only (pipelines/ also
-    holds the segmentation demo, which matches the same series), its artifact by path."""
-    pipeline = yaml.safe_load(PIPELINE.read_text())
-    pipeline["model"]["artifact"] = str(PIPELINE.parent / pipeline["model"]["artifact"])
-    folder.mkdir(parents=True)
-    (folder / PIPELINE.name).write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    return folder
 
 
 class Nodes:
@@ -232,7 +222,8 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="radpipe-scale-out-"))
     (work / "no-pipelines").mkdir()
-    pipelines = demo_pipelines(work / "pipelines")
+    pipelines = work / "pipelines"
+    pipeline_folder(pipelines, PIPELINE)
     quiet = yaml.safe_load(PIPELINE.read_text())["completion"]["quiet_seconds"]
     uptime_before = Path("/proc/loadavg").read_text().split()[:3]
     server = PostgresServer()

@@ -22,9 +22,8 @@ from typing import Literal
 import highdicom as hd
 import numpy as np
 import pydicom
-import yaml
 
-from benchmarks.common import REPO, report, scratch
+from benchmarks.common import REPO, pipeline_folder, report, scratch
 from benchmarks.volume import QUIET_SECONDS, serve_and_send
 from plugin.demo.phantom import render_volume
 from plugin.demo.series import SLICE_THICKNESS_MM, write_ct_series
@@ -45,13 +44,10 @@ def series(directory: Path, slices: int) -> list[Path]:
     )
 
 
-def pipelines(directory: Path) -> None:
-    data = yaml.safe_load(PIPELINE.read_text())
-    data["model"]["artifact"] = str((PIPELINE.parent / data["model"]["artifact"]).resolve())
-    data["completion"]["quiet_seconds"] = QUIET_SECONDS
-    data["destinations"] = []
-    directory.mkdir(parents=True)
-    (directory / PIPELINE.name).write_text(yaml.safe_dump(data, sort_keys=False))
+def unsent(pipeline: dict) -> None:
+    """The benchmark's quiet period, and no destinations: the results stay on disk."""
+    pipeline["completion"]["quiet_seconds"] = QUIET_SECONDS
+    pipeline["destinations"] = []
 
 
 def encoding(files: list[Path], seg_path: Path) -> dict:
@@ -88,7 +84,7 @@ def main() -> int:
 
     work = scratch("radpipe-segmentation-")
     files = series(work / "series", args.slices)
-    pipelines(work / "node" / "pipelines")
+    pipeline_folder(work / "node" / "pipelines", PIPELINE, unsent)
     figures: dict = {
         "slices": len(files),
         "series_megabytes": round(sum(f.stat().st_size for f in files) / 1e6),
