@@ -178,7 +178,8 @@ class SegmentSpec(_Strict):
     below ``min_mean_probability`` (the lesion's score, as a detector's), or when it is less
     compact than ``min_compactness``: its volume over that of a ball as wide as its longest
     axial diameter, 1 for a ball, lower for flat shapes such as vessels branching in the
-    slice plane (the default 0 keeps every shape). ``grow_threshold`` (at most
+    slice plane (the default 0 keeps every shape); a lesion cut by the series' first or last
+    slice counts twice its volume (mirrored at the cut). ``grow_threshold`` (at most
     ``threshold``; by default equal to it) is hysteresis: a lesion that passed the filters
     grows into the voxels connected to it whose probability is at least ``grow_threshold``,
     and its outline and measurements are those of the grown lesion; the filters judge it as

@@ -20,7 +20,9 @@ a reader checks a volume or a diameter on them, not on the grid the model happen
   first wins a tie), so segments do not overlap. Sigmoid: each segment on its own.
 - A lesion is a 26-connected component of a segment's mask; one that fails the segment's
   ``min_volume_mm3``, ``min_mean_probability`` or ``min_compactness`` (plugin/pipeline.py,
-  SegmentSpec) is removed from the mask too.
+  SegmentSpec) is removed from the mask too. A lesion that the series' first or last slice
+  cuts counts twice its volume for ``min_compactness`` (mirrored at the cut): the series
+  shows only part of it, and a ball cut through its middle would otherwise look flat.
 - With a ``grow_threshold`` below the threshold (hysteresis), each lesion that passed the
   filters then grows into the voxels connected to it at or above ``grow_threshold`` (of its
   class, for softmax), not through a part the filters removed; lesions that meet become
@@ -174,7 +176,10 @@ def _detected(
             continue
         diameter = _longest_diameter(inside, source.affine[:3, 1:3])
         probability = _on_source(values, positions, box)[0][inside]
-        compactness = volume / (np.pi / 6 * diameter**3)
+        # A lesion the series' first or last slice cuts is judged as if mirrored there: the
+        # series shows only part of it, and a ball cut through its middle is half as compact.
+        cut = box[0].start == 0 or box[0].stop == source.shape[0]
+        compactness = (2 if cut else 1) * volume / (np.pi / 6 * diameter**3)
         if probability.mean() < spec.min_mean_probability or compactness < spec.min_compactness:
             mask[box][inside] = False
             continue

@@ -170,6 +170,34 @@ def test_lesions_less_certain_or_flatter_than_the_filters_are_dropped_from_the_m
     assert result.masks.sum() * 0.49 == pytest.approx(ball.volume_mm3)
 
 
+def test_a_ball_cut_by_the_series_end_is_as_compact_as_a_ball():
+    """A ball cut through its middle by the series' first slice, a whole ball and a flat
+    disc cut by the last slice: for min_compactness the cut ones count twice their volume,
+    so the half ball passes as the whole one does and the half disc still fails. Judged on
+    what the series shows, the half ball would be as flat as the disc."""
+    grid = Resampling(SOURCE, "RAS", (0.8, 0.8, 0.8)).target
+    positions = _positions(grid)
+    first, last = SOURCE.to_patient(np.array([[0.0, 0, 0], [47.0, 0, 0]]))[:, 2]
+    shapes = [((10.3, -12.55, first), (6.3, 6.3, 6.3)), ((-15.2, 8.05, 0.0), (6.3, 6.3, 6.3)),
+              ((15.0, 18.0, last), (7.0, 7.0, 2.0))]  # fmt: skip
+    nodule = np.full(grid.shape, -np.inf)
+    for centre, radii in shapes:
+        inside = (1 - np.linalg.norm((positions - np.array(centre)) / np.array(radii), axis=-1)) * min(radii)
+        nodule = np.maximum(nodule, 2.0 * inside)
+    logits = np.stack([np.zeros(grid.shape), nodule]).astype(np.float32)
+
+    found = _run(logits, grid, {"segments": [NODULE]}).lesions
+    half, whole, disc = (min(found, key=lambda lesion: np.linalg.norm(np.subtract(lesion.centroid, centre)))
+                         for centre, _ in shapes)  # fmt: skip
+    assert half.slices[0] == 0 and disc.slices[-1] == 47 and 0 < whole.slices[0] < whole.slices[-1] < 47
+    assert half.volume_mm3 == pytest.approx(whole.volume_mm3 / 2, rel=0.15)  # the half shown, and its mid slice
+    compactness = [lesion.volume_mm3 / (np.pi / 6 * lesion.diameter_mm**3) for lesion in (half, whole, disc)]
+    assert compactness[0] < 0.5 < compactness[1] and compactness[2] < 0.25
+
+    result = _run(logits, grid, {"segments": [{**NODULE, "min_compactness": 0.6}]})
+    assert sorted(lesion.centroid for lesion in result.lesions) == sorted([half.centroid, whole.centroid])
+
+
 def test_grow_threshold_grows_detected_lesions_to_their_soft_edge():
     """A model that under-segments: its probability falls through 0.5 at 4.4 mm from a 5 mm
     ball's centre and through 0.3 at 5 mm. At threshold 0.5 the lesion is the 4.4 mm ball;
