@@ -528,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     if args.log_level != "DEBUG":
         logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per copied module is noise at INFO
+        logging.getLogger("openjpeg").setLevel(logging.WARNING)  # as is a line per frame a SEG compresses
         # pynetdicom serves the dispatcher's SCU, which logs each failed try once with its cause;
         # pynetdicom's own lines would repeat it (two per refused connection, a traceback per
         # failed TLS handshake). The acceptor folds what pynetdicom logs into its abort lines.
