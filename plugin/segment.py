@@ -152,7 +152,13 @@ def _parts(mask: np.ndarray) -> tuple[np.ndarray, int]:
     if not len(occupied):
         return np.zeros((0, *mask.shape[1:]), dtype=np.int32), 0
     first = int(occupied[0])
-    return ndimage.label(mask[first : occupied[-1] + 1], structure=_CONNECTIVITY)[0], first
+    part = mask[first : occupied[-1] + 1]
+    labels = np.empty(part.shape, dtype=np.uint16)  # half of scipy's int32: a whole volume's worth
+    try:
+        ndimage.label(part, structure=_CONNECTIVITY, output=labels)
+    except RuntimeError:  # more than 65535 parts
+        labels = ndimage.label(part, structure=_CONNECTIVITY)[0]
+    return labels, first
 
 
 def _detected(
