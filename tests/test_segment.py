@@ -13,7 +13,7 @@ import yaml
 
 from plugin.pipeline import PipelineError, Postprocess, load_pipeline, load_pipeline_files
 from plugin.postprocess import ModelOutput
-from plugin.segment import segment
+from plugin.segment import _parts, segment
 from plugin.volume import Grid, Placement, Resampling
 from tests.conftest import DEMO_PIPELINE
 
@@ -229,6 +229,16 @@ def test_grow_threshold_grows_detected_lesions_to_their_soft_edge():
     assert grown.masks.sum() * 0.49 == pytest.approx(lesion.volume_mm3)  # the SEG's mask is what the SR measures
     assert (grown.masks >= same.masks).all()
     np.testing.assert_array_equal(grown.probabilities, same.probabilities)
+
+
+def test_more_parts_than_uint16_counts_are_labelled_all_the_same():
+    """Lesions are labelled in uint16 to halve the label volume; past 65535 parts, in int32."""
+    mask = np.zeros((5, 520, 520), dtype=bool)
+    mask[1::2, ::2, ::2] = True  # isolated voxels: 2 x 260 x 260 = 135200 parts
+    labels, first = _parts(mask)
+    assert first == 1 and labels.max() == 135200 and labels.dtype == np.int32
+    few, _ = _parts(mask[:2, :10, :10])
+    assert few.max() == 25 and few.dtype == np.uint16
 
 
 def test_nothing_above_threshold_is_no_lesion():
