@@ -153,9 +153,9 @@ def _parts(mask: np.ndarray) -> tuple[np.ndarray, int]:
         return np.zeros((0, *mask.shape[1:]), dtype=np.int32), 0
     first = int(occupied[0])
     part = mask[first : occupied[-1] + 1]
-    labels = np.empty(part.shape, dtype=np.uint16)  # half of scipy's int32: a whole volume's worth
-    try:
-        ndimage.label(part, structure=_CONNECTIVITY, output=labels)
+    labels: np.ndarray
+    try:  # uint16: half of scipy's int32, a whole volume's worth (scipy takes it; its stubs say int32 only)
+        labels = ndimage.label(part, structure=_CONNECTIVITY, output=np.uint16)[0]  # type: ignore[call-overload]
     except RuntimeError:  # more than 65535 parts
         labels = ndimage.label(part, structure=_CONNECTIVITY)[0]
     return labels, first
