@@ -115,6 +115,22 @@ def _spheres(grid: Grid, spheres) -> np.ndarray:
     return np.stack([np.zeros(grid.shape), 2.0 * inside]).astype(np.float32)  # 2/mm: a smooth edge
 
 
+def _ellipsoids(grid: Grid, shapes) -> np.ndarray:
+    """Softmax logits [background, nodule] for ``(centre, radii, per_mm)`` ellipsoids: the
+    nodule logit rises by about ``per_mm`` per mm inside each surface."""
+    positions = _positions(grid)
+    nodule = np.full(grid.shape, -np.inf)
+    for centre, radii, per_mm in shapes:
+        inside = (1 - np.linalg.norm((positions - np.array(centre)) / np.array(radii), axis=-1)) * min(radii)
+        nodule = np.maximum(nodule, per_mm * inside)
+    return np.stack([np.zeros(grid.shape), nodule]).astype(np.float32)
+
+
+def _nearest(lesions, shapes) -> list:
+    """The lesion nearest each shape's centre."""
+    return [min(lesions, key=lambda lesion: np.linalg.norm(np.subtract(lesion.centroid, shape[0]))) for shape in shapes]
+
+
 def test_spheres_become_lesions_measured_in_the_patient():
     """The model saw the series as RAS at 0.8 mm. (Interpolating the spheres' smooth edges
     from coarser grids shrinks them: by about h^2 / 8r along each axis.)"""
@@ -148,18 +164,11 @@ def test_lesions_less_certain_or_flatter_than_the_filters_are_dropped_from_the_m
     """A ball with a sharp edge is kept; a ball of the same kind with a soft edge (a lower
     mean probability) and a flat disc (an ellipsoid 14 mm wide, 4 mm deep) are dropped."""
     grid = Resampling(SOURCE, "RAS", (0.8, 0.8, 0.8)).target
-    positions = _positions(grid)
-    nodule = np.full(grid.shape, -np.inf)
     shapes = [((10.3, -12.55, 5.0), (6.3, 6.3, 6.3), 2.0), ((-15.2, 8.05, -10.0), (4.2, 4.2, 4.2), 0.3),
               ((15.0, 18.0, -14.0), (7.0, 7.0, 2.0), 2.0)]  # fmt: skip
-    for centre, radii, per_mm in shapes:  # logit: per_mm per mm inside the surface (about)
-        inside = (1 - np.linalg.norm((positions - np.array(centre)) / np.array(radii), axis=-1)) * min(radii)
-        nodule = np.maximum(nodule, per_mm * inside)
-    logits = np.stack([np.zeros(grid.shape), nodule]).astype(np.float32)
+    logits = _ellipsoids(grid, shapes)
 
-    found = _run(logits, grid, {"segments": [NODULE]}).lesions
-    ball, soft, disc = (min(found, key=lambda lesion: np.linalg.norm(np.subtract(lesion.centroid, centre)))
-                        for centre, _, _ in shapes)  # fmt: skip
+    ball, soft, disc = _nearest(_run(logits, grid, {"segments": [NODULE]}).lesions, shapes)
     compactness = [lesion.volume_mm3 / (np.pi / 6 * lesion.diameter_mm**3) for lesion in (ball, soft, disc)]
     assert soft.mean_probability < 0.65 < min(ball.mean_probability, disc.mean_probability)
     assert compactness[2] < 0.5 < min(compactness[:2])
@@ -176,19 +185,12 @@ def test_a_ball_cut_by_the_series_end_is_as_compact_as_a_ball():
     so the half ball passes as the whole one does and the half disc still fails. Judged on
     what the series shows, the half ball would be as flat as the disc."""
     grid = Resampling(SOURCE, "RAS", (0.8, 0.8, 0.8)).target
-    positions = _positions(grid)
     first, last = SOURCE.to_patient(np.array([[0.0, 0, 0], [47.0, 0, 0]]))[:, 2]
-    shapes = [((10.3, -12.55, first), (6.3, 6.3, 6.3)), ((-15.2, 8.05, 0.0), (6.3, 6.3, 6.3)),
-              ((15.0, 18.0, last), (7.0, 7.0, 2.0))]  # fmt: skip
-    nodule = np.full(grid.shape, -np.inf)
-    for centre, radii in shapes:
-        inside = (1 - np.linalg.norm((positions - np.array(centre)) / np.array(radii), axis=-1)) * min(radii)
-        nodule = np.maximum(nodule, 2.0 * inside)
-    logits = np.stack([np.zeros(grid.shape), nodule]).astype(np.float32)
+    shapes = [((10.3, -12.55, first), (6.3, 6.3, 6.3), 2.0), ((-15.2, 8.05, 0.0), (6.3, 6.3, 6.3), 2.0),
+              ((15.0, 18.0, last), (7.0, 7.0, 2.0), 2.0)]  # fmt: skip
+    logits = _ellipsoids(grid, shapes)
 
-    found = _run(logits, grid, {"segments": [NODULE]}).lesions
-    half, whole, disc = (min(found, key=lambda lesion: np.linalg.norm(np.subtract(lesion.centroid, centre)))
-                         for centre, _ in shapes)  # fmt: skip
+    half, whole, disc = _nearest(_run(logits, grid, {"segments": [NODULE]}).lesions, shapes)
     assert half.slices[0] == 0 and disc.slices[-1] == 47 and 0 < whole.slices[0] < whole.slices[-1] < 47
     assert half.volume_mm3 == pytest.approx(whole.volume_mm3 / 2, rel=0.15)  # the half shown, and its mid slice
     compactness = [lesion.volume_mm3 / (np.pi / 6 * lesion.diameter_mm**3) for lesion in (half, whole, disc)]
