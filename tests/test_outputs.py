@@ -4,6 +4,7 @@ results that validate whatever the input carries."""
 import io
 import shutil
 
+import highdicom as hd
 import pydicom
 import pytest
 import torch
@@ -207,11 +208,30 @@ def _encoded(document: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
+def test_each_copied_source_image_is_the_one_highdicom_makes(demo_study):
+    """sr._source_images copies its first item for the other sources: each copy must equal
+    highdicom's own item for its source, SOP Class included, and share nothing with the
+    others."""
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in demo_study["Demo chest CT, nodules"][:3]]
+    headers[1].SOPClassUID = pydicom.uid.MRImageStorage  # a series may mix SOP classes
+    made = sr._source_images(headers)
+    expected = [
+        hd.sr.SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=h.SOPClassUID, referenced_sop_instance_uid=h.SOPInstanceUID
+        )
+        for h in headers
+    ]
+    assert [type(item) for item in made] == [type(item) for item in expected]
+    assert made == expected
+    assert len({id(item.ReferencedSOPSequence[0]) for item in made}) == len(made)
+
+
 @pytest.mark.parametrize("sop_class", ["comprehensive3d", "enhanced"])
 def test_a_report_adds_its_source_images_as_highdicom_would(demo_study, tmp_path, dcmtk, sop_class):
     """measurement_report adds each group's source images once highdicom has built the
-    document (sr._add_source_images, for speed): it must write exactly what highdicom
-    writes when its document constructor is given the groups with their images, and the
+    document (sr._add_source_images, for speed) and copies all but the first image item
+    (sr._source_images): it must write exactly what highdicom writes when its document
+    constructor is given the groups with the images its own constructor makes, and the
     built object's content must show them too."""
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in demo_study["Demo chest CT, nodules"]]
     findings = [Finding(NODULE, 0.9, True, 3), Finding(MASS, 0.2, False, 0)]
@@ -219,7 +239,12 @@ def test_a_report_adds_its_source_images_as_highdicom_would(demo_study, tmp_path
     uids = sr._report_uids(ALGORITHM, headers)
     groups = [sr._measurement_group(finding, ALGORITHM, uids[1]) for finding in findings]
     for group in groups:  # what highdicom's group constructor does with source_images
-        group[0].ContentSequence.extend(sr._source_images(headers))
+        group[0].ContentSequence.extend(
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=h.SOPClassUID, referenced_sop_instance_uid=h.SOPInstanceUID
+            )
+            for h in headers
+        )
     reference = sr._document(headers, [(group, ()) for group in groups], ALGORITHM, uids, sop_class, ())
     assert _encoded(built) == _encoded(reference)
 

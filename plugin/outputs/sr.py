@@ -24,6 +24,7 @@ region = Geometric Centerpoint (DCM 128137). Each segment without a lesion gets 
 probability.
 """
 
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -141,13 +142,27 @@ def _measurement_group(
 
 def _source_images(sources: Sequence[Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:
     """One TID 1501 Source IMAGE item per source, built once per report and shared by
-    every group that references the whole series (:func:`_document` adds them)."""
-    return [
-        hd.sr.SourceImageForMeasurementGroup(
-            referenced_sop_class_uid=s.SOPClassUID, referenced_sop_instance_uid=s.SOPInstanceUID
-        )
-        for s in sources
-    ]
+    every group that references the whole series (:func:`_document` adds them).
+
+    highdicom's constructor makes the first; the others are copies of it with their own
+    SOP Class and Instance UIDs (pydicom checks each as it is set). Every item but the
+    UIDs is the same, and a copy (pickle's, in C) takes half the time of the constructor,
+    which builds and checks the concept name and relationship again for every image: 0.04
+    of the 0.2 ms per referenced image that building a 500-slice series' SR may take
+    (issue 15). ``tests/test_outputs.py`` checks that the report is byte for byte what
+    highdicom writes with its constructor's items."""
+    first = hd.sr.SourceImageForMeasurementGroup(
+        referenced_sop_class_uid=sources[0].SOPClassUID, referenced_sop_instance_uid=sources[0].SOPInstanceUID
+    )
+    template = pickle.dumps(first)
+    images = [first]
+    for source in sources[1:]:
+        image = pickle.loads(template)
+        reference = image.ReferencedSOPSequence[0]
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        images.append(image)
+    return images
 
 
 def _report_uids(algorithm: AlgorithmIdentity, sources: Sequence[Dataset]) -> tuple[str, str]:
