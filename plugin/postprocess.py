@@ -14,7 +14,7 @@ from plugin.pipeline import FindingSpec, Postprocess
 from plugin.volume import Placement
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class ModelOutput:
     """What the runner hands postprocessing for one job.
 
@@ -27,6 +27,13 @@ class ModelOutput:
 
     logits: torch.Tensor
     volume: Placement | None = None
+
+    def take_logits(self) -> torch.Tensor:
+        """The logits, no longer held here (an empty tensor takes their place): a per-voxel
+        model's are 0.5 GB for a 500-slice series, and :func:`plugin.segment.segment` frees
+        them once it has their probabilities, while its caller still holds this object."""
+        logits, self.logits = self.logits, torch.empty(0)
+        return logits
 
 
 @dataclass(frozen=True)

@@ -395,7 +395,9 @@ class Runner(Worker):
                     else:
                         logits, centres = infer_volume(predict, image, *windows)
                 del image
-                self._finish(work, ModelOutput(logits, Placement(source, grid, centres)))
+                output = ModelOutput(logits, Placement(source, grid, centres))
+                del logits  # held by output alone, so that segment can free them (ModelOutput.take_logits)
+                self._finish(work, output)
             except Exception as e:
                 self._fail(job, e)
             finally:

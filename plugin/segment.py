@@ -255,7 +255,9 @@ def _lesions(
 
 
 def segment(postprocess: Postprocess, classes: list[str], output: ModelOutput) -> Segmentation:
-    """The pipeline's segments and their lesions on the job's series (see the module's docstring)."""
+    """The pipeline's segments and their lesions on the job's series (see the module's
+    docstring). Takes the logits out of ``output`` (:meth:`ModelOutput.take_logits`): they
+    are freed once their probabilities are made, before the lesions are searched."""
     logits, placement = output.logits, output.volume
     if logits.ndim != 5 or logits.shape[0] != 1 or placement is None:
         raise ValueError(
@@ -276,10 +278,12 @@ def segment(postprocess: Postprocess, classes: list[str], output: ModelOutput) -
     source = placement.source
     axes, positions = _source_axes(source, placement.grid)
     with torch.no_grad():
-        scores = logits[0].detach().float().cpu()
+        scores = output.take_logits()[0].detach().float().cpu()
+        del logits
         # softmax keeps every non-background class: a voxel goes to the most probable. A copy
         # of those classes, so that the background's probabilities (a whole volume) are freed.
         on_grid = torch.softmax(scores, dim=0)[1:].clone() if softmax else torch.sigmoid(scores)
+        del scores
     channels = [classes.index(s.label) - softmax for s in postprocess.segments]
     if not softmax:
         on_grid, channels = on_grid[channels], list(range(len(channels)))

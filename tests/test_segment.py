@@ -5,6 +5,7 @@ line and column."""
 
 import json
 import textwrap
+import weakref
 
 import numpy as np
 import pytest
@@ -241,6 +242,18 @@ def test_more_parts_than_uint16_counts_are_labelled_all_the_same():
     assert first == 1 and labels.max() == 135200 and labels.dtype == np.int32
     few, _ = _parts(mask[:2, :10, :10])
     assert few.max() == 25 and few.dtype == np.uint16
+
+
+def test_segment_frees_the_logits_though_its_caller_holds_the_output():
+    """A 500-slice series' logits are 0.5 GB: segment takes them out of the ModelOutput that
+    the runner holds until the result is written, and nothing keeps them once it returns."""
+    logits = torch.zeros((1, 2, *SOURCE.shape))
+    freed = weakref.ref(logits)
+    output = ModelOutput(logits, Placement(SOURCE, SOURCE, np.zeros((1, 3))))
+    del logits
+    segment(Postprocess.model_validate({"segments": [NODULE]}), CLASSES, output)
+    assert freed() is None
+    assert output.logits.numel() == 0
 
 
 def test_nothing_above_threshold_is_no_lesion():
