@@ -161,13 +161,24 @@ def _parts(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, first
 
 
+def _clear(box: tuple[slice, ...], inside: np.ndarray, *masks: np.ndarray | None) -> None:
+    for mask in masks:
+        if mask is not None:
+            mask[box][inside] = False
+
+
 def _detected(
-    mask: np.ndarray, spec: SegmentSpec, values: np.ndarray, positions: list[np.ndarray], source: Grid
+    mask: np.ndarray,
+    grown: np.ndarray | None,
+    spec: SegmentSpec,
+    values: np.ndarray,
+    positions: list[np.ndarray],
+    source: Grid,
 ) -> list[_Part]:
     """The connected parts of ``mask`` that pass the segment's lesion filters, each as its
     bounding box on the source, the part within it and its voxels' probabilities; parts that
-    fail are cleared from ``mask``. ``values`` ``[1, ...]``: the segment's probabilities on
-    the model's grid."""
+    fail are cleared from ``mask``, and from ``grown`` (if any: no lesion grows through
+    them). ``values`` ``[1, ...]``: the segment's probabilities on the model's grid."""
     components, first = _parts(mask)
     if not len(components):
         return []
@@ -178,7 +189,7 @@ def _detected(
         box = (slice(depth.start + first, depth.stop + first), rows, columns)  # on the source
         volume = int(inside.sum()) * voxel_mm3
         if volume < spec.min_volume_mm3:  # before measuring the rest: most specks stop here
-            mask[box][inside] = False
+            _clear(box, inside, mask, grown)
             continue
         diameter = _longest_diameter(inside, source.affine[:3, 1:3])
         probability = _on_source(values, positions, box)[0][inside]
@@ -187,7 +198,7 @@ def _detected(
         cut = box[0].start == 0 or box[0].stop == source.shape[0]
         compactness = (2 if cut else 1) * volume / (np.pi / 6 * diameter**3)
         if probability.mean() < spec.min_mean_probability or compactness < spec.min_compactness:
-            mask[box][inside] = False
+            _clear(box, inside, mask, grown)
             continue
         passed.append((box, inside, probability))
     return passed
@@ -211,7 +222,7 @@ def _grown(mask: np.ndarray, grown: np.ndarray, values: np.ndarray, positions: l
         box = (slice(where[0].start + first, where[0].stop + first), *where[1:])
         probability = _on_source(values, positions, box)[0][inside & mask[box]]
         parts.append((box, inside, probability))
-    mask[depth] |= np.isin(components, held[held > 0])
+        mask[box] |= inside  # box by box: a whole-volume np.isin made three volumes of temporaries
     return parts
 
 
@@ -226,13 +237,12 @@ def _lesions(
 ) -> list[Lesion]:
     """The lesions of segment ``number``, measured: the connected parts of its ``mask``
     (voxels at or above its threshold) that pass its lesion filters, grown into ``grown``
-    (those at or above its ``grow_threshold``; None: not grown). ``mask`` becomes the
-    lesions' voxels. ``values`` ``[1, ...]``: the segment's probabilities on the model's grid."""
-    detected = None if grown is None else mask.copy()
-    parts = _detected(mask, spec, values, positions, source)
-    if grown is not None and detected is not None:
-        # parts that failed the filters stay out: a lesion does not grow through them
-        parts = _grown(mask, grown & ~(detected & ~mask), values, positions)
+    (those at or above its ``grow_threshold``; None: not grown; the parts that fail the
+    filters are cleared from it). ``mask`` becomes the lesions' voxels. ``values``
+    ``[1, ...]``: the segment's probabilities on the model's grid."""
+    parts = _detected(mask, grown, spec, values, positions, source)
+    if grown is not None:
+        parts = _grown(mask, grown, values, positions)
     voxel_mm3 = abs(float(np.linalg.det(source.affine[:3, :3])))
     found = []
     for box, inside, probability in parts:
@@ -280,14 +290,21 @@ def segment(postprocess: Postprocess, classes: list[str], output: ModelOutput) -
     with torch.no_grad():
         scores = output.take_logits()[0].detach().float().cpu()
         del logits
-        # softmax keeps every non-background class: a voxel goes to the most probable. A copy
-        # of those classes, so that the background's probabilities (a whole volume) are freed.
-        on_grid = torch.softmax(scores, dim=0)[1:].clone() if softmax else torch.sigmoid(scores)
+        if softmax:
+            # every non-background class is kept (a voxel goes to the most probable), made slab
+            # by slab: no whole-volume temporary (the background's probabilities) beside the logits
+            on_grid = torch.empty((len(classes) - 1, *scores.shape[1:]))
+            slab = max(1, _CHUNK_VOXELS // scores[0, 0].numel())
+            for start in range(0, scores.shape[1], slab):
+                on_grid[:, start : start + slab] = torch.softmax(scores[:, start : start + slab], dim=0)[1:]
+        else:
+            on_grid = torch.sigmoid(scores)
         del scores
     channels = [classes.index(s.label) - softmax for s in postprocess.segments]
     if not softmax:
         on_grid, channels = on_grid[channels], list(range(len(channels)))
     values = np.ascontiguousarray(on_grid.permute(0, *(1 + a for a in axes)).numpy())  # axes in source order
+    del on_grid  # values is a copy when the axes change
 
     depth, height, width = source.shape
     thresholds = np.array([s.threshold for s in postprocess.segments], dtype=np.float32).reshape(-1, 1, 1, 1)
