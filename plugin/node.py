@@ -129,6 +129,20 @@ PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL",
                "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"}  # fmt: skip
 
 
+def _integer(values: dict[str, str | int], keyword: str, default: int | None = None) -> int:
+    """``values[keyword]`` as an integer, for :func:`check_pixel_module`; a refusal that
+    names the attribute when it is missing or not an integer."""
+    value = values.get(keyword, default)
+    if value is None:
+        detail = f"incomplete image pixel module: no {keyword}"
+    else:
+        try:
+            return int(value)
+        except ValueError:
+            detail = f"{keyword} {value!r} is not an integer"
+    raise Refusal(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "unsupported_pixel_format", detail)
+
+
 def check_pixel_module(
     values: dict[str, str | int], pixels: PixelDataElement | None, encapsulated: bool, max_bytes: int
 ) -> None:
@@ -140,14 +154,9 @@ def check_pixel_module(
     bad = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     if pixels is None:
         raise Refusal(bad, "missing_pixel_data", "image attributes present but no Pixel Data")
-    try:
-        rows, columns = int(values["Rows"]), int(values["Columns"])
-        bits = int(values["BitsAllocated"])
-        samples = int(values.get("SamplesPerPixel", 1))
-        frames = int(values.get("NumberOfFrames", 1))
-        photometric = str(values.get("PhotometricInterpretation", ""))
-    except (KeyError, ValueError) as e:
-        raise Refusal(bad, "unsupported_pixel_format", f"incomplete image pixel module: {e}") from e
+    rows, columns, bits = _integer(values, "Rows"), _integer(values, "Columns"), _integer(values, "BitsAllocated")
+    samples, frames = _integer(values, "SamplesPerPixel", 1), _integer(values, "NumberOfFrames", 1)
+    photometric = str(values.get("PhotometricInterpretation", ""))
     if rows <= 0 or columns <= 0 or frames <= 0 or samples not in (1, 3):
         raise Refusal(bad, "unsupported_pixel_format", f"{rows}x{columns}, {frames} frame(s), {samples} sample(s)")
     if bits not in BITS_ALLOCATED or photometric not in PHOTOMETRIC:

@@ -71,6 +71,20 @@ def test_journaled_headers_and_pixels_are_the_files_own(tmp_path):
     assert located >= 90  # native and compressed, little endian: most of the corpus
 
 
+def test_a_pixel_module_refusal_names_the_attribute():
+    """pydicom's badVR.dcm has NumberOfFrames '1A': the refusal says which attribute and
+    what it holds (it used to give Python's int() error), and a missing one by its name."""
+    data = (PYDICOM_FILES / "badVR.dcm").read_bytes()
+    syntax = UID(pydicom.dcmread(PYDICOM_FILES / "badVR.dcm", stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    header, pixels = _parse(data, syntax)
+    values = header_values(header)
+    with pytest.raises(Refusal, match=r"^NumberOfFrames '1A' is not an integer$"):
+        check_pixel_module(values, pixels, syntax.is_encapsulated, 2**31)
+    del values["Columns"]
+    with pytest.raises(Refusal, match=r"^incomplete image pixel module: no Columns$"):
+        check_pixel_module(values, pixels, syntax.is_encapsulated, 2**31)
+
+
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_jpeg_ls_lossless.dcm", "emri_small_RLE.dcm"])
 def test_a_row_without_journaled_attributes_reads_its_file(name):
     path = PYDICOM_FILES / name if (PYDICOM_FILES / name).exists() else PYDICOM_DATA / name
