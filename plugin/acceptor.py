@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import UID
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.pdu import A_ASSOCIATE_AC
@@ -86,10 +87,16 @@ IMPLEMENTATION_CLASS_UID = "2.25.178570306506704017692494229498818768660"
 IMPLEMENTATION_VERSION_NAME = "RADPIPE"
 
 VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP Class (PS3.4 A.4), for C-ECHO
+# Every storage SOP class: pynetdicom's, and the retired and trial ones under the storage
+# root that it leaves out but older modalities still send (Ultrasound Image Storage
+# (Retired), Nuclear Medicine Image Storage (Retired), ...), from pydicom's UID dictionary.
+_STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."
+STORAGE_SOP_CLASSES = sorted(
+    {str(context.abstract_syntax) for context in AllStoragePresentationContexts}
+    | {uid for uid, (_, kind, *_) in UID_dictionary.items() if kind == "SOP Class" and uid.startswith(_STORAGE_ROOT)}
+)
 SUPPORTED_CONTEXTS: list[PresentationContext] = [build_context(VERIFICATION)] + [
-    build_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-    for context in AllStoragePresentationContexts
-    if context.abstract_syntax is not None
+    build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in STORAGE_SOP_CLASSES
 ]
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
 REJECTIONS = {

@@ -27,7 +27,7 @@ from plugin.acceptor import IMPLEMENTATION_CLASS_UID
 from plugin.app import Node
 from plugin.config import NodeConfig
 from plugin.pdu import decode_command, encode_command
-from tests.conftest import node_config, storescu, wait_for, write_pipeline
+from tests.conftest import PYDICOM_DATA, node_config, storescu, wait_for, write_pipeline
 
 A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_ABORT = 0x02, 0x03, 0x04, 0x07
 
@@ -216,6 +216,20 @@ def test_stored_file_carries_the_file_meta_of_its_association(start_node, dcmtk,
     assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
     assert meta.SourceApplicationEntityTitle == "MODALITY1"
     assert stored == sent  # the data set itself, element for element
+
+
+def test_a_retired_storage_sop_class_is_stored(start_node, dcmtk):
+    """Older modalities still send retired SOP classes, which pynetdicom's storage list
+    leaves out: pydicom-data's color-pl.dcm is Ultrasound Image Storage (Retired)."""
+    node = start_node()
+    path = PYDICOM_DATA / "color-pl.dcm"
+    sent = pydicom.dcmread(path)
+    assert sent.SOPClassUID == "1.2.840.10008.5.1.4.1.1.6"
+    result = storescu(node.port, path, options=("-R",))  # propose only the file's own SOP class
+    assert result.returncode == 0, result.stdout + result.stderr
+    stored = pydicom.dcmread(node.journal.instance(str(sent.SOPInstanceUID)).path)
+    assert stored.file_meta.MediaStorageSOPClassUID == sent.SOPClassUID
+    assert stored == sent
 
 
 # -- malformed bytes: one A-ABORT, one log line, counted -------------------------------------
