@@ -39,6 +39,7 @@ import pydicom
 import torch
 from pydicom import Dataset
 from pydicom.filewriter import dcmwrite
+from pydicom.uid import UID
 
 from plugin.journal import InstanceRecord, JobRecord, Journal, JournalUnavailable
 from plugin.loader import PixelDataError, Source, file_source, read_images
@@ -47,7 +48,7 @@ from plugin.match import holds
 from plugin.metrics import Metrics, StageTimer
 from plugin.models.artifact import Artifact
 from plugin.models.pool import ModelPool
-from plugin.outputs.conformance import referenceable
+from plugin.outputs.conformance import referenceable, result_source
 from plugin.outputs.kos import key_images, key_object_selection
 from plugin.outputs.seg import segmentation_object
 from plugin.outputs.sr import AlgorithmIdentity, measurement_report, volumetric_measurement_report
@@ -300,6 +301,10 @@ class Runner(Worker):
                     raise JobError("no_images", "no images among the inputs (non-image SOP classes only)")
                 if not all(referenceable(s.header) for s in sources):
                     raise JobError("invalid_uid", "an input's Study, Series or SOP Instance UID is not a valid UID")
+                classes = {str(s.header.SOPClassUID) for s in sources}
+                if unwritable := sorted(uid for uid in classes if not result_source(uid)):
+                    names = ", ".join(f"{uid} ({UID(uid).name})" for uid in unwritable)
+                    raise JobError("unsupported_sop_class", f"no result can be written from images of {names}")
                 identity = identifying_values(s.header for s in sources)
                 return Work(job, pipeline, artifact, sources, timer, identity=identity, study_uid=study_uid)
             except Exception as e:

@@ -165,6 +165,14 @@ def referenceable(*sources: Dataset) -> bool:
     return all(valid_uid(uid) for uid in uids)
 
 
+def result_source(sop_class_uid: str) -> bool:
+    """Can a result (SR, SEG, KOS) be written from an image of this SOP class? highdicom
+    copies the image's patient and study modules as its IOD defines them, and has no IOD
+    for the retired SOP classes that the node also stores (Ultrasound Image Storage
+    (Retired), ...)."""
+    return sop_class_uid in get_sop_class_iod_map()
+
+
 def conformant_source(source: Dataset, sop_class_uid: str) -> Dataset:
     """A copy of ``source`` whose attributes that a result of ``sop_class_uid`` copies
     conform; logs the names of those it changed. ``source`` and its elements are not
