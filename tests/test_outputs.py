@@ -208,6 +208,16 @@ def _encoded(document: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
+def _highdicom_images(headers: list[pydicom.Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:
+    """What highdicom's own constructor makes for each source: what sr._source_images must equal."""
+    return [
+        hd.sr.SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=h.SOPClassUID, referenced_sop_instance_uid=h.SOPInstanceUID
+        )
+        for h in headers
+    ]
+
+
 def test_each_copied_source_image_is_the_one_highdicom_makes(demo_study):
     """sr._source_images copies its first item for the other sources: each copy must equal
     highdicom's own item for its source, SOP Class included, and share nothing with the
@@ -215,12 +225,7 @@ def test_each_copied_source_image_is_the_one_highdicom_makes(demo_study):
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in demo_study["Demo chest CT, nodules"][:3]]
     headers[1].SOPClassUID = pydicom.uid.MRImageStorage  # a series may mix SOP classes
     made = sr._source_images(headers)
-    expected = [
-        hd.sr.SourceImageForMeasurementGroup(
-            referenced_sop_class_uid=h.SOPClassUID, referenced_sop_instance_uid=h.SOPInstanceUID
-        )
-        for h in headers
-    ]
+    expected = _highdicom_images(headers)
     assert [type(item) for item in made] == [type(item) for item in expected]
     assert made == expected
     assert len({id(item.ReferencedSOPSequence[0]) for item in made}) == len(made)
@@ -239,12 +244,7 @@ def test_a_report_adds_its_source_images_as_highdicom_would(demo_study, tmp_path
     uids = sr._report_uids(ALGORITHM, headers)
     groups = [sr._measurement_group(finding, ALGORITHM, uids[1]) for finding in findings]
     for group in groups:  # what highdicom's group constructor does with source_images
-        group[0].ContentSequence.extend(
-            hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=h.SOPClassUID, referenced_sop_instance_uid=h.SOPInstanceUID
-            )
-            for h in headers
-        )
+        group[0].ContentSequence.extend(_highdicom_images(headers))
     reference = sr._document(headers, [(group, ()) for group in groups], ALGORITHM, uids, sop_class, ())
     assert _encoded(built) == _encoded(reference)
 
