@@ -220,8 +220,8 @@ def _highdicom_images(headers: list[pydicom.Dataset]) -> list[hd.sr.SourceImageF
 
 def test_each_copied_source_image_is_the_one_highdicom_makes(demo_study):
     """sr._source_images copies its first item for the other sources: each copy must equal
-    highdicom's own item for its source, SOP Class included, and share nothing with the
-    others."""
+    highdicom's own item for its source, SOP Class included, and share no reference with
+    the others; they share the first's concept name (see sr._source_images)."""
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in demo_study["Demo chest CT, nodules"][:3]]
     headers[1].SOPClassUID = pydicom.uid.MRImageStorage  # a series may mix SOP classes
     made = sr._source_images(headers)
@@ -229,6 +229,7 @@ def test_each_copied_source_image_is_the_one_highdicom_makes(demo_study):
     assert [type(item) for item in made] == [type(item) for item in expected]
     assert made == expected
     assert len({id(item.ReferencedSOPSequence[0]) for item in made}) == len(made)
+    assert len({id(item.ConceptNameCodeSequence[0]) for item in made}) == 1
 
 
 @pytest.mark.parametrize("sop_class", ["comprehensive3d", "enhanced"])
