@@ -146,7 +146,8 @@ def test_a_node_listens_and_stores_while_its_model_loads(tmp_path, tiny_int8, de
         assert not node.ready.is_set(), "the model was ready before the job was claimed: nothing waited"
         [sr] = wait_for(lambda: results(node.results_dir), timeout=300, what="the SR")
         assert node.ready.wait(60)
-        [job] = node.journal.jobs()
+        # the runner writes the SR durably, then marks the job done: wait for the second
+        [job] = wait_for(lambda: [j for j in node.journal.jobs() if j.status != "running"], what="the job ended")
         assert (job.id, job.status, job.attempts) == (running[0].id, "done", 1)
         [finding] = read_measurement_report(pydicom.dcmread(sr))
         assert finding.algorithm_name == "lung-nodule-demo" and len(finding.source_sop_instance_uids) == 4
