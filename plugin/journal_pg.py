@@ -50,6 +50,9 @@ OUTAGE_REPEAT_SECONDS = 60.0
 # psycopg_pool's lines about a failed (re)connection of its own: each is a failure of the
 # outage :class:`Outage` reports, instead of a warning per attempt every few seconds.
 POOL_CONNECT_FAILURES = ("error connecting in %r: %s", "reconnection attempt in pool %r failed after %s sec")
+# Its warning about a connection that broke while lent (the server stopped mid-statement):
+# the borrower got the error, and :meth:`PostgresBackend._connection` tells the outage.
+POOL_LOST_CONNECTION = "discarding closed connection: %s"
 
 log = logging.getLogger(__name__)
 _pool_names = itertools.count(1)
@@ -147,18 +150,19 @@ class Outage:
 
 
 class _PoolFailures(logging.Filter):
-    """Hands one pool's connection failures to its :class:`Outage` instead of the log."""
+    """Hands one pool's connection failures to its :class:`Outage` instead of the log, and
+    drops its warnings about the connections it lent (``lent``) that broke in use."""
 
-    def __init__(self, pool_name: str, outage: Outage) -> None:
+    def __init__(self, pool_name: str, outage: Outage, lent: set[object]) -> None:
         super().__init__()
-        self._pool_name, self._outage = pool_name, outage
+        self._pool_name, self._outage, self._lent = pool_name, outage, lent
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
         if record.msg in POOL_CONNECT_FAILURES and args[:1] == (self._pool_name,):
             self._outage.failed(record.getMessage().split(": ", 1)[-1])
             return False
-        return True
+        return not (record.msg == POOL_LOST_CONNECTION and args and args[0] in self._lent)
 
 
 class PostgresBackend:
@@ -174,7 +178,8 @@ class PostgresBackend:
             options["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
         name = f"radpipe-journal-{next(_pool_names)}"
         self.outage = Outage(f"PostgreSQL journal {info.get('host', 'localhost')}:{info.get('port', 5432)}")
-        self._pool_failures = _PoolFailures(name, self.outage)
+        self._lent: set[object] = set()  # connections out of the pool, until it takes them back
+        self._pool_failures = _PoolFailures(name, self.outage, self._lent)
         logging.getLogger("psycopg.pool").addFilter(self._pool_failures)
         self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
             url,
@@ -241,16 +246,20 @@ class PostgresBackend:
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[TupleRow]]:
+        lent: psycopg.Connection[TupleRow] | None = None
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection() as lent:
+                self._lent.add(lent)
                 if self._create is not None:
-                    self._run_create(conn)
-                yield conn
+                    self._run_create(lent)
+                yield lent
         except psycopg.OperationalError as e:  # no server, no connection free in time, a transaction it aborted
             self.outage.failed(str(e))
             raise JournalUnavailable(f"PostgreSQL journal unavailable: {e}") from e
         else:
             self.outage.recovered()
+        finally:
+            self._lent.discard(lent)
 
     def _run_create(self, conn: psycopg.Connection[TupleRow]) -> None:
         with self._created:

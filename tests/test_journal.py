@@ -30,9 +30,10 @@ from plugin.journal import (
     InstanceRecord,
     JobSpec,
     Journal,
+    JournalUnavailable,
     ResultRecord,
 )
-from plugin.journal_pg import ddl
+from plugin.journal_pg import PostgresBackend, ddl
 from plugin.logs import trace_id
 from tests.conftest import (
     node_config,
@@ -621,6 +622,25 @@ def test_postgresql_stopped_mid_send_is_out_of_resources_and_nothing_acknowledge
     outage = [r.getMessage() for r in caplog.records if r.name == "plugin.journal_pg"]
     assert len(outage) == 2 and " unreachable: " in outage[0] and " reachable again after " in outage[1], outage
     assert [r for r in caplog.records if r.exc_info or r.name.startswith("psycopg")] == []
+
+
+def test_a_connection_lost_in_use_is_the_outage_line_alone(own_postgres, caplog):
+    """PostgreSQL stops while a connection is lent: its borrower gets JournalUnavailable and
+    the log says "unreachable" once, without psycopg_pool's warning about discarding the
+    broken connection (one per connection in use when the server stopped, without the cause)."""
+    own_postgres.start()
+    backend = PostgresBackend(own_postgres.create_database())
+    try:
+        with pytest.raises(JournalUnavailable), backend.reading() as db:
+            own_postgres.stop()
+            db.execute("SELECT 1")
+        own_postgres.start()
+        with backend.reading() as db:
+            assert db.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        backend.close()
+    lines = [(r.name, r.levelno, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and lines[0][0] == "plugin.journal_pg" and " unreachable: " in lines[0][2], lines
 
 
 def test_node_started_while_postgresql_is_down_waits_and_says_so(own_postgres, tmp_path, caplog):
