@@ -5,6 +5,7 @@ dispatcher's policy (``dispatch.py``)."""
 import contextlib
 import socket
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,11 +115,29 @@ class StoreAssociation:
             raise DeliveryError(f"{self._peer}: the association was lost")
         if all(cx.abstract_syntax != file.sop_class_uid for cx in self._association.accepted_contexts):
             raise DeliveryError(f"{self._peer} accepted no presentation context for {file.sop_class_uid.name}")
+        self._pause_reactor()
         status = self._association.send_c_store(file.path)
         if "Status" not in status:
             raise DeliveryError(f"{self._peer}: no answer to the C-STORE within {self._dimse_timeout:g} s, or aborted")
         if code_to_category(status.Status) not in ("Success", "Warning"):
             raise DeliveryError(f"C-STORE answered 0x{status.Status:04X}")
+
+    def _pause_reactor(self) -> None:
+        """Stop the association's reactor thread at its checkpoint before a send.
+
+        pynetdicom 3.0.4 (pinned) has a race here: ``send_c_store`` pauses the reactor so
+        that it does not take the response off the queue, but only waits for a flag that
+        the reactor raises before its checkpoint and lowers after it. A reactor past the
+        checkpoint with the flag still up reads the queue once more, takes the response
+        ("Received unexpected C-STORE service message"), and the send waits out the DIMSE
+        timeout and aborts (2 in 4,500 SR sends to storescp). So: close the checkpoint and
+        wait until the reactor is blocked on it (the only thread that waits on it), or has
+        ended; ``send_c_store`` opens it once the response is in."""
+        association = self._association
+        association._reactor_checkpoint.clear()
+        waiting = association._reactor_checkpoint._cond._waiters  # type: ignore[attr-defined]
+        while not waiting and association.is_alive():
+            time.sleep(0.0001)
 
     def __enter__(self) -> "StoreAssociation":
         return self
@@ -156,13 +175,20 @@ class StoreSCU:
             raise ValueError(f"{len(pairs)} presentation contexts asked for; one association carries {MAX_CONTEXTS}")
         tls = self.destination.tls  # a context per association picks up renewed certificate files
         connected: list[evt.Event] = []
+
+        def on_connected(event: evt.Event) -> None:
+            # Each C-STORE request goes out at once, not after the delayed ACK of the last
+            # response (about 40 ms a send on loopback without it).
+            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
+            connected.append(event)
+
         association = self._ae.associate(
             self.host,
             self.port,
             contexts=[build_context(sop_class, [syntax]) for sop_class, syntax in pairs],
             ae_title=self.ae_title,
             tls_args=(client_ssl_context(tls), self.host) if tls is not None else None,
-            evt_handlers=[(evt.EVT_CONN_OPEN, connected.append)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_connected)],
         )
         if association.is_established:
             return StoreAssociation(association, str(self), self.timeouts.dimse)

@@ -84,6 +84,15 @@ def test_serve_answers_echo_and_demo_reports_findings_and_lesions(entry, tmp_pat
     assert "INFO openjpeg" not in output  # the SEG's JPEG 2000 encoder logs a line per frame at INFO
 
 
+def test_demo_without_a_node_says_so_in_one_line(tmp_path):
+    demo = subprocess.run(
+        [*RADPIPE, "demo", "--port", str(free_port()), "--results", str(tmp_path)], capture_output=True, text=True
+    )
+    assert demo.returncode == 2, demo.stdout + demo.stderr
+    assert demo.stderr.splitlines()[-1].startswith("not sent: RADPIPE@127.0.0.1:"), demo.stderr
+    assert "is `radpipe serve` running there?" in demo.stderr and "Traceback" not in demo.stderr
+
+
 def test_relative_paths_in_the_config_are_taken_from_its_folder(tmp_path, dcmtk):
     site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()

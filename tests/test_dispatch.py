@@ -3,13 +3,16 @@ results per association, every failed try journaled with backoff; an unreachable
 destination is retried, then dead-lettered."""
 
 import logging
+import queue
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
+import pydicom.data
 from prometheus_client import CollectorRegistry
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
@@ -17,6 +20,7 @@ from plugin.config import Destination, DispatchSection
 from plugin.dispatch import Dispatcher
 from plugin.journal import JobSpec, Journal, PendingSeries
 from plugin.metrics import Metrics
+from plugin.scu import DicomFile, StoreSCU, Timeouts
 from tests.conftest import free_port, open_journal, storescu, wait_for, with_new_uids
 
 
@@ -169,6 +173,52 @@ def test_several_results_go_over_one_association(tmp_path, demo_study):
     finally:
         journal.close()
         pacs.shutdown()
+
+
+class _SlowCheckpoint(threading.Event):
+    """The association's reactor thread preempted right after passing its checkpoint,
+    before it lowers its "paused" flag: pynetdicom 3.0.4's send_c_store takes it to be
+    paused then."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        passed = super().wait(timeout)
+        time.sleep(0.05)
+        return passed
+
+
+class _LateReader(queue.Queue):
+    """The sending thread preempted between sending its request and reading the answer."""
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        if block:
+            time.sleep(0.1)
+        return super().get(block, timeout)
+
+
+def test_each_send_gets_its_answer_when_the_reactor_lingers_past_its_checkpoint(storescp):
+    """pynetdicom's association reactor reads the DIMSE queue after its checkpoint; a send
+    made while it is between the two can have its C-STORE response taken by the reactor,
+    and then waits out the DIMSE timeout (2 in 4,500 SR sends to storescp). StoreAssociation
+    stops the reactor at the checkpoint first. Here both threads are slowed where the race
+    lies: without that pause the first send fails. Requests go out with TCP_NODELAY."""
+    port, received = storescp
+    wait_for(lambda: _listening(port), timeout=10, what="storescp listening")
+    file = DicomFile.read(Path(pydicom.data.get_testdata_file("CT_small.dcm")))
+    with StoreSCU(_pacs(port), "RADPIPE", Timeouts(10, 10, 2, 10)).associate([file]) as association:
+        reactor = association._association
+        assert reactor.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        reactor.dimse.msg_queue = _LateReader()
+        checkpoint, reactor._reactor_checkpoint = reactor._reactor_checkpoint, _SlowCheckpoint()
+        reactor._reactor_checkpoint.set()
+        checkpoint.set()  # a reactor waiting on the old one moves to the slow one
+        for _ in range(5):
+            association.store(file)  # raises on no answer within the DIMSE timeout
+    assert [path.name for path in received.iterdir()] == [f"CT.{file.sop_instance_uid}"]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_a_result_that_is_not_dicom_is_journaled_with_backoff(tmp_path, demo_study, caplog):

@@ -5,36 +5,32 @@ present, ``lung-nodule-seg-demo`` outlines and measures each one, printed here n
 the phantom drew (its truth), so the figures can be judged, not only read.
 """
 
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.uid import CTImageStorage
-from pynetdicom import AE
 
+from plugin.config import Destination
 from plugin.demo.series import TruthNodule, write_synthetic_study
 from plugin.outputs.sr import ReportedLesion, read_measurement_report, read_volumetric_measurement_report
+from plugin.scu import DeliveryError, DicomFile, StoreSCU, Timeouts
 
 CLASSIFIER, SEGMENTER = "lung-nodule-demo", "lung-nodule-seg-demo"
 SETTLE_SECONDS = 20.0  # how long to wait for the other pipeline once each series has one result
+SEND_TIMEOUTS = Timeouts(connect=10, acse=30, dimse=60, network=60)
 
 
 def send_files(paths: Sequence[Path], host: str, port: int, called_ae: str, calling_ae: str = "RADPIPE-DEMO") -> None:
-    """C-STORE every file over one association; raise RuntimeError on any failure."""
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    if not assoc.is_established:
-        raise RuntimeError(f"could not associate with {called_ae}@{host}:{port}; is `radpipe serve` running?")
-    try:
-        for path in paths:
-            status = assoc.send_c_store(path)
-            if status.get("Status") != 0x0000:
-                raise RuntimeError(f"{path.name}: C-STORE answered {status.get('Status', 'nothing')}")
-    finally:
-        assoc.release()
+    """C-STORE every file over one association, as the dispatcher sends results; raise
+    DeliveryError on any failure."""
+    files = [DicomFile.read(path) for path in paths]
+    scu = StoreSCU(Destination(ae_title=called_ae, host=host, port=port), calling_ae, SEND_TIMEOUTS)
+    with scu.associate(files) as association:
+        for file in files:
+            association.store(file)
 
 
 def _result_key(sr: pydicom.Dataset) -> tuple[str, str] | None:
@@ -107,7 +103,11 @@ def run_demo(
     series = {}
     for item in study:
         print(f"sending {len(item.paths)} slices: {item.description}")
-        send_files(item.paths, host, port, called_ae)
+        try:
+            send_files(item.paths, host, port, called_ae)
+        except DeliveryError as e:
+            print(f"not sent: {e}; is `radpipe serve` running there?", file=sys.stderr)
+            return 2
         series[str(pydicom.dcmread(item.paths[0], stop_before_pixels=True).SeriesInstanceUID)] = item
     study_uid = str(pydicom.dcmread(study[0].paths[0], stop_before_pixels=True).StudyInstanceUID)
     print(f"waiting up to {timeout:.0f} s for results in {results_dir / study_uid}")
