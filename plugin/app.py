@@ -326,6 +326,7 @@ class Node:
         still running at the deadline keeps its lease until it expires (or this node
         starts again under the same id)."""
         deadline = time.monotonic() + self.config.node.shutdown_seconds
+        log.info("node %s stopping: no new associations; its workers finish their current step", self.config.node.id)
         with self._starting:  # a loading still under way starts nothing more
             self._stopping.set()
         for server in self.servers:
@@ -350,3 +351,4 @@ class Node:
         self.journal.close()
         if self.group_sync is not None:
             self.group_sync.close()
+        log.info("node %s stopped", self.config.node.id)

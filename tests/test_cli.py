@@ -81,6 +81,7 @@ def test_serve_answers_echo_and_demo_reports_findings_and_lesions(entry, tmp_pat
     finally:
         output = _stop(process)
     assert f"DICOM node RADPIPE listening on 127.0.0.1:{port}" in output
+    assert re.search(r"node \S+ stopping: .*\n(.*\n)*.*node \S+ stopped$", output.rstrip(), re.M), output[-2000:]
     assert "INFO openjpeg" not in output  # the SEG's JPEG 2000 encoder logs a line per frame at INFO
 
 
