@@ -136,7 +136,10 @@ def _run(cluster: Cluster, journal: Journal, series: list[Path], pacs_dir: Path,
     jobs = journal.study_jobs(study_uid)
     assert [(j.generation, j.status) for j in jobs] == [(1, "done"), (2, "done")]
     if run == 0:
-        assert jobs[0].attempts == 2  # node-c's claim, then a survivor's
+        # node-c's claim, then a survivor's; on a loaded machine the survivor, still loading
+        # torch beside two others, can miss its own 3 s lease too (its heartbeat starved; it
+        # logs "lease lost" and drops its result), and the third node takes it: one SR all the same
+        assert jobs[0].attempts >= 2
     received = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs_dir.iterdir()]
     files = [sr for sr in received if sr.StudyInstanceUID == study_uid]
     srs = {str(sr.SOPInstanceUID): sr for sr in files}
