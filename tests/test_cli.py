@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import DEID_HUMANS, PYDICOM_FILES, REPO, free_port, node_config, write_pipeline
+from tests.conftest import DEID_HUMANS, PYDICOM_FILES, REPO, free_port, node_config, wait_for, write_pipeline
 
 RADPIPE = [os.path.join(os.path.dirname(sys.executable), "radpipe")]
 MODULE = [sys.executable, "-m", "plugin"]
@@ -123,11 +123,13 @@ def test_serve_without_pipelines_says_so_at_start_and_in_status(tmp_path, dcmtk)
         "RADPIPE_STORAGE_MIN_FREE_MB": "1",
     }
     process = _start([*RADPIPE, "serve"], port, cwd=tmp_path, env=env)  # no config: ./pipelines, not there
+    folder = tmp_path / "pipelines"
     try:
+        # The node answers C-ECHO before it loads its pipelines, which makes the folder.
+        wait_for(folder.is_dir, timeout=60, what="the node making its pipelines folder")
         status = subprocess.run([*RADPIPE, "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
     finally:
         output = _stop(process)
-    folder = tmp_path / "pipelines"
     [error] = [line for line in output.splitlines() if f"pipelines folder {folder} " in line]
     assert " ERROR " in error and "does not exist: every series will be stored unrouted" in error
     assert "RADPIPE_PIPELINES_DIR" in error
