@@ -271,8 +271,8 @@ def dcmtk() -> None:
 
 @pytest.fixture
 def storescp(tmp_path: Path, dcmtk: None) -> Iterator[tuple[int, Path]]:
-    """dcmtk's storescp as a destination (AE title PACS): its port, and the folder it
-    writes each object it receives to."""
+    """dcmtk's storescp as a destination (AE title PACS), listening: its port, and the
+    folder it writes each object it receives to."""
     port, folder = free_port(), tmp_path / "pacs"
     folder.mkdir()
     process = subprocess.Popen(
@@ -281,10 +281,16 @@ def storescp(tmp_path: Path, dcmtk: None) -> Iterator[tuple[int, Path]]:
         stderr=subprocess.DEVNULL,
     )
     try:
+        wait_for(lambda: _listening(port), timeout=10, what="storescp listening")
         yield port, folder
     finally:
         process.terminate()
         process.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def with_new_uids(paths: list[Path], out_dir: Path) -> list[Path]:
