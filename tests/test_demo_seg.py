@@ -13,7 +13,7 @@ from scipy import ndimage
 from plugin.demo import train_seg
 from plugin.demo.phantom import LUNG_HU, make_volume, render_volume
 from plugin.demo.series import SLICE_THICKNESS_MM, series_geometry, write_synthetic_study
-from plugin.models.artifact import read_manifest
+from plugin.models.artifact import load_artifact, read_manifest
 from plugin.pipeline import load_pipeline
 from plugin.postprocess import ModelOutput
 from plugin.preprocess import preprocess_volume
@@ -113,3 +113,25 @@ def test_the_training_target_comes_back_as_the_drawn_volume():
             measured = (found.masks[0] & (owner == index + 1)).sum()
             print(f"{2 * radius:.1f} mm: {measured} voxels against {drawn.sum()} drawn")
             assert measured == pytest.approx(drawn.sum(), rel=0.1)
+
+
+def test_per_nodule_tells_a_filters_miss_from_the_models(capsys):
+    """``--per-nodule`` prints what the model gave each nodule before the lesion filters: a
+    nodule that a filter dropped still shows the model's probabilities above the threshold."""
+    pipeline = load_pipeline(PIPELINE)
+    model = load_artifact(pipeline.artifact_dir, torch.device("cpu")).module
+    # a tuning volume (never a held-out one) with 3 nodules, all found
+    volume = train_seg.phantom_volumes(np.random.SeedSequence(1).spawn(2)[1], 3)[2]
+    spec = pipeline.postprocess.segments[0]
+    impossible = spec.model_copy(update={"min_mean_probability": 1.01})
+    postprocess = pipeline.postprocess.model_copy(update={"segments": [impossible]})
+    strict = pipeline.model_copy(update={"postprocess": postprocess})
+    for checked, found in ((pipeline, True), (strict, False)):
+        scored = train_seg.evaluate(model, checked, [volume], per_nodule=True)
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+        assert len(rows) == len(volume.nodules) == 3
+        assert scored["sensitivity"] == (1.0 if found else 0.0)
+        for row in rows:
+            assert ("not found" not in " ".join(row)) == found
+            most, mean = float(row[-2]), float(row[-1])
+            assert most >= spec.threshold and spec.threshold <= mean < 1.01

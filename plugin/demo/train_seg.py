@@ -199,9 +199,10 @@ def segmentation_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def lesions(model: torch.nn.Module, pipeline: Pipeline, volume: PhantomVolume) -> np.ndarray:
+def lesions(model: torch.nn.Module, pipeline: Pipeline, volume: PhantomVolume) -> tuple[np.ndarray, np.ndarray]:
     """The lesions the node would report on ``volume`` written as a series, on its voxels:
-    0 outside, 1..K inside the K lesions of its first segment."""
+    0 outside, 1..K inside the K lesions of its first segment; and that segment's
+    probabilities there (uint8, ``round(p * 255)``)."""
     model.eval()
     image, _, grid = model_input(pipeline, volume)
     window = pipeline.input.sliding_window
@@ -210,7 +211,7 @@ def lesions(model: torch.nn.Module, pipeline: Pipeline, volume: PhantomVolume) -
     centre = np.array([[(n - 1) / 2 for n in image.shape[2:]]])
     placement = Placement(series_geometry(*volume.hu.shape), grid, centre)
     found = segment(pipeline.postprocess, CLASSES, ModelOutput(logits, placement))
-    return ndimage.label(found.masks[0], structure=np.ones((3, 3, 3)))[0]
+    return ndimage.label(found.masks[0], structure=np.ones((3, 3, 3)))[0], found.probabilities[0]
 
 
 def evaluate(
@@ -220,13 +221,17 @@ def evaluate(
     reported lesion overlaps it (sensitivity) and the volume of the lesions that do against
     its drawn mask (volume accuracy, for nodules of at least 5 mm); false lesions per volume.
     ``per_nodule`` also prints each nodule's drawn and measured voxels, by diameter (is an
-    error a bias of one size, or noise?)."""
+    error a bias of one size, or noise?), and what the model gave it before the lesion
+    filters: its highest probability, and the mean probability of the parts at or above the
+    threshold that overlap it (is a miss the model's, or a filter's?)."""
     overlap = predicted = true = 0
     nodules: list[tuple[float, bool, float]] = []  # diameter, found, measured / drawn volume - 1
     false_lesions = 0
-    table: list[tuple[float, int, int, int]] = []  # diameter, volume, drawn voxels, measured voxels
+    table: list[tuple[float, int, int, int, float, float]] = []  # and each nodule's probabilities, as above
+    threshold = round(pipeline.postprocess.segments[0].threshold * 255)
     for number, volume in enumerate(volumes):
-        reported = lesions(model, pipeline, volume)
+        reported, probabilities = lesions(model, pipeline, volume)
+        parts = ndimage.label(probabilities >= threshold, structure=np.ones((3, 3, 3)))[0]
         overlap += int(((volume.mask > 0) & (reported > 0)).sum())
         predicted, true = predicted + int((reported > 0).sum()), true + int((volume.mask > 0).sum())
         sizes = np.bincount(reported.ravel())
@@ -236,7 +241,10 @@ def evaluate(
             hit = set(np.unique(reported[drawn]).tolist()) - {0}
             measured = sum(int(sizes[lesion]) for lesion in hit)
             nodules.append((2 * float(radius), bool(hit), measured / max(int(drawn.sum()), 1) - 1))
-            table.append((2 * float(radius), number, int(drawn.sum()), measured))
+            above = np.isin(parts, np.unique(parts[drawn])) & (parts > 0)
+            mean = float(probabilities[above].mean()) / 255 if above.any() else 0.0
+            most = float(probabilities[drawn].max()) / 255
+            table.append((2 * float(radius), number, int(drawn.sum()), measured, most, mean))
             touched |= hit
         false_lesions += int(reported.max()) - len(touched)
 
@@ -245,10 +253,13 @@ def evaluate(
         return round(sum(found) / max(len(found), 1), 4)
 
     if per_nodule:
-        print("diameter mm  volume  drawn voxels  measured  error", flush=True)
-        for diameter, number, drawn_voxels, measured in sorted(table):
+        print("diameter mm  volume  drawn voxels  measured  error      max p  mean p above threshold", flush=True)
+        for diameter, number, drawn_voxels, measured, most, mean in sorted(table):
             error = f"{measured / max(drawn_voxels, 1) - 1:+.1%}" if measured else "not found"
-            print(f"{diameter:11.1f}  {number:6d}  {drawn_voxels:12d}  {measured:8d}  {error}", flush=True)
+            print(
+                f"{diameter:11.1f}  {number:6d}  {drawn_voxels:12d}  {measured:8d}  {error:9s} {most:5.2f}  {mean:.2f}",
+                flush=True,
+            )
     errors = np.array([error for diameter, _, error in nodules if diameter >= 5])
     return {
         "dice": round(2 * overlap / max(predicted + true, 1), 4),
@@ -361,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluate", action="store_true", help="score the artifact in --out; do not train")
     parser.add_argument("--pipeline", type=Path, default=PIPELINE, help="the pipeline the model is for")
     parser.add_argument(
-        "--per-nodule", action="store_true", help="with --evaluate: print each nodule's drawn and measured volume"
+        "--per-nodule",
+        action="store_true",
+        help="with --evaluate: each nodule's drawn and measured volume, and its probabilities",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=60, help="training volumes")
