@@ -14,7 +14,7 @@ CT slices, ms per instance made durable:
 - the same with the pool's files reserved by ``posix_fallocate`` (no zeros written: the
   blocks stay "unwritten", so the first ``fdatasync`` into them updates the journal too).
 
-Then each file is truncated to its instance's length and renamed, as the spool would.
+Then each file is truncated to its instance's length and renamed, as a spool of such files would.
 Interleaved rounds, median.
 
 Run: .venv/bin/python -m benchmarks.spool_floor [--slices 200] [--rounds 3] [--json out.json]
