@@ -231,7 +231,7 @@ def evaluate(
     threshold = round(pipeline.postprocess.segments[0].threshold * 255)
     for number, volume in enumerate(volumes):
         reported, probabilities = lesions(model, pipeline, volume)
-        parts = ndimage.label(probabilities >= threshold, structure=np.ones((3, 3, 3)))[0]
+        parts = ndimage.label(probabilities >= threshold, structure=np.ones((3, 3, 3)))[0] if per_nodule else None
         overlap += int(((volume.mask > 0) & (reported > 0)).sum())
         predicted, true = predicted + int((reported > 0).sum()), true + int((volume.mask > 0).sum())
         sizes = np.bincount(reported.ravel())
@@ -241,10 +241,11 @@ def evaluate(
             hit = set(np.unique(reported[drawn]).tolist()) - {0}
             measured = sum(int(sizes[lesion]) for lesion in hit)
             nodules.append((2 * float(radius), bool(hit), measured / max(int(drawn.sum()), 1) - 1))
-            above = np.isin(parts, np.unique(parts[drawn])) & (parts > 0)
-            mean = float(probabilities[above].mean()) / 255 if above.any() else 0.0
-            most = float(probabilities[drawn].max()) / 255
-            table.append((2 * float(radius), number, int(drawn.sum()), measured, most, mean))
+            if parts is not None:  # a nodule may have no voxel of its own (outside the lungs or the slices)
+                above = np.isin(parts, np.unique(parts[drawn])) & (parts > 0)
+                mean = float(probabilities[above].mean()) / 255 if above.any() else 0.0
+                most = float(probabilities[drawn].max()) / 255 if drawn.any() else 0.0
+                table.append((2 * float(radius), number, int(drawn.sum()), measured, most, mean))
             touched |= hit
         false_lesions += int(reported.max()) - len(touched)
 
