@@ -241,9 +241,10 @@ def evaluate(
             hit = set(np.unique(reported[drawn]).tolist()) - {0}
             measured = sum(int(sizes[lesion]) for lesion in hit)
             nodules.append((2 * float(radius), bool(hit), measured / max(int(drawn.sum()), 1) - 1))
-            if parts is not None:  # a nodule may have no voxel of its own (outside the lungs or the slices)
+            if parts is not None:
                 above = np.isin(parts, np.unique(parts[drawn])) & (parts > 0)
                 mean = float(probabilities[above].mean()) / 255 if above.any() else 0.0
+                # a nodule may have no voxel of its own (outside the lungs or the slices)
                 most = float(probabilities[drawn].max()) / 255 if drawn.any() else 0.0
                 table.append((2 * float(radius), number, int(drawn.sum()), measured, most, mean))
             touched |= hit
