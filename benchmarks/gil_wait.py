@@ -4,11 +4,11 @@ receiving alone and with the demo pipeline's runner beside it.
 Each round starts ``radpipe serve`` (the demo pipeline matching nothing, or matching),
 attaches ``py-spy record --native --idle --threads`` to it and sends 10 new series of 100
 CT slices with 2 concurrent storescu. The association threads' samples (those with
-plugin/acceptor.py on their stack) are then sorted by where they wait: a thread that wakes
-from a call made without the GIL (a socket, SQLite, a file) and waits in
-``pthread_cond_timedwait`` before a lock function of Python's own is waiting for the GIL
-(CPython's ``take_gil``, inlined and not named in its stacks); one inside
-``PyThread_acquire_lock`` waits for a Python lock (the group sync, a queue).
+plugin/acceptor.py on their stack) are then sorted by where they wait. A thread back from a
+call made without the GIL (a socket, SQLite, a file) that waits in ``pthread_cond_timedwait``
+right under that call is waiting for the GIL (CPython's ``take_gil``, inlined and not named
+in these stacks); one that waits there under ``PyThread_acquire_lock`` waits for a Python
+lock (the group sync, a queue).
 
 py-spy's native stacks pause the node at each sample: it receives about 4 times slower than
 unobserved, so the shares compare the two modes with each other, not with the rates of
