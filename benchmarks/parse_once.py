@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import os
 import statistics
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -33,8 +34,11 @@ from plugin.node import _parse, check_pixel_module
 
 
 def receipt(data: bytes) -> str | None:
-    """What the C-STORE handler does with a received instance before it writes it."""
-    dataset, pixels = _parse(data, ExplicitVRLittleEndian)
+    """What the C-STORE handler does with a received instance before it writes it. Its
+    data set starts after the preamble, "DICM" and the File Meta Information, whose group
+    length (the first element, 12 bytes) says how long it is."""
+    start = 132 + 12 + struct.unpack_from("<I", data, 140)[0]
+    dataset, pixels = _parse(data, start, ExplicitVRLittleEndian)
     values = header_values(dataset)
     check_pixel_module(values, pixels, False, 2**31)
     return journal_entry(values, dataset, pixels, ExplicitVRLittleEndian)

@@ -25,6 +25,8 @@ from types import TracebackType
 
 import pydicom
 from pydicom import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from plugin.acceptor import (
@@ -169,12 +171,18 @@ def check_pixel_module(
         raise Refusal(bad, "pixel_data_mismatch", detail)
 
 
-def _parse(data: bytes, transfer_syntax: UID) -> tuple[Dataset, PixelDataElement | None]:
-    """The header, parsed up to the pixel data, and the pixel data element (its length
-    as far as ``data`` holds it)."""
+def _parse(data: bytes, start: int, transfer_syntax: UID) -> tuple[Dataset, PixelDataElement | None]:
+    """The data set that starts at ``start`` of ``data`` (after the File Meta Information
+    the node wrote itself), parsed up to the pixel data, and the pixel data element (its
+    length as far as ``data`` holds it). pydicom's ``read_dataset`` reads the data set
+    alone: ``dcmread`` would also parse back the file meta the node has just built, a
+    quarter of the parse's time."""
     if not transfer_syntax.is_deflated:
         stream = io.BytesIO(data)
-        dataset = pydicom.dcmread(stream, stop_before_pixels=True)
+        stream.seek(start)
+        dataset = read_dataset(
+            stream, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, stop_when=_at_pixel_data
+        )
         pixels = pixel_data_element(data, stream.tell(), transfer_syntax)
         if pixels is not None and pixels.offset is not None:
             return dataset, dataclasses.replace(pixels, length=min(pixels.length, len(data) - pixels.offset))
@@ -185,6 +193,10 @@ def _parse(data: bytes, transfer_syntax: UID) -> tuple[Dataset, PixelDataElement
     dataset = pydicom.dcmread(io.BytesIO(data))
     tag = next((tag for tag in PIXEL_TAGS if tag in dataset), None)
     return dataset, None if tag is None else PixelDataElement(tag, None, len(dataset[tag].value))
+
+
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag in PIXEL_TAGS
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:
@@ -222,8 +234,9 @@ def _store(request: StoreRequest, storage: Storage) -> None:
     spool, journal, limits = storage.spool, storage.journal, storage.limits
     bad = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     try:
-        data = file_header(request) + request.dataset
-        dataset, pixels = _parse(data, request.transfer_syntax)
+        header = file_header(request)
+        data = header + request.dataset
+        dataset, pixels = _parse(data, len(header), request.transfer_syntax)
         if "SOPClassUID" not in dataset and "SOPInstanceUID" not in dataset:
             raise Refusal(StoreStatus.CANNOT_UNDERSTAND, "undecodable", "not a DICOM data set")
         values = header_values(dataset)

@@ -26,6 +26,15 @@ def as_the_node_reads(monkeypatch):
     monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.IGNORE)
 
 
+def _data_set_start(path: Path) -> int:
+    """Where the data set starts in the file ``path``: after its preamble and File Meta
+    Information, as the node's own file starts it after those it wrote."""
+    with path.open("rb") as f:
+        pydicom.filereader.read_preamble(f, force=True)
+        pydicom.filereader._read_file_meta_info(f)
+        return f.tell()
+
+
 def _received(path: Path) -> tuple[pydicom.Dataset, str | None] | None:
     """The whole file as pydicom reads it, and the node's journal entry for it; None if
     pydicom cannot decode its pixels or the node refuses it."""
@@ -37,7 +46,7 @@ def _received(path: Path) -> tuple[pydicom.Dataset, str | None] | None:
     syntax = UID(whole.file_meta.TransferSyntaxUID)
     data = path.read_bytes()
     try:
-        header, pixels = _parse(data, syntax)
+        header, pixels = _parse(data, _data_set_start(path), syntax)
         values = header_values(header)
         check_pixel_module(values, pixels, syntax.is_encapsulated, 2**31)
     except Refusal:
@@ -76,7 +85,7 @@ def test_a_pixel_module_refusal_names_the_attribute():
     what it holds (it used to give Python's int() error), and a missing one by its name."""
     data = (PYDICOM_FILES / "badVR.dcm").read_bytes()
     syntax = UID(pydicom.dcmread(PYDICOM_FILES / "badVR.dcm", stop_before_pixels=True).file_meta.TransferSyntaxUID)
-    header, pixels = _parse(data, syntax)
+    header, pixels = _parse(data, _data_set_start(PYDICOM_FILES / "badVR.dcm"), syntax)
     values = header_values(header)
     with pytest.raises(Refusal, match=r"^NumberOfFrames '1A' is not an integer$"):
         check_pixel_module(values, pixels, syntax.is_encapsulated, 2**31)
