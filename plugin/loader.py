@@ -9,12 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom import Dataset, FileDataset
-from pydicom.dataelem import DataElement
-from pydicom.dataset import FileMetaDataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, as_pixel_options, get_decoder
 from pydicom.uid import UID
 
-from plugin.attributes import PIXEL_DATA, PixelData, read_journal_entry
+from plugin.attributes import PixelData, read_journal_entry
 from plugin.journal import InstanceRecord
 
 
@@ -98,7 +96,11 @@ def frame_count(header: Dataset) -> int:
 def modality_frames(ds: Dataset) -> np.ndarray:
     """All frames of an instance as float32 ``[F, H, W]`` in modality units
     (RescaleSlope/Intercept applied); colour images are reduced to their luminance."""
-    pixels = ds.pixel_array
+    return _in_modality_units(ds.pixel_array, ds)
+
+
+def _in_modality_units(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """:func:`modality_frames` of ``pixels``, decoded from ``ds``'s Pixel Data."""
     frames = frame_count(ds)
     samples = int(ds.get("SamplesPerPixel", 1))
     if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
@@ -118,17 +120,16 @@ def modality_frames(ds: Dataset) -> np.ndarray:
 
 def decoded_frames(source: Source) -> np.ndarray:
     """:func:`modality_frames` of ``source``. With its Pixel Data's location journaled,
-    only that value is read from the file, into a copy of the journaled header; else the
-    file is read whole."""
+    only that value is read from the file and given to pydicom's decoder with the
+    journaled pixel module (a dataset built around it cost twice the decoding of a native
+    CT slice); else the file is read whole."""
     location = source.pixel_data
     if location is None:
         return modality_frames(pydicom.dcmread(source.path))
-    dataset = Dataset(dict(source.header.items()))  # the source's own header stays as it is
-    dataset.file_meta = FileMetaDataset()
-    syntax = dataset.file_meta.TransferSyntaxUID = UID(location.transfer_syntax)
-    native_words = not syntax.is_encapsulated and int(dataset.BitsAllocated) > 8
-    dataset["PixelData"] = DataElement(PIXEL_DATA, "OW" if native_words else "OB", location.read(source.path))
-    return modality_frames(dataset)
+    decoder = get_decoder(UID(location.transfer_syntax))
+    options = as_pixel_options(source.header, pixel_keyword="PixelData")
+    pixels, _ = decoder.as_array(location.read(source.path), **options)
+    return _in_modality_units(pixels, source.header)
 
 
 class PixelDataError(Exception):
