@@ -121,7 +121,7 @@ def _in_modality_units(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
 def decoded_frames(source: Source) -> np.ndarray:
     """:func:`modality_frames` of ``source``. With its Pixel Data's location journaled,
     only that value is read from the file and given to pydicom's decoder with the
-    journaled pixel module (a dataset built around it cost twice the decoding of a native
+    journaled pixel module (building a dataset around it took as long as decoding a native
     CT slice); else the file is read whole."""
     location = source.pixel_data
     if location is None:
