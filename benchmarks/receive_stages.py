@@ -49,7 +49,7 @@ from plugin.cli import main
 sys.exit(main())
 """
 TIMED_NODE = """
-import atexit, importlib, json, sys, threading, time
+import atexit, importlib, json, sys, time
 TIMED, OUT = json.loads(sys.argv.pop(1)), sys.argv.pop(1)
 totals = {}
 def timed(function, stage):
