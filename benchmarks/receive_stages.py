@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import ENV, ct_series, free_port, scratch, wait_for_echo, wait_for_log
+from benchmarks.common import ENV, ct_series, free_port, node_config, scratch, wait_for_echo, wait_for_log
 
 # (module, object or "", function, stage): the association thread's calls, outermost first.
 TIMED = [
@@ -97,20 +97,11 @@ def receive(command: list[str], port: int, files: list[Path], log: Path, ready: 
         process.wait(30)
 
 
-def node_config(work: Path, port: int, storage: str) -> list[str]:
-    """``serve --config FILE`` for a node on ``port`` storing into ``work/storage``, no pipelines."""
-    config = work / f"{storage}.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "node": {"port": port},
-                "metrics": {"port": 0},
-                "storage": {"dir": str(work / storage)},
-                "pipelines": {"dir": str(work / "no-pipelines")},
-            }
-        )
-    )
-    return ["serve", "--config", str(config)]
+def serve_args(folder: Path, port: int) -> list[str]:
+    """``serve --config FILE`` for a node on ``port`` keeping its data in ``folder`` (made), no pipelines."""
+    folder.mkdir()
+    (folder / "radpipe.yaml").write_text(yaml.safe_dump(node_config(folder, port, folder / "no-pipelines")))
+    return ["serve", "--config", str(folder / "radpipe.yaml")]
 
 
 def main() -> int:
@@ -136,14 +127,14 @@ def main() -> int:
         add("  storescu's CPU time, sending to storescp", sender / n * 1000)
 
         port = free_port()
-        command = [sys.executable, "-c", NO_HANDLER, *node_config(work, port, f"no-handler-{round_number}")]
+        command = [sys.executable, "-c", NO_HANDLER, *serve_args(work / f"no-handler-{round_number}", port)]
         wall, sender = receive(command, port, files, work / "no-handler.log", " ready: ")
         add("radpipe's acceptor, the handler doing nothing: wall", wall / n * 1000)
         add("  storescu's CPU time, sending to it", sender / n * 1000)
 
         port, stages = free_port(), work / f"stages-{round_number}.json"
-        config = node_config(work, port, f"radpipe-{round_number}")
-        command = [sys.executable, "-c", TIMED_NODE, json.dumps(TIMED), str(stages), *config]
+        serve = serve_args(work / f"radpipe-{round_number}", port)
+        command = [sys.executable, "-c", TIMED_NODE, json.dumps(TIMED), str(stages), *serve]
         wall, sender = receive(command, port, files, work / "radpipe.log", " ready: ")
         add("radpipe: wall", wall / n * 1000)
         add("  storescu's CPU time, sending to radpipe", sender / n * 1000)
