@@ -19,6 +19,7 @@ Run: .venv/bin/python -m benchmarks.ingest [--slices 200] [--rounds 5] [--json o
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -79,9 +80,12 @@ def receivers(work: Path) -> dict[str, list[str]]:
     }
 
 
-def measure(command: list[str], port: int, shares: list[list[Path]], log: Path, ready: str | None) -> float:
+def measure(
+    command: list[str], port: int, shares: list[list[Path]], log: Path, ready: str | None
+) -> tuple[float, float]:
     """Seconds for ``shares`` to be sent, each by its own storescu association, at once,
-    once the receiver answers C-ECHO and (``ready``) has logged that line."""
+    once the receiver answers C-ECHO and (``ready``) has logged that line; and the CPU
+    seconds (user + system) the storescu processes took."""
     # Start clean: radpipe's flushes must not pay for what the series generation or an
     # earlier receiver left in the page cache.
     os.sync()
@@ -93,10 +97,13 @@ def measure(command: list[str], port: int, shares: list[list[Path]], log: Path, 
         wait_for_echo(port)
         if ready:  # radpipe listens first, then loads: receiving is measured once it has
             wait_for_log(log, ready)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)  # the receiver is not reaped yet: not counted
         start = time.perf_counter()
         with ThreadPoolExecutor(len(shares)) as senders:
             list(senders.map(lambda files: storescu(port, files), shares))
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     finally:
         process.terminate()
         process.wait(30)
@@ -150,7 +157,7 @@ def main() -> int:
                     )
                 )
                 ready = " ready: " if name.startswith("radpipe") else None
-                seconds = measure(command, port, shares, work / f"{name}.log", ready)
+                seconds, _ = measure(command, port, shares, work / f"{name}.log", ready)
                 timings.setdefault((mode, name), []).append(seconds)
         floor = durable_write_floor(files, work / f"floor-{round_number}")
         timings.setdefault(("one association", "durable-write floor"), []).append(floor)

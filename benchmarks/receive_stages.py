@@ -7,7 +7,7 @@ process only; what radpipe's acceptor costs in Python before any check, write or
 and to ``radpipe serve`` (no pipelines), whose C-STORE path is timed from inside:
 the process runs with the node's functions wrapped in timers (:data:`TIMED`; only in that
 process, as ``benchmarks.ingest`` replaces the flush), which it writes out as it exits.
-storescu's own CPU time per instance (``getrusage`` of the finished child) is what any
+storescu's own CPU time per instance (``getrusage`` of the finished children) is what any
 receiver's exchange waits for at least: reading each file and sending it.
 
 Run: .venv/bin/python -m benchmarks.receive_stages [--slices 200] [--rounds 3] [--json out.json]
@@ -15,17 +15,14 @@ Run: .venv/bin/python -m benchmarks.receive_stages [--slices 200] [--rounds 3] [
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-from benchmarks.common import ENV, ct_series, free_port, node_config, scratch, wait_for_echo, wait_for_log
+from benchmarks.common import ct_series, free_port, node_config, scratch
+from benchmarks.ingest import measure
 
 # (module, object or "", function, stage): the association thread's calls, outermost first.
 TIMED = [
@@ -73,30 +70,6 @@ sys.exit(main())
 """
 
 
-def send(port: int, files: list[Path]) -> tuple[float, float]:
-    """storescu sends ``files``: wall seconds, and storescu's CPU seconds (user + system)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run(["storescu", "-aec", "RADPIPE", "127.0.0.1", str(port), *map(str, files)], env=ENV, check=True)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
-def receive(command: list[str], port: int, files: list[Path], log: Path, ready: str | None) -> tuple[float, float]:
-    os.sync()  # no earlier round's dirty pages in this one's flushes
-    with open(log, "wb") as output:
-        process = subprocess.Popen(command, env=ENV, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        wait_for_echo(port)
-        if ready:
-            wait_for_log(log, ready)
-        return send(port, files)
-    finally:
-        process.terminate()
-        process.wait(30)
-
-
 def serve_args(folder: Path, port: int) -> list[str]:
     """``serve --config FILE`` for a node on ``port`` keeping its data in ``folder`` (made), no pipelines."""
     folder.mkdir()
@@ -122,20 +95,20 @@ def main() -> int:
         port, received = free_port(), work / f"storescp-{round_number}"
         received.mkdir()
         storescp = ["storescp", "-aet", "RADPIPE", "-pdu", "131072", "+B", "-od", str(received)]
-        wall, sender = receive([*storescp, str(port)], port, files, work / "storescp.log", None)
+        wall, sender = measure([*storescp, str(port)], port, [files], work / "storescp.log", None)
         add("dcmtk storescp: wall", wall / n * 1000)
         add("  storescu's CPU time, sending to storescp", sender / n * 1000)
 
         port = free_port()
         command = [sys.executable, "-c", NO_HANDLER, *serve_args(work / f"no-handler-{round_number}", port)]
-        wall, sender = receive(command, port, files, work / "no-handler.log", " ready: ")
+        wall, sender = measure(command, port, [files], work / "no-handler.log", " ready: ")
         add("radpipe's acceptor, the handler doing nothing: wall", wall / n * 1000)
         add("  storescu's CPU time, sending to it", sender / n * 1000)
 
         port, stages = free_port(), work / f"stages-{round_number}.json"
         serve = serve_args(work / f"radpipe-{round_number}", port)
         command = [sys.executable, "-c", TIMED_NODE, json.dumps(TIMED), str(stages), *serve]
-        wall, sender = receive(command, port, files, work / "radpipe.log", " ready: ")
+        wall, sender = measure(command, port, [files], work / "radpipe.log", " ready: ")
         add("radpipe: wall", wall / n * 1000)
         add("  storescu's CPU time, sending to radpipe", sender / n * 1000)
         timed = json.loads(stages.read_text())
