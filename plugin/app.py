@@ -170,6 +170,7 @@ class Node:
                 self.quarantine,
                 self.metrics,
                 Preparer(config.runner.workers),
+                infer_ahead=config.runner.infer_ahead,
             )
         destinations = set(config.destinations)
         return stages, [PipelineReloader(config.pipelines.dir, router, destinations, self.pool, self.metrics)]

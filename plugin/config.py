@@ -189,9 +189,13 @@ class PipelinesSection(_Section):
 class RunnerSection(_Section):
     """decode_workers: processes that decode and preprocess images while the model runs;
     ``auto`` (default) is one per CPU core beyond two, so none on a 2-core machine, where
-    the model's threads already use both cores. 0 decodes in the runner's own thread."""
+    the model's threads already use both cores. 0 decodes in the runner's own thread.
+
+    infer_ahead: with no job to run, the runner infers the instances of series still
+    arriving (plugin/ahead.py), so that a series' job finds its images inferred."""
 
     decode_workers: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = "auto"
+    infer_ahead: bool = True
 
     @property
     def workers(self) -> int:
