@@ -1,14 +1,15 @@
 """Inference ahead of completion: the model runs on a series while it is still arriving.
 
 A series becomes a job only once it is complete (its quiet period over), and until then
-the runner would sit idle while the associations receive. Instead, whenever the runner has
-no job, it takes the instances journaled since it last looked and not yet in any batch,
-and runs every series-level slice pipeline whose match rule their header satisfies on
-them: decode, preprocess and model, as the job would. Each instance's logits wait here,
-with the time each stage took, keyed by the pipeline version, the model and the receipt
-(file and time received). When the series' job comes and every one of its images was
-inferred ahead, the job takes those logits and goes straight to its result; otherwise it
-runs as if nothing had been done ahead.
+the runner would sit idle while the associations receive. Instead, on a node that both
+receives and infers, the C-STORE handler hands each instance it made durable to the
+runner (``arrivals``), and whenever the runner has no job it runs every series-level
+slice pipeline that takes the instance's series on it: decode, preprocess and model, as
+the job would. Each instance's logits wait here, with the time each stage took, keyed by
+the pipeline version, the model and the receipt (file and time received). When the
+series' job comes and every one of its images was inferred ahead, the job takes those
+logits and goes straight to its result; otherwise it runs as if nothing had been done
+ahead.
 
 Nothing here is durable or needed: a restart, a reloaded pipeline or model, or a job
 claimed by another node just finds no logits. Study-level pipelines are left to their
@@ -17,7 +18,7 @@ job, which chooses among the study's series only once it is complete.
 
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from pydicom import Dataset
 
-from plugin.journal import InstanceRecord, Journal
+from plugin.journal import InstanceRecord
 from plugin.loader import PixelDataError, Source, is_image, journaled_source
 from plugin.logs import identifying_values, redacting
 from plugin.metrics import Metrics
@@ -38,10 +39,6 @@ from plugin.router import Router, UnreadableFile, read_header
 
 log = logging.getLogger(__name__)
 
-# An instance stamped before another may reach the journal after it (two associations):
-# each look goes back this far, and skips what it has already considered.
-_LATE_SECONDS = 1.0
-_FETCH = 1024  # journal rows per look, at most
 _STEP = 64  # instances inferred per step, at most: a job that becomes due waits for no more
 _CAPACITY = 65536  # instances' logits kept; the oldest go first
 
@@ -58,15 +55,16 @@ class Inferred:
 
 
 class Ahead:
-    """The runner's work between jobs (:meth:`step`), and what a job takes of it (:meth:`take`).
-    Used from the runner's thread only."""
+    """The runner's work between jobs (:meth:`step`), and what a job takes of it (:meth:`take`),
+    in the runner's thread; the associations' threads fill ``arrivals`` (a deque's append
+    and popleft are atomic)."""
 
-    def __init__(self, journal: Journal, router: Router, pool: ModelPool, preparer: Preparer, metrics: Metrics) -> None:
-        self._journal, self._router, self._pool, self._preparer = journal, router, pool, preparer
+    def __init__(
+        self, arrivals: deque[InstanceRecord], router: Router, pool: ModelPool, preparer: Preparer, metrics: Metrics
+    ) -> None:
+        self._arrivals, self._router, self._pool, self._preparer = arrivals, router, pool, preparer
         self._metrics = metrics
         self._inferred: OrderedDict[Key, Inferred] = OrderedDict()
-        self._since = 0.0
-        self._considered: set[tuple[str, float]] = set()  # receipts looked at, within _LATE_SECONDS of _since
 
     @staticmethod
     def _key(pipeline: Pipeline, artifact: Artifact, source: Source) -> Key | None:
@@ -75,17 +73,10 @@ class Ahead:
         return (pipeline.sha256, artifact.sha256, source.path, source.received_at)
 
     def step(self) -> bool:
-        """Infer the next instances not yet in a batch; False if there were none."""
-        records = self._journal.pending_instances(self._since - _LATE_SECONDS, _FETCH)
-        fresh = [r for r in records if (r.path, r.received_at) not in self._considered][:_STEP]
+        """Infer the instances that arrived next; False if none did."""
+        fresh = [self._arrivals.popleft() for _ in range(min(_STEP, len(self._arrivals)))]
         if not fresh:
-            if len(records) == _FETCH:  # a second's worth and more, all considered: look past them
-                self._since = records[-1].received_at + _LATE_SECONDS
             return False
-        self._since = max(self._since, fresh[-1].received_at)
-        self._considered = {k for k in self._considered if k[1] >= self._since - _LATE_SECONDS}
-        self._considered.update((r.path, r.received_at) for r in fresh)
-
         by_series: dict[str, list[InstanceRecord]] = {}
         for record in fresh:
             by_series.setdefault(record.series_instance_uid, []).append(record)

@@ -546,16 +546,6 @@ class Journal:
         )
         return [InstanceRecord(*row) for row in rows]
 
-    def pending_instances(self, since: float, limit: int) -> list[InstanceRecord]:
-        """Up to ``limit`` instances not yet in any batch, received at or after ``since``
-        (epoch seconds), oldest first."""
-        rows = self._all(
-            "SELECT * FROM instances WHERE batch_id IS NULL AND received_at >= ?"
-            " ORDER BY received_at, sop_instance_uid LIMIT ?",
-            (since, limit),
-        )
-        return [InstanceRecord(*row) for row in rows]
-
     def create_batches(
         self, study_uid: str, series: Sequence[tuple[PendingSeries, Sequence[JobSpec]]], study_jobs: Sequence[JobSpec]
     ) -> list[Batch]:

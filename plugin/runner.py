@@ -8,9 +8,9 @@ Batches cross job boundaries: when a series' last batch is short, the next queue
 the same pipeline version (waiting up to ``model.batch_window_ms`` for one) fills it, so
 a stream of small series keeps the model at its batch size.
 
-With no job to run, the runner infers ahead (plugin/ahead.py): the instances of series
-still arriving go through decode, preprocess and model, and a job whose images all were
-goes straight to its result.
+With no job to run, the runner infers ahead (plugin/ahead.py): the instances this node
+received for series still arriving go through decode, preprocess and model, and a job
+whose images all were goes straight to its result.
 
 A volume pipeline (``input.kind: volume``) runs each series on its own: its slices are
 decoded into one volume, resampled and preprocessed (plugin/volume.py), and the model
@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Generator
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -163,7 +164,7 @@ class Runner(Worker):
         quarantine: Quarantine,
         metrics: Metrics,
         preparer: Preparer,
-        infer_ahead: bool = True,
+        arrivals: deque[InstanceRecord] | None = None,
     ) -> None:
         super().__init__("runner")
         self._preparer = preparer
@@ -176,7 +177,8 @@ class Runner(Worker):
         self._metrics = metrics
         self._claimed: list[int] = []  # this step's jobs: handed back at its end unless finished
         self._kill_after_claim = os.environ.get("RADPIPE_TEST_KILL_AFTER_CLAIM") == "1"  # test hook (module doc)
-        self._ahead = Ahead(journal, router, pool, preparer, metrics) if infer_ahead else None
+        # the receiving's durable instances, to infer ahead (plugin/ahead.py); None: none
+        self._ahead = Ahead(arrivals, router, pool, preparer, metrics) if arrivals is not None else None
         metrics.observe_baselines(lambda: [band for p in router.pipelines for band in p.bands()])
 
     def _claim(self, pipeline_sha256: str | None = None) -> JobRecord | None:
