@@ -40,7 +40,7 @@ from plugin.router import Router, UnreadableFile, read_header
 log = logging.getLogger(__name__)
 
 _STEP = 64  # instances inferred per step, at most: a job that becomes due waits for no more
-_CAPACITY = 65536  # instances' logits kept; the oldest go first
+_CAPACITY = 16384  # instances' logits kept (a few studies' worth); the oldest go first
 
 Key = tuple[str, str, str, float]  # pipeline version, model, file, time received
 Decoded = tuple[Source, torch.Tensor, float, float]  # an instance's images, its decode and preprocess seconds

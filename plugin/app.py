@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # Instances received and not yet taken to infer ahead, at most (the oldest are dropped:
 # their jobs infer them).
-ARRIVALS_KEPT = 65536
+ARRIVALS_KEPT = 16384
 
 
 class Heartbeat(Worker):
