@@ -15,7 +15,6 @@ A job claimed before its model is ready waits for it in ``ModelPool.get``."""
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
@@ -31,7 +30,7 @@ from plugin.config import ROLES, NodeConfig, Role
 from plugin.dicomweb import StowServer, start_stow_server
 from plugin.dispatch import Dispatcher
 from plugin.durability import GroupSync
-from plugin.journal import DELIVERIES_DUE, JOBS_QUEUED, InstanceRecord, Journal, JournalUnavailable
+from plugin.journal import DELIVERIES_DUE, JOBS_QUEUED, Journal, JournalUnavailable
 from plugin.metrics import Metrics, serve_metrics
 from plugin.node import Storage, StoreLimits, start_servers
 from plugin.quarantine import Quarantine
@@ -45,9 +44,6 @@ if TYPE_CHECKING:
     from plugin.router import Router
 
 log = logging.getLogger(__name__)
-# Instances received and not yet taken to infer ahead, at most (the oldest are dropped:
-# their jobs infer them).
-ARRIVALS_KEPT = 16384
 
 
 class Heartbeat(Worker):
@@ -117,10 +113,6 @@ class Node:
         self.spool = Spool(storage / "spool")
         self.quarantine = Quarantine(storage / "quarantine")
         self.group_sync = GroupSync(storage) if "receive" in self.roles else None
-        # What the receiving made durable, for the runner to infer ahead (plugin/ahead.py).
-        self.arrivals: deque[InstanceRecord] | None = None
-        if {"receive", "infer"} <= self.roles and config.runner.infer_ahead:
-            self.arrivals = deque(maxlen=ARRIVALS_KEPT)
         self.metrics.observe_state(self.journal.queue_depths, self.spool.free_bytes)
         # Made by the loading (start): the stages that read pipelines import torch.
         self.router: Router | None = None
@@ -178,7 +170,6 @@ class Node:
                 self.quarantine,
                 self.metrics,
                 Preparer(config.runner.workers),
-                self.arrivals,
             )
         destinations = set(config.destinations)
         return stages, [PipelineReloader(config.pipelines.dir, router, destinations, self.pool, self.metrics)]
@@ -221,10 +212,7 @@ class Node:
                 max_instance_bytes=self.config.storage.max_instance_mb * 2**20,
                 max_queued_jobs=self.config.node.max_queued_jobs,
             )
-            arrived = self.arrivals.append if self.arrivals is not None else None
-            storage = Storage(
-                self.spool, self.journal, self.group_sync, self.quarantine, self.metrics, limits, arrived=arrived
-            )
+            storage = Storage(self.spool, self.journal, self.group_sync, self.quarantine, self.metrics, limits)
             self.servers = start_servers(self.config.node, storage)
             self.stow_server = start_stow_server(self.config.node, storage, self.config.storage.dir)
         if self.loading is None:

@@ -189,14 +189,9 @@ class PipelinesSection(_Section):
 class RunnerSection(_Section):
     """decode_workers: processes that decode and preprocess images while the model runs;
     ``auto`` (default) is one per CPU core beyond two, so none on a 2-core machine, where
-    the model's threads already use both cores. 0 decodes in the runner's own thread.
-
-    infer_ahead: on a node that receives and infers, the runner infers the instances it
-    received of series still arriving whenever it has no job (plugin/ahead.py), so that a
-    series' job finds its images inferred."""
+    the model's threads already use both cores. 0 decodes in the runner's own thread."""
 
     decode_workers: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = "auto"
-    infer_ahead: bool = True
 
     @property
     def workers(self) -> int:

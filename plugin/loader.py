@@ -37,7 +37,6 @@ class Source:
     header: Dataset
     path: str
     pixel_data: PixelData | None = None
-    received_at: float | None = None  # from the journal's row: with ``path``, which receipt this is
 
 
 def file_source(path: str) -> Source:
@@ -45,13 +44,13 @@ def file_source(path: str) -> Source:
     return Source(pydicom.dcmread(path, stop_before_pixels=True), path)
 
 
-def journaled_source(record: InstanceRecord) -> Source:
+def _journaled_source(record: InstanceRecord) -> Source:
     """An instance as the receipt journaled it (:mod:`plugin.attributes`); from its file
     when nothing was journaled (an earlier radpipe's row, lookup tables)."""
     if record.attributes is None:
-        return dataclasses.replace(file_source(record.path), received_at=record.received_at)
+        return file_source(record.path)
     journaled = read_journal_entry(record.attributes)
-    return Source(journaled.header, record.path, journaled.pixel_data, record.received_at)
+    return Source(journaled.header, record.path, journaled.pixel_data)
 
 
 def _position_along_normal(header: Dataset) -> float | None:
@@ -71,7 +70,7 @@ def read_images(records: Sequence[InstanceRecord], sort: str = "position") -> li
     sorts by InstanceNumber. Ties go by SOP Instance UID. Headers come from the journal;
     the first image's whole header from its file, as the results copy the patient and
     the study from it."""
-    sources = [s for s in map(journaled_source, records) if is_image(s)]
+    sources = [s for s in map(_journaled_source, records) if is_image(s)]
 
     def order(source: Source) -> tuple[float, float, str]:
         h = source.header

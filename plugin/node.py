@@ -16,7 +16,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -118,7 +118,6 @@ class Storage:
     metrics: Metrics
     limits: StoreLimits
     receiving: InstanceLocks = field(default_factory=InstanceLocks)
-    arrived: Callable[[InstanceRecord], None] | None = None  # told of each instance made durable
 
 
 class Refusal(Exception):
@@ -282,8 +281,6 @@ def _store(request: StoreRequest, storage: Storage) -> None:
             )
             journal.record_instance(record, replace=lost)
             storage.group_sync.sync()  # file, directory entry and journal row: on disk before success
-            if storage.arrived is not None:
-                storage.arrived(record)
             log.debug("C-STORE from %s: instance stored (%d bytes)", request.calling_ae, len(data))
         except OSError as e:
             raise Refusal(StoreStatus.OUT_OF_RESOURCES, "storage_error", f"cannot store: {e}") from e

@@ -8,10 +8,6 @@ Batches cross job boundaries: when a series' last batch is short, the next queue
 the same pipeline version (waiting up to ``model.batch_window_ms`` for one) fills it, so
 a stream of small series keeps the model at its batch size.
 
-With no job to run, the runner infers ahead (plugin/ahead.py): the instances this node
-received for series still arriving go through decode, preprocess and model, and a job
-whose images all were goes straight to its result.
-
 A volume pipeline (``input.kind: volume``) runs each series on its own: its slices are
 decoded into one volume, resampled and preprocessed (plugin/volume.py), and the model
 gets the volume whole or window by window.
@@ -33,7 +29,6 @@ import logging
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Generator
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -46,7 +41,6 @@ from pydicom import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID
 
-from plugin.ahead import Ahead
 from plugin.journal import InstanceRecord, JobRecord, Journal, JournalUnavailable
 from plugin.loader import PixelDataError, Source, file_source, read_images
 from plugin.logs import identifying_values, log_context, redacting, scrub
@@ -164,7 +158,6 @@ class Runner(Worker):
         quarantine: Quarantine,
         metrics: Metrics,
         preparer: Preparer,
-        arrivals: deque[InstanceRecord] | None = None,
     ) -> None:
         super().__init__("runner")
         self._preparer = preparer
@@ -177,8 +170,6 @@ class Runner(Worker):
         self._metrics = metrics
         self._claimed: list[int] = []  # this step's jobs: handed back at its end unless finished
         self._kill_after_claim = os.environ.get("RADPIPE_TEST_KILL_AFTER_CLAIM") == "1"  # test hook (module doc)
-        # the receiving's durable instances, to infer ahead (plugin/ahead.py); None: none
-        self._ahead = Ahead(arrivals, router, pool, preparer, metrics) if arrivals is not None else None
         metrics.observe_baselines(lambda: [band for p in router.pipelines for band in p.bands()])
 
     def _claim(self, pipeline_sha256: str | None = None) -> JobRecord | None:
@@ -199,7 +190,7 @@ class Runner(Worker):
     def _step(self) -> bool:
         job = self._claim()
         if job is None:
-            return self._ahead is not None and self._ahead.step()
+            return False
         work = self._start(job)
         batcher: Batcher | None = None
         fed: list[Work] = []  # every image handed to the batcher; waiting for the last logits
@@ -346,14 +337,7 @@ class Runner(Worker):
 
     def _feed(self, work: Work, batcher: Batcher) -> bool:
         """Decode and preprocess the job's images into the batcher; False (job failed, its
-        images dropped) on a decode error. Images all inferred ahead skip both."""
-        inferred = self._ahead.take(work.pipeline, work.artifact, work.sources) if self._ahead else None
-        if inferred is not None:
-            for instance in inferred:
-                for stage, seconds in instance.seconds.items():
-                    work.timer.add(stage, seconds)
-            work.logits = [instance.logits for instance in inferred]
-            return True
+        images dropped) on a decode error."""
         with (
             log_context(f"job-{work.job.id}", work.study_uid),
             redacting(work.identity),
