@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import ENV, ct_series, free_port, scratch, storescu, wait_for_echo, wait_for_log
+from benchmarks.common import ENV, ct_series, free_port, node_config, scratch, storescu, wait_for_echo, wait_for_log
 from plugin.durability import GroupSync
 from plugin.spool import write_atomically
 
@@ -60,20 +60,16 @@ ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE,
 """
 
 
+def storescp(received: Path, port: int | str) -> list[str]:
+    """dcmtk storescp on ``port``, writing what it receives into ``received`` (bit-preserving,
+    128 kB PDUs): the receiver radpipe is measured against."""
+    return ["storescp", "-aet", "RADPIPE", "-pdu", "131072", "+B", "-od", str(received), str(port)]
+
+
 def receivers(work: Path) -> dict[str, list[str]]:
     config = work / "radpipe.yaml"
     return {
-        "dcmtk storescp": [
-            "storescp",
-            "-aet",
-            "RADPIPE",
-            "-pdu",
-            "131072",
-            "+B",
-            "-od",
-            str(work / "storescp"),
-            "{port}",
-        ],
+        "dcmtk storescp": storescp(work / "storescp", "{port}"),
         "pynetdicom minimal SCP": [sys.executable, "-c", MINIMAL_SCP, "{port}", str(work / "pynetdicom")],
         "radpipe": [sys.executable, "-m", "plugin", "serve", "--config", str(config)],
         "radpipe, flush skipped": [sys.executable, "-c", NO_FLUSH, "serve", "--config", str(config)],
@@ -146,16 +142,8 @@ def main() -> int:
                 for folder in ("storescp", "pynetdicom"):
                     (work / folder).mkdir(exist_ok=True)
                 # radpipe with no pipelines: this measures receiving only.
-                (work / "radpipe.yaml").write_text(
-                    yaml.safe_dump(
-                        {
-                            "node": {"port": port},
-                            "metrics": {"port": 0},
-                            "storage": {"dir": str(work / f"radpipe-{port}")},
-                            "pipelines": {"dir": str(work / "no-pipelines")},
-                        }
-                    )
-                )
+                config = node_config(work / f"radpipe-{port}", port, work / "no-pipelines")
+                (work / "radpipe.yaml").write_text(yaml.safe_dump(config))
                 ready = " ready: " if name.startswith("radpipe") else None
                 seconds, _ = measure(command, port, shares, work / f"{name}.log", ready)
                 timings.setdefault((mode, name), []).append(seconds)

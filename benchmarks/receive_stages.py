@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import ct_series, free_port, node_config, scratch
-from benchmarks.ingest import measure
+from benchmarks.ingest import measure, storescp
 
 # (module, object or "", function, stage): the association thread's calls, outermost first.
 TIMED = [
@@ -94,8 +94,7 @@ def main() -> int:
     for round_number in range(args.rounds):
         port, received = free_port(), work / f"storescp-{round_number}"
         received.mkdir()
-        storescp = ["storescp", "-aet", "RADPIPE", "-pdu", "131072", "+B", "-od", str(received)]
-        wall, sender = measure([*storescp, str(port)], port, [files], work / "storescp.log", None)
+        wall, sender = measure(storescp(received, port), port, [files], work / "storescp.log", None)
         add("dcmtk storescp: wall", wall / n * 1000)
         add("  storescu's CPU time, sending to storescp", sender / n * 1000)
 
