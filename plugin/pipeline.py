@@ -168,6 +168,23 @@ class FindingSpec(_Strict):
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
+class Outline(_Strict):
+    """Where a segment's lesions are outlined by the image's own values rather than by the
+    model's probabilities: each lesion that passed the filters (and grew, if it does) is
+    redrawn as the voxels connected to it whose value, in modality units (HU for CT), is at
+    least ``min_value``, that lie within ``reach_mm`` of its outline as the model drew it,
+    and where the model gave the segment at least ``min_probability``. The model says where
+    a lesion is; the image says where its edge is: a lesion's edge is where its density
+    falls halfway to its surroundings', which the model places only roughly for faint or
+    small lesions. A lesion with no such voxel keeps the model's outline; the voxels next to
+    another lesion are left out, so that lesions do not merge. Which lesions are found, and
+    their scores, do not change."""
+
+    min_value: float
+    reach_mm: float = Field(default=3.0, gt=0.0)
+    min_probability: float = Field(default=0.01, ge=0.0, le=1.0)
+
+
 class SegmentSpec(_Strict):
     """A segment outlined by a segmentation model: ``label`` names one of the model's
     classes (an output channel); ``code`` is the segmented property type and ``category``
@@ -184,7 +201,8 @@ class SegmentSpec(_Strict):
     grows into the voxels connected to it whose probability is at least ``grow_threshold``,
     and its outline and measurements are those of the grown lesion; the filters judge it as
     detected, on its voxels at or above ``threshold``: growing changes outlines and
-    measurements, not which lesions are found. E.g. ``{threshold: 0.5, grow_threshold: 0.3}``."""
+    measurements, not which lesions are found. E.g. ``{threshold: 0.5, grow_threshold: 0.3}``.
+    ``outline`` (optional, see :class:`Outline`) then redraws each lesion by the image's values."""
 
     label: str = Field(min_length=1)
     code: _Code
@@ -194,6 +212,7 @@ class SegmentSpec(_Strict):
     min_mean_probability: float = Field(default=0.0, ge=0.0, le=1.0)
     min_compactness: float = Field(default=0.0, ge=0.0)
     grow_threshold: float | None = Field(default=None, gt=0.0, le=1.0)
+    outline: Outline | None = None
 
     @field_validator("grow_threshold")
     @classmethod

@@ -58,7 +58,7 @@ from plugin.prepare import Prepared, Preparer, WorkerDied
 from plugin.preprocess import PreprocessStep, preprocess_volume
 from plugin.quarantine import Quarantine
 from plugin.router import Router
-from plugin.segment import Segmentation, segment
+from plugin.segment import Pixels, Segmentation, segment
 from plugin.spool import write_durably
 from plugin.volume import Placement, Resampling, VolumeError, infer_volume, segment_volume, series_grid
 from plugin.worker import Worker
@@ -422,6 +422,16 @@ class Runner(Worker):
         work.timer.add("preprocess", seconds)
         return stack
 
+    def _pixels(self, work: Work) -> Pixels:
+        """The job's slices read again in modality units, a run of them at a time: an outline
+        (plugin/segment.py) reads only its lesions' slices, and the stack is gone by then."""
+
+        def read(slices: slice) -> np.ndarray:
+            with closing(self._preparer.images(work.sources[slices], [])) as images:
+                return np.stack([prepared.images[0, 0] for _, prepared in images if prepared.images is not None])
+
+        return read
+
     def _finish_inferred(self, fed: list[Work]) -> list[Work]:
         """Write the results of every job whose images are all inferred; return the rest."""
         for work in [w for w in fed if not w.waiting]:
@@ -454,7 +464,7 @@ class Runner(Worker):
         )
         with timer.stage("write"):
             if pipeline.task == "segmentation":
-                segmentation = segment(pipeline.postprocess, artifact.classes, model_output)
+                segmentation = segment(pipeline.postprocess, artifact.classes, model_output, self._pixels(work))
                 written, summary = self._write_segmentation(work, segmentation, algorithm)
             else:
                 result = findings(pipeline.postprocess, artifact.classes, model_output)

@@ -35,6 +35,7 @@ a reader checks a volume or a diameter on them, not on the grid the model happen
 """
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,13 +43,16 @@ import torch
 from scipy import ndimage
 from scipy.spatial.distance import pdist
 
-from plugin.pipeline import Postprocess, SegmentSpec
+from plugin.pipeline import Outline, Postprocess, SegmentSpec
 from plugin.postprocess import ModelOutput
 from plugin.volume import Grid
 
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # voxels that share a face, edge or corner are one lesion
 _CHUNK_VOXELS = 1 << 22  # source voxels x channels interpolated at once (16 MiB as float32)
 _SNAP = 1e-6  # a grid index this close to a voxel centre is that centre: a shared grid gives its values back exactly
+
+Pixels = Callable[[slice], np.ndarray]
+"""The source series' values in modality units on a run of its slices, ``[n, H, W]``."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,62 @@ def _grown(mask: np.ndarray, grown: np.ndarray, values: np.ndarray, positions: l
     return parts
 
 
+def _ball(spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
+    """The voxels within ``radius_mm`` of the middle one on a grid of ``spacing``: a
+    structuring element (on each axis at least the middle voxel)."""
+    steps = [int(radius_mm // step) for step in spacing]
+    offsets = np.indices([2 * n + 1 for n in steps]) - np.reshape(steps, (3, 1, 1, 1))
+    return ((offsets * np.reshape(spacing, (3, 1, 1, 1))) ** 2).sum(axis=0) <= radius_mm**2
+
+
+def _outlined(
+    mask: np.ndarray,
+    elsewhere: Callable[[tuple[slice, ...]], np.ndarray],
+    parts: list[_Part],
+    outline: Outline,
+    pixels: Pixels,
+    values: np.ndarray,
+    positions: list[np.ndarray],
+    source: Grid,
+) -> list[_Part]:
+    """Each part of ``mask`` redrawn by the series' values (plugin/pipeline.py, Outline),
+    one after the other; ``mask`` becomes the redrawn parts. ``elsewhere(box)``: the other
+    segments' voxels in ``box``, which a redrawn part keeps a voxel away from, as from the
+    other parts. ``values`` ``[1, ...]``: the segment's probabilities on the model's grid."""
+    ball = _ball(source.spacing, outline.reach_mm)
+    margins = [n // 2 for n in ball.shape]
+    redrawn: list[_Part] = []
+    for box, inside, probability in parts:
+        wide = tuple(
+            slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(box, margins, source.shape, strict=True)
+        )
+        lesion = np.zeros([w.stop - w.start for w in wide], dtype=bool)
+        lesion[tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, wide, strict=True))] = inside
+        apart = ndimage.binary_dilation((mask[wide] & ~lesion) | elsewhere(wide), _CONNECTIVITY)
+        candidate = (
+            ndimage.binary_dilation(lesion, ball)
+            & (pixels(wide[0])[:, wide[1], wide[2]] >= outline.min_value)
+            & (_on_source(values, positions, wide)[0] >= outline.min_probability)
+            & ~apart
+        )
+        pieces = ndimage.label(candidate, _CONNECTIVITY)[0]
+        kept = np.isin(pieces, pieces[lesion & candidate]) & (pieces > 0)
+        if not kept.any():  # nothing of it at min_value: the model's outline stays
+            redrawn.append((box, inside, probability))
+            continue
+        mask[wide] &= ~lesion
+        mask[wide] |= kept
+        [where] = ndimage.find_objects(kept.astype(np.uint8))
+        redrawn.append(
+            (
+                tuple(slice(w.start + k.start, w.start + k.stop) for w, k in zip(wide, where, strict=True)),
+                kept[where],
+                probability,
+            )
+        )
+    return redrawn
+
+
 def _lesions(
     mask: np.ndarray,
     grown: np.ndarray | None,
@@ -234,15 +294,20 @@ def _lesions(
     values: np.ndarray,
     positions: list[np.ndarray],
     source: Grid,
+    elsewhere: Callable[[tuple[slice, ...]], np.ndarray],
+    pixels: Pixels | None,
 ) -> list[Lesion]:
     """The lesions of segment ``number``, measured: the connected parts of its ``mask``
     (voxels at or above its threshold) that pass its lesion filters, grown into ``grown``
     (those at or above its ``grow_threshold``; None: not grown; the parts that fail the
-    filters are cleared from it). ``mask`` becomes the lesions' voxels. ``values``
-    ``[1, ...]``: the segment's probabilities on the model's grid."""
+    filters are cleared from it), then redrawn by the series' values where the segment has
+    an ``outline`` (:func:`_outlined`, with ``elsewhere`` and ``pixels``). ``mask`` becomes
+    the lesions' voxels. ``values`` ``[1, ...]``: the segment's probabilities on the model's grid."""
     parts = _detected(mask, grown, spec, values, positions, source)
     if grown is not None:
         parts = _grown(mask, grown, values, positions)
+    if spec.outline is not None and pixels is not None:  # segment() checks that an outline has pixels
+        parts = _outlined(mask, elsewhere, parts, spec.outline, pixels, values, positions, source)
     voxel_mm3 = abs(float(np.linalg.det(source.affine[:3, :3])))
     found = []
     for box, inside, probability in parts:
@@ -264,10 +329,13 @@ def _lesions(
     return found
 
 
-def segment(postprocess: Postprocess, classes: list[str], output: ModelOutput) -> Segmentation:
+def segment(
+    postprocess: Postprocess, classes: list[str], output: ModelOutput, pixels: Pixels | None = None
+) -> Segmentation:
     """The pipeline's segments and their lesions on the job's series (see the module's
     docstring). Takes the logits out of ``output`` (:meth:`ModelOutput.take_logits`): they
-    are freed once their probabilities are made, before the lesions are searched."""
+    are freed once their probabilities are made, before the lesions are searched.
+    ``pixels`` reads the series' values, for the segments that have an ``outline``."""
     logits, placement = output.logits, output.volume
     if logits.ndim != 5 or logits.shape[0] != 1 or placement is None:
         raise ValueError(
@@ -285,6 +353,8 @@ def segment(postprocess: Postprocess, classes: list[str], output: ModelOutput) -
             raise ValueError(f"segment {spec.label!r} is not a class of the model {classes}")
         if softmax and spec.label == classes[0]:
             raise ValueError(f"segment {spec.label!r} is the background (the first class) of a softmax model")
+        if spec.outline is not None and pixels is None:
+            raise ValueError(f"segment {spec.label!r} is outlined by the series' values, and none were given")
     source = placement.source
     axes, positions = _source_axes(source, placement.grid)
     with torch.no_grad():
@@ -332,7 +402,13 @@ def segment(postprocess: Postprocess, classes: list[str], output: ModelOutput) -
     lesions: list[Lesion] = []
     for number, (spec, channel) in enumerate(zip(postprocess.segments, channels, strict=True), start=1):
         rim = grown[number - 1] if growing[number - 1] else None
-        found = _lesions(masks[number - 1], rim, spec, number, values[channel : channel + 1], positions, source)
+
+        def elsewhere(box: tuple[slice, ...], number: int = number) -> np.ndarray:
+            return np.asarray(np.delete(masks[(slice(None), *box)], number - 1, axis=0).any(axis=0))
+
+        found = _lesions(
+            masks[number - 1], rim, spec, number, values[channel : channel + 1], positions, source, elsewhere, pixels
+        )
         lesions += sorted(found, key=lambda lesion: -lesion.volume_mm3)
     lesions = [dataclasses.replace(lesion, number=i) for i, lesion in enumerate(lesions, start=1)]
     return Segmentation(list(postprocess.segments), masks, probabilities, lesions)

@@ -40,9 +40,9 @@ def _positions(grid: Grid) -> np.ndarray:
     return grid.to_patient(indices.astype(float)).reshape(*grid.shape, 3)
 
 
-def _run(logits: np.ndarray, grid: Grid, postprocess: dict, classes=CLASSES, source: Grid = SOURCE):
+def _run(logits: np.ndarray, grid: Grid, postprocess: dict, classes=CLASSES, source: Grid = SOURCE, pixels=None):
     output = ModelOutput(torch.from_numpy(logits[None]).float(), Placement(source, grid, np.zeros((1, 3))))
-    return segment(Postprocess.model_validate(postprocess), classes, output)
+    return segment(Postprocess.model_validate(postprocess), classes, output, pixels)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -232,6 +232,46 @@ def test_grow_threshold_grows_detected_lesions_to_their_soft_edge():
     assert grown.masks.sum() * 0.49 == pytest.approx(lesion.volume_mm3)  # the SEG's mask is what the SR measures
     assert (grown.masks >= same.masks).all()
     np.testing.assert_array_equal(grown.probabilities, same.probabilities)
+
+
+def test_an_outline_redraws_lesions_by_the_series_values():
+    """A series of balls of 5 mm radius in lung (-850 HU): three solid (0 HU), two of them
+    0.2 mm apart, and a faint one (-700 HU). The model finds all four but draws each of 4
+    mm radius (probability 0.5 at 4 mm from the centre, 0.18 at 5 mm). Outlined by the
+    series' values at -450 HU, the lone solid ball's mask is its voxels exactly; the two
+    close ones grow as much, a voxel apart, and stay two lesions in the mask too; the faint
+    one has no voxel at -450 HU and keeps the model's outline. Which lesions are found, and
+    their scores, do not change."""
+    positions = _positions(SOURCE)
+    lone, near, faint = np.array([10.3, -12.55, 5.0]), np.array([-15.2, 8.05, -10.0]), np.array([14.1, 17.3, -12.0])
+    balls = [lone, near, near + np.array([10.2, 0, 0]), faint]
+    distance = np.min([np.linalg.norm(positions - centre, axis=-1) for centre in balls], axis=0)
+    logits = np.stack([np.zeros(SOURCE.shape), 1.5 * (4.0 - distance)]).astype(np.float32)
+    series = np.full(SOURCE.shape, -850.0, dtype=np.float32)
+    for centre in balls:
+        series[np.linalg.norm(positions - centre, axis=-1) <= 5.0] = -700.0 if centre is faint else 0.0
+    outlined = {"segments": [{**NODULE, "outline": {"min_value": -450}}]}
+
+    drawn = _run(logits, SOURCE, {"segments": [NODULE]})
+    result = _run(logits, SOURCE, outlined, pixels=lambda slices: series[slices])
+    assert len(result.lesions) == len(drawn.lesions) == 4
+    for before, after in zip(
+        _nearest(drawn.lesions, [(c,) for c in balls]), _nearest(result.lesions, [(c,) for c in balls]), strict=True
+    ):
+        assert (after.mean_probability, after.max_probability) == (before.mean_probability, before.max_probability)
+        assert before.volume_mm3 == pytest.approx(4 / 3 * np.pi * 4.0**3, rel=0.05)
+    lone_lesion, first, second, faint_lesion = _nearest(result.lesions, [(c,) for c in balls])
+    ball = np.linalg.norm(positions - lone, axis=-1) <= 5.0
+    around = np.linalg.norm(positions - lone, axis=-1) <= 9.0
+    np.testing.assert_array_equal(result.masks[0] & around, ball)
+    assert lone_lesion.volume_mm3 == pytest.approx(ball.sum() * 0.49)
+    assert min(first.volume_mm3, second.volume_mm3) > 0.85 * lone_lesion.volume_mm3
+    assert _parts(result.masks[0])[0].max() == 4  # the close ones did not merge
+    assert faint_lesion.volume_mm3 == _nearest(drawn.lesions, [(faint,)])[0].volume_mm3
+    assert result.masks.sum() * 0.49 == pytest.approx(sum(lesion.volume_mm3 for lesion in result.lesions))
+
+    with pytest.raises(ValueError, match="outlined by the series' values, and none were given"):
+        _run(logits, SOURCE, outlined)
 
 
 def test_more_parts_than_uint16_counts_are_labelled_all_the_same():

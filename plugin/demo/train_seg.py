@@ -210,7 +210,7 @@ def lesions(model: torch.nn.Module, pipeline: Pipeline, volume: PhantomVolume) -
     logits = segment_volume(model, image, *windows)
     centre = np.array([[(n - 1) / 2 for n in image.shape[2:]]])
     placement = Placement(series_geometry(*volume.hu.shape), grid, centre)
-    found = segment(pipeline.postprocess, CLASSES, ModelOutput(logits, placement))
+    found = segment(pipeline.postprocess, CLASSES, ModelOutput(logits, placement), lambda slices: volume.hu[slices])
     return ndimage.label(found.masks[0], structure=np.ones((3, 3, 3)))[0], found.probabilities[0]
 
 
