@@ -174,11 +174,12 @@ class Outline(_Strict):
     redrawn as the voxels connected to it whose value, in modality units (HU for CT), is at
     least ``min_value``, that lie within ``reach_mm`` of its outline as the model drew it,
     and where the model gave the segment at least ``min_probability``. The model says where
-    a lesion is; the image says where its edge is: a lesion's edge is where its density
-    falls halfway to its surroundings', which the model places only roughly for faint or
-    small lesions. A lesion with no such voxel keeps the model's outline; the voxels next to
-    another lesion are left out, so that lesions do not merge. Which lesions are found, and
-    their scores, do not change."""
+    a lesion is, the image where its edge is: about halfway between the lesion's value and
+    its surroundings' (-450 HU between solid nodules and lung), which a model places only
+    roughly for faint or small lesions. A lesion with no such voxel keeps the model's
+    outline. A voxel goes to the lesion whose outline as the model drew it is nearer, and
+    lesions stay a voxel apart: they do not merge. Which lesions are found, and their
+    scores, do not change."""
 
     min_value: float
     reach_mm: float = Field(default=3.0, gt=0.0)

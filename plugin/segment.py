@@ -32,6 +32,11 @@ a reader checks a volume or a diameter on them, not on the grid the model happen
   and push it under ``min_mean_probability``, and grow specks past ``min_volume_mm3``).
   The mask, and so the SEG, is the grown lesions, and their volume, diameter and centroid
   are measured on it: the SR measures what the SEG outlines.
+- With an ``outline`` (SegmentSpec), each lesion is then redrawn by the series' own values
+  (plugin/pipeline.py, Outline), read through the caller's :data:`Pixels` for the lesion's
+  slices only, and measured as redrawn. Lesions are redrawn one after the other; a voxel
+  goes to the lesion whose outline (as the model drew it, or as redrawn) is nearer, and
+  each stays a voxel apart from the others and from other segments: outlines never merge.
 """
 
 import dataclasses
@@ -249,11 +254,12 @@ def _outlined(
     source: Grid,
 ) -> list[_Part]:
     """Each part of ``mask`` redrawn by the series' values (plugin/pipeline.py, Outline),
-    one after the other; ``mask`` becomes the redrawn parts. ``elsewhere(box)``: the other
-    segments' voxels in ``box``, which a redrawn part keeps a voxel away from, as from the
-    other parts. ``values`` ``[1, ...]``: the segment's probabilities on the model's grid."""
+    one after the other; ``mask`` becomes the redrawn parts. A part takes only voxels nearer
+    to it than to the other parts and to ``elsewhere(box)`` (the other segments' voxels in
+    ``box``), and none next to them. ``values`` ``[1, ...]``: the segment's probabilities
+    on the model's grid."""
     ball = _ball(source.spacing, outline.reach_mm)
-    margins = [n // 2 for n in ball.shape]
+    margins = [n - 1 for n in ball.shape]  # twice the reach: the other outlines that can claim a voxel in reach
     redrawn: list[_Part] = []
     for box, inside, probability in parts:
         wide = tuple(
@@ -261,13 +267,17 @@ def _outlined(
         )
         lesion = np.zeros([w.stop - w.start for w in wide], dtype=bool)
         lesion[tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, wide, strict=True))] = inside
-        apart = ndimage.binary_dilation((mask[wide] & ~lesion) | elsewhere(wide), _CONNECTIVITY)
+        others = (mask[wide] & ~lesion) | elsewhere(wide)
         candidate = (
             ndimage.binary_dilation(lesion, ball)
             & (pixels(wide[0])[:, wide[1], wide[2]] >= outline.min_value)
             & (_on_source(values, positions, wide)[0] >= outline.min_probability)
-            & ~apart
         )
+        if others.any():
+            to_lesion, to_others = (
+                ndimage.distance_transform_edt(~m, sampling=source.spacing) for m in (lesion, others)
+            )
+            candidate &= (to_lesion < to_others) & ~ndimage.binary_dilation(others, _CONNECTIVITY)
         pieces = ndimage.label(candidate, _CONNECTIVITY)[0]
         kept = np.isin(pieces, pieces[lesion & candidate]) & (pieces > 0)
         if not kept.any():  # nothing of it at min_value: the model's outline stays
