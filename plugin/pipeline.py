@@ -178,8 +178,9 @@ class Outline(_Strict):
     its surroundings' (-450 HU between solid nodules and lung), which a model places only
     roughly for faint or small lesions. A lesion with no such voxel keeps the model's
     outline. A voxel goes to the lesion whose outline as the model drew it is nearer, and
-    lesions stay a voxel apart: they do not merge. Which lesions are found, and their
-    scores, do not change."""
+    lesions stay a voxel apart: they do not merge. A lesion that comes apart (its pieces
+    parted by values under ``min_value``) stays one lesion. Which lesions are found, and
+    their scores, do not change."""
 
     min_value: float
     reach_mm: float = Field(default=3.0, gt=0.0)

@@ -37,6 +37,8 @@ a reader checks a volume or a diameter on them, not on the grid the model happen
   slices only, and measured as redrawn. Lesions are redrawn one after the other; a voxel
   goes to the lesion whose outline (as the model drew it, or as redrawn) is nearer, and
   each stays a voxel apart from the others and from other segments: outlines never merge.
+  A lesion whose pieces the values part (lower between them than ``min_value``) stays one
+  lesion, measured over its pieces.
 """
 
 import dataclasses
@@ -139,7 +141,9 @@ def _longest_diameter(inside: np.ndarray, in_plane: np.ndarray) -> float:
     farthest points, so only their edges are compared. ``inside`` ``[D, H, W]``: the lesion
     in its bounding box; ``in_plane``: the patient step (mm) of a row and of a column."""
     longest = 0.0
-    for plane in inside:  # a connected lesion has pixels in every slice of its box
+    for plane in inside:
+        if not plane.any():  # a lesion redrawn by an outline may have come apart across a slice
+            continue
         rows, columns = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
         left = plane[rows].argmax(axis=1) - 0.5
         right = plane.shape[1] - plane[rows, ::-1].argmax(axis=1) - 0.5
@@ -259,7 +263,9 @@ def _outlined(
     ``box``), and none next to them. ``values`` ``[1, ...]``: the segment's probabilities
     on the model's grid."""
     ball = _ball(source.spacing, outline.reach_mm)
-    margins = [n - 1 for n in ball.shape]  # twice the reach: the other outlines that can claim a voxel in reach
+    # twice the reach and a voxel: the other outlines that can claim a voxel in reach, and the
+    # voxels next to one
+    margins = list(ball.shape)
     redrawn: list[_Part] = []
     for box, inside, probability in parts:
         wide = tuple(
@@ -279,6 +285,8 @@ def _outlined(
             )
             candidate &= (to_lesion < to_others) & ~ndimage.binary_dilation(others, _CONNECTIVITY)
         pieces = ndimage.label(candidate, _CONNECTIVITY)[0]
+        # every piece that holds some of it: one lesion the model drew stays one (it may
+        # come apart where the values between its pieces fall under min_value)
         kept = np.isin(pieces, pieces[lesion & candidate]) & (pieces > 0)
         if not kept.any():  # nothing of it at min_value: the model's outline stays
             redrawn.append((box, inside, probability))

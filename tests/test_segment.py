@@ -278,6 +278,25 @@ def test_an_outline_redraws_lesions_by_the_series_values():
         _run(logits, SOURCE, outlined)
 
 
+def test_a_lesion_whose_outline_comes_apart_stays_one_lesion():
+    """The model draws one lesion over two balls of 5 mm radius stacked 0.2 mm apart
+    (probability 0.5 up to 5.2 mm from either centre). Outlined by the series' values, the
+    slice between the balls falls away: the lesion is both balls' voxels, in two pieces,
+    still one lesion, measured across them."""
+    positions = _positions(SOURCE)
+    distances = [np.linalg.norm(positions - centre, axis=-1) for centre in ([-15.2, 8.05, -10.0], [-15.2, 8.05, 0.2])]
+    logits = np.stack([np.zeros(SOURCE.shape), np.max([1.5 * (5.2 - d) for d in distances], axis=0)])
+    balls = (distances[0] <= 5.0) | (distances[1] <= 5.0)
+    series = np.where(balls, 0.0, -850.0)
+    result = _run(logits.astype(np.float32), SOURCE, {"segments": [{**NODULE, "outline": {"min_value": -450}}]},
+                  pixels=lambda slices: series[slices])  # fmt: skip
+    [lesion] = result.lesions
+    np.testing.assert_array_equal(result.masks[0], balls)
+    assert ndimage.label(balls, np.ones((3, 3, 3)))[1] == 2
+    assert lesion.volume_mm3 == pytest.approx(balls.sum() * 0.49)
+    assert lesion.diameter_mm == pytest.approx(10.0, abs=0.7)
+
+
 def test_more_parts_than_uint16_counts_are_labelled_all_the_same():
     """Lesions are labelled in uint16 to halve the label volume; past 65535 parts, in int32."""
     mask = np.zeros((5, 520, 520), dtype=bool)
