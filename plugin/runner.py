@@ -427,8 +427,12 @@ class Runner(Worker):
         (plugin/segment.py) reads only its lesions' slices, and the stack is gone by then."""
 
         def read(slices: slice) -> np.ndarray:
+            planes = []
             with closing(self._preparer.images(work.sources[slices], [])) as images:
-                return np.stack([prepared.images[0, 0] for _, prepared in images if prepared.images is not None])
+                for _, prepared in images:
+                    assert prepared.images is not None  # Preparer.images raises for one it cannot decode
+                    planes.append(prepared.images[0, 0])
+            return np.stack(planes)
 
         return read
 

@@ -287,7 +287,7 @@ def _outlined(
         pieces = ndimage.label(candidate, _CONNECTIVITY)[0]
         # every piece that holds some of it: one lesion the model drew stays one (it may
         # come apart where the values between its pieces fall under min_value)
-        kept = np.isin(pieces, pieces[lesion & candidate]) & (pieces > 0)
+        kept = np.isin(pieces, pieces[lesion & candidate])
         if not kept.any():  # nothing of it at min_value: the model's outline stays
             redrawn.append((box, inside, probability))
             continue
