@@ -168,6 +168,20 @@ class FindingSpec(_Strict):
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
+class Alone(_Strict):
+    """A second, lower score for lesions that stand alone in the image (see :class:`Outline`):
+    a lesion whose mean probability is under its segment's ``min_mean_probability`` but at
+    least this ``min_mean_probability`` is reported when, once redrawn, the voxels at the
+    outline's ``min_value`` or more connected to it within ``reach_mm`` of it add at most
+    ``max_attached`` of its own volume; otherwise, or with no voxel at ``min_value``, it is
+    dropped. A nodule lies in lung; a vessel, seen end-on where it ends, goes on: the series
+    tells them apart where the model's score does not."""
+
+    min_mean_probability: float = Field(ge=0.0, le=1.0)
+    reach_mm: float = Field(default=4.0, gt=0.0)
+    max_attached: float = Field(default=0.3, ge=0.0)
+
+
 class Outline(_Strict):
     """Where a segment's lesions are outlined by the image's own values rather than by the
     model's probabilities: each lesion that passed the filters (and grew, if it does) is
@@ -180,11 +194,12 @@ class Outline(_Strict):
     outline. A voxel goes to the lesion whose outline as the model drew it is nearer, and
     lesions stay a voxel apart: they do not merge. A lesion that comes apart (its pieces
     parted by values under ``min_value``) stays one lesion. Which lesions are found, and
-    their scores, do not change."""
+    their scores, do not change, except through ``alone`` (optional, :class:`Alone`)."""
 
     min_value: float
     reach_mm: float = Field(default=3.0, gt=0.0)
     min_probability: float = Field(default=0.01, ge=0.0, le=1.0)
+    alone: Alone | None = None
 
 
 class SegmentSpec(_Strict):
@@ -223,6 +238,22 @@ class SegmentSpec(_Strict):
         if value is not None and threshold is not None and value > threshold:
             raise ValueError(f"{value} is above threshold {threshold}: a lesion grows into less probable voxels")
         return value
+
+    @model_validator(mode="after")
+    def _alone_scores_lower(self) -> "SegmentSpec":
+        alone = None if self.outline is None else self.outline.alone
+        if alone is not None and alone.min_mean_probability >= self.min_mean_probability:
+            raise _located(
+                "SegmentSpec",
+                [
+                    (
+                        ("outline", "alone", "min_mean_probability"),
+                        f"{alone.min_mean_probability} is not below the segment's min_mean_probability "
+                        f"{self.min_mean_probability}: a lesion alone is reported at a lower score",
+                    )
+                ],
+            )
+        return self
 
 
 class Postprocess(_Strict):

@@ -38,7 +38,9 @@ a reader checks a volume or a diameter on them, not on the grid the model happen
   goes to the lesion whose outline (as the model drew it, or as redrawn) is nearer, and
   each stays a voxel apart from the others and from other segments: outlines never merge.
   A lesion whose pieces the values part (lower between them than ``min_value``) stays one
-  lesion, measured over its pieces.
+  lesion, measured over its pieces. With the outline's ``alone``, a lesion scored under
+  ``min_mean_probability`` but at least ``alone``'s passes the filters, and is reported
+  only if, redrawn, it stands alone in the series' values (plugin/pipeline.py, Alone).
 """
 
 import dataclasses
@@ -50,7 +52,7 @@ import torch
 from scipy import ndimage
 from scipy.spatial.distance import pdist
 
-from plugin.pipeline import Outline, Postprocess, SegmentSpec
+from plugin.pipeline import Postprocess, SegmentSpec
 from plugin.postprocess import ModelOutput
 from plugin.volume import Grid
 
@@ -180,6 +182,13 @@ def _clear(box: tuple[slice, ...], inside: np.ndarray, *masks: np.ndarray | None
             mask[box][inside] = False
 
 
+def _lowest_score(spec: SegmentSpec) -> float:
+    """The mean probability under which no lesion of ``spec`` is reported: its own, or its
+    outline's lower one for lesions that stand alone (plugin/pipeline.py, Alone)."""
+    alone = None if spec.outline is None else spec.outline.alone
+    return spec.min_mean_probability if alone is None else alone.min_mean_probability
+
+
 def _detected(
     mask: np.ndarray,
     grown: np.ndarray | None,
@@ -210,7 +219,7 @@ def _detected(
         # series shows only part of it, and a ball cut through its middle is half as compact.
         cut = box[0].start == 0 or box[0].stop == source.shape[0]
         compactness = (2 if cut else 1) * volume / (np.pi / 6 * diameter**3)
-        if probability.mean() < spec.min_mean_probability or compactness < spec.min_compactness:
+        if probability.mean() < _lowest_score(spec) or compactness < spec.min_compactness:
             _clear(box, inside, mask, grown)
             continue
         passed.append((box, inside, probability))
@@ -247,11 +256,19 @@ def _ball(spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
     return ((offsets * np.reshape(spacing, (3, 1, 1, 1))) ** 2).sum(axis=0) <= radius_mm**2
 
 
+def _attached(lesion: np.ndarray, dense: np.ndarray, around: np.ndarray) -> int:
+    """How many voxels of ``dense`` connect to ``lesion`` within ``around`` (a structuring
+    element) of it, outside it: what goes on from a lesion into its surroundings."""
+    near = (ndimage.binary_dilation(lesion, around) & dense) | lesion
+    pieces = ndimage.label(near, _CONNECTIVITY)[0]
+    return int((np.isin(pieces, pieces[lesion]) & ~lesion).sum())
+
+
 def _outlined(
     mask: np.ndarray,
     elsewhere: Callable[[tuple[slice, ...]], np.ndarray],
     parts: list[_Part],
-    outline: Outline,
+    spec: SegmentSpec,
     pixels: Pixels,
     values: np.ndarray,
     positions: list[np.ndarray],
@@ -260,23 +277,32 @@ def _outlined(
     """Each part of ``mask`` redrawn by the series' values (plugin/pipeline.py, Outline),
     one after the other; ``mask`` becomes the redrawn parts. A part takes only voxels nearer
     to it than to the other parts and to ``elsewhere(box)`` (the other segments' voxels in
-    ``box``), and none next to them. ``values`` ``[1, ...]``: the segment's probabilities
-    on the model's grid."""
+    ``box``), and none next to them. A part scored under the segment's
+    ``min_mean_probability`` (let through for ``outline.alone``) is kept only if it stands
+    alone; those are judged first, so that one dropped claims no voxel from the others:
+    they are outlined as without ``alone``.
+    ``values`` ``[1, ...]``: the segment's probabilities on the model's grid."""
+    outline = spec.outline
+    assert outline is not None  # _lesions calls this for a segment with an outline
     ball = _ball(source.spacing, outline.reach_mm)
+    around = None if outline.alone is None else _ball(source.spacing, outline.alone.reach_mm)
     # twice the reach and a voxel: the other outlines that can claim a voxel in reach, and the
-    # voxels next to one
+    # voxels next to one; and as far again as a lesion alone is judged
     margins = list(ball.shape)
+    if around is not None:
+        margins = [m + a // 2 for m, a in zip(margins, around.shape, strict=True)]
     redrawn: list[_Part] = []
-    for box, inside, probability in parts:
+    for box, inside, probability in sorted(parts, key=lambda part: part[2].mean() >= spec.min_mean_probability):
         wide = tuple(
             slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(box, margins, source.shape, strict=True)
         )
         lesion = np.zeros([w.stop - w.start for w in wide], dtype=bool)
         lesion[tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, wide, strict=True))] = inside
         others = (mask[wide] & ~lesion) | elsewhere(wide)
+        dense = pixels(wide[0])[:, wide[1], wide[2]] >= outline.min_value
         candidate = (
             ndimage.binary_dilation(lesion, ball)
-            & (pixels(wide[0])[:, wide[1], wide[2]] >= outline.min_value)
+            & dense
             & (_on_source(values, positions, wide)[0] >= outline.min_probability)
         )
         if others.any():
@@ -288,6 +314,11 @@ def _outlined(
         # every piece that holds some of it: one lesion the model drew stays one (it may
         # come apart where the values between its pieces fall under min_value)
         kept = np.isin(pieces, pieces[lesion & candidate])
+        if outline.alone is not None and probability.mean() < spec.min_mean_probability:
+            assert around is not None
+            if not kept.any() or _attached(kept, dense, around) > outline.alone.max_attached * kept.sum():
+                mask[wide] &= ~lesion
+                continue
         if not kept.any():  # nothing of it at min_value: the model's outline stays
             redrawn.append((box, inside, probability))
             continue
@@ -325,7 +356,7 @@ def _lesions(
     if grown is not None:
         parts = _grown(mask, grown, values, positions)
     if spec.outline is not None and pixels is not None:  # segment() checks that an outline has pixels
-        parts = _outlined(mask, elsewhere, parts, spec.outline, pixels, values, positions, source)
+        parts = _outlined(mask, elsewhere, parts, spec, pixels, values, positions, source)
     voxel_mm3 = abs(float(np.linalg.det(source.affine[:3, :3])))
     found = []
     for box, inside, probability in parts:

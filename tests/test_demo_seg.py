@@ -124,7 +124,9 @@ def test_per_nodule_tells_a_filters_miss_from_the_models(capsys):
     # a tuning volume (never a held-out one) with 3 nodules, all found
     volume = train_seg.phantom_volumes(np.random.SeedSequence(1).spawn(2)[1], 3)[2]
     spec = pipeline.postprocess.segments[0]
-    impossible = spec.model_copy(update={"min_mean_probability": 1.01})
+    assert spec.outline is not None
+    alone_too = spec.outline.model_copy(update={"alone": None})  # its lower score would let them through
+    impossible = spec.model_copy(update={"min_mean_probability": 1.01, "outline": alone_too})
     postprocess = pipeline.postprocess.model_copy(update={"segments": [impossible]})
     strict = pipeline.model_copy(update={"postprocess": postprocess})
     for checked, found in ((pipeline, True), (strict, False)):

@@ -3,6 +3,7 @@ back exactly onto the series' own voxels; spheres in it become lesions with the 
 volume, diameter and centre; and the pipeline keys that ask for it load or fail at their
 line and column."""
 
+import dataclasses
 import json
 import textwrap
 import weakref
@@ -297,6 +298,47 @@ def test_a_lesion_whose_outline_comes_apart_stays_one_lesion():
     assert lesion.diameter_mm == pytest.approx(10.0, abs=0.7)
 
 
+def test_a_lesion_scored_lower_is_reported_when_it_stands_alone():
+    """Lesions the model scores by constant probabilities, in a series of lung (-850 HU)
+    with solid balls (0 HU) and vessels along the slices (40 HU): a small ball alone (mean
+    0.8), the end of a vessel that goes on out of its outline (0.8), a ball with a vessel
+    through it (0.95) and a ball just below the vessel's end (0.95). The segment reports what
+    scores 0.87 or more; with ``alone`` at 0.75 the lone ball too, redrawn to its own
+    voxels, its score its own. The vessel's end goes on into 40 HU voxels within 4 mm: it
+    is dropped, and the other lesions are outlined exactly as without ``alone`` (the ball
+    below the end takes the voxels the end's outline would have claimed)."""
+    positions = _positions(SOURCE)
+    lone, end, crossed = np.array([10.0, -12.0, 5.0]), np.array([-15.0, 8.0, -4.0]), np.array([15.0, 20.0, -12.0])
+    below = end + np.array([0.0, 5.0, -5.0])
+    distances = [np.linalg.norm(positions - centre, axis=-1) for centre in (lone, end, crossed, below)]
+    nodule = np.full(SOURCE.shape, -4.0)
+    for distance, (radius, p) in zip(distances, ((3.5, 0.8), (3.5, 0.8), (4.5, 0.95), (2.5, 0.95)), strict=True):
+        nodule[distance <= radius] = _logit(np.float64(p))
+    logits = np.stack([np.zeros(SOURCE.shape), nodule]).astype(np.float32)
+    series = np.full(SOURCE.shape, -850.0, dtype=np.float32)
+    across = [np.linalg.norm(positions[..., :2] - centre[:2], axis=-1) for centre in (end, crossed)]
+    series[(across[0] <= 3.0) & (positions[..., 2] >= end[2] - 2.0)] = 40.0  # a vessel that ends at the lesion
+    series[across[1] <= 2.0] = 40.0
+    series[distances[0] <= 3.0] = series[distances[2] <= 4.0] = series[distances[3] <= 3.0] = 0.0
+    segment_ = {**NODULE, "min_mean_probability": 0.87, "outline": {"min_value": -450}}
+    alone = {**segment_, "outline": {"min_value": -450, "alone": {"min_mean_probability": 0.75}}}
+
+    def pixels(slices):
+        return series[slices]
+
+    without = _run(logits, SOURCE, {"segments": [segment_]}, pixels=pixels)
+    assert sorted(round(lesion.mean_probability, 3) for lesion in without.lesions) == [0.95, 0.95]
+    result = _run(logits, SOURCE, {"segments": [alone]}, pixels=pixels)
+    assert len(result.lesions) == 3
+    [lone_lesion] = _nearest(result.lesions, [(lone,)])
+    assert lone_lesion.mean_probability == pytest.approx(0.8)
+    np.testing.assert_array_equal(result.masks[0] & (distances[0] <= 9.0), distances[0] <= 3.0)
+    np.testing.assert_array_equal(result.masks[0] & (distances[0] > 9.0), without.masks[0])
+    assert [dataclasses.replace(lesion, number=0) for lesion in result.lesions if lesion != lone_lesion] == [
+        dataclasses.replace(lesion, number=0) for lesion in without.lesions
+    ]
+
+
 def test_more_parts_than_uint16_counts_are_labelled_all_the_same():
     """Lesions are labelled in uint16 to halve the label volume; past 65535 parts, in int32."""
     mask = np.zeros((5, 520, 520), dtype=bool)
@@ -427,6 +469,17 @@ MISTAKES = [
         [
             "9:92: postprocess.segments.0.grow_threshold: 0.7 is above threshold 0.6: "
             "a lesion grows into less probable voxels"
+        ],
+    ),
+    (
+        SEGMENTATION.replace(
+            "min_volume_mm3: 10",
+            "min_volume_mm3: 10, min_mean_probability: 0.8,\n"
+            "       outline: {min_value: -450, alone: {min_mean_probability: 0.8}}",
+        ),
+        [
+            "10:43: postprocess.segments.0.outline.alone.min_mean_probability: 0.8 is not below the "
+            "segment's min_mean_probability 0.8: a lesion alone is reported at a lower score"
         ],
     ),
     (
