@@ -279,8 +279,7 @@ def _outlined(
     to it than to the other parts and to ``elsewhere(box)`` (the other segments' voxels in
     ``box``), and none next to them. A part scored under the segment's
     ``min_mean_probability`` (let through for ``outline.alone``) is kept only if it stands
-    alone; those are judged first, so that one dropped claims no voxel from the others:
-    they are outlined as without ``alone``.
+    alone; those are judged first, so that one dropped claims no voxel from the others.
     ``values`` ``[1, ...]``: the segment's probabilities on the model's grid."""
     outline = spec.outline
     assert outline is not None  # _lesions calls this for a segment with an outline
