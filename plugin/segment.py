@@ -283,17 +283,19 @@ def _outlined(
     ``values`` ``[1, ...]``: the segment's probabilities on the model's grid."""
     outline = spec.outline
     assert outline is not None  # _lesions calls this for a segment with an outline
+    alone = outline.alone
     ball = _ball(source.spacing, outline.reach_mm)
-    around = None if outline.alone is None else _ball(source.spacing, outline.alone.reach_mm)
+    around = ball if alone is None else _ball(source.spacing, alone.reach_mm)
     # twice the reach and a voxel: the other outlines that can claim a voxel in reach, and the
-    # voxels next to one; and as far again as a lesion alone is judged
+    # voxels next to one; for a lesion judged alone, as far again as it is judged
     margins = list(ball.shape)
-    if around is not None:
-        margins = [m + a // 2 for m, a in zip(margins, around.shape, strict=True)]
+    judged_margins = [m + a // 2 for m, a in zip(margins, around.shape, strict=True)]
+    on_probation = [alone is not None and bool(part[2].mean() < spec.min_mean_probability) for part in parts]
     redrawn: list[_Part] = []
-    for box, inside, probability in sorted(parts, key=lambda part: part[2].mean() >= spec.min_mean_probability):
+    for (box, inside, probability), judged in sorted(zip(parts, on_probation, strict=True), key=lambda p: not p[1]):
         wide = tuple(
-            slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(box, margins, source.shape, strict=True)
+            slice(max(b.start - m, 0), min(b.stop + m, n))
+            for b, m, n in zip(box, judged_margins if judged else margins, source.shape, strict=True)
         )
         lesion = np.zeros([w.stop - w.start for w in wide], dtype=bool)
         lesion[tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, wide, strict=True))] = inside
@@ -313,9 +315,9 @@ def _outlined(
         # every piece that holds some of it: one lesion the model drew stays one (it may
         # come apart where the values between its pieces fall under min_value)
         kept = np.isin(pieces, pieces[lesion & candidate])
-        if outline.alone is not None and probability.mean() < spec.min_mean_probability:
-            assert around is not None
-            if not kept.any() or _attached(kept, dense, around) > outline.alone.max_attached * kept.sum():
+        if judged:
+            assert alone is not None
+            if not kept.any() or _attached(kept, dense, around) > alone.max_attached * kept.sum():
                 mask[wide] &= ~lesion
                 continue
         if not kept.any():  # nothing of it at min_value: the model's outline stays
