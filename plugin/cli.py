@@ -314,10 +314,7 @@ def status(args: argparse.Namespace) -> int:
         print(f"dead letters: {len(dead)}" + ("  (radpipe retry --dead-letter)" if dead else ""))
         for delivery in dead:
             trace = trace_id(delivery.study_instance_uid)
-            print(
-                f"  job #{delivery.job_id} trace={trace} -> {delivery.destination}: {delivery.attempts} tries,"
-                f" {delivery.last_error}"
-            )
+            print(f"  trace={trace} {delivery.name}: {delivery.attempts} tries, {delivery.last_error}")
     finally:
         journal.close()
     return 0
@@ -358,7 +355,7 @@ def study_path(journal: "Journal", study_uid: str) -> list[str]:
     lines.append(f"deliveries: {len(deliveries)}")
     for d in deliveries:
         error = f"  {d.last_error}" if d.last_error else ""
-        lines.append(f"  job #{d.job_id} -> {d.destination}: {d.status}, {d.attempts} tries{error}")
+        lines.append(f"  {d.name}: {d.status}, {d.attempts} tries{error}")
     return lines
 
 

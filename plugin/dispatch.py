@@ -83,12 +83,11 @@ class Outbox:
         """The destination answered success, ``seconds`` after its round asked for the association."""
         with log_context(f"job-{delivery.job_id}/{delivery.destination}", delivery.study_instance_uid):
             if not self._journal.record_attempt(delivery.result_id, delivery.destination, None):
-                lost = "job %d -> %s: delivered, but its lease was lost: not journaled"
-                log.warning(lost, delivery.job_id, delivery.destination)
+                log.warning("%s: delivered, but its lease was lost: not journaled", delivery.name)
                 return
             self._metrics.results_delivered.labels(delivery.destination).inc()
             self._metrics.stage_seconds.labels("dispatch", delivery.pipeline).observe(seconds)
-            log.info("job %d -> %s: delivered", delivery.job_id, delivery.destination)
+            log.info("%s: delivered", delivery.name)
 
     def failed(self, delivery: Delivery, error: Exception, retry: bool = True) -> None:
         """Journal a failed try: tried again after its backoff, or dead-lettered."""
@@ -100,28 +99,21 @@ class Outbox:
         tries = delivery.attempts + 1
         with log_context(f"job-{delivery.job_id}/{delivery.destination}", delivery.study_instance_uid):
             if not self._journal.record_attempt(delivery.result_id, delivery.destination, reason, retry_at):
-                log.warning(
-                    "job %d -> %s: try failed (%s), but its lease was lost: not journaled",
-                    delivery.job_id,
-                    delivery.destination,
-                    reason,
-                )
+                log.warning("%s: try failed (%s), but its lease was lost: not journaled", delivery.name, reason)
                 return
             self._metrics.dispatch_failures.labels(delivery.destination).inc()
             if retry_at is None:
                 log.error(
-                    "job %d -> %s: dead-lettered after %d tries: %s",
-                    delivery.job_id,
-                    delivery.destination,
+                    "%s: dead-lettered after %d tries: %s",
+                    delivery.name,
                     tries,
                     reason,
                     exc_info=None if expected else error,
                 )
             else:
                 log.warning(
-                    "job %d -> %s: try %d failed (%s); next in %.0f s",
-                    delivery.job_id,
-                    delivery.destination,
+                    "%s: try %d failed (%s); next in %.0f s",
+                    delivery.name,
                     tries,
                     reason,
                     retry_at - now,

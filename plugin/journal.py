@@ -280,6 +280,7 @@ class Delivery:
     last_error: str | None
     first_attempt_at: float | None
     result_path: str
+    kind: str  # the result's: sr, kos or seg (a job's results go to each destination one by one)
     pipeline: str
     study_instance_uid: str
     lease_owner: str | None = None
@@ -288,6 +289,11 @@ class Delivery:
     @property
     def key(self) -> tuple[int, str]:
         return self.result_id, self.destination
+
+    @property
+    def name(self) -> str:
+        """How log lines and ``status --trace`` name it: ``job 7 SEG -> pacs``."""
+        return f"job {self.job_id} {self.kind.upper()} -> {self.destination}"
 
 
 @dataclass(frozen=True)
@@ -885,7 +891,7 @@ class Journal:
 
     _DELIVERY = (
         "SELECT d.result_id, r.job_id, d.destination, d.status, d.attempts, d.last_error, d.first_attempt_at,"
-        " r.path, j.pipeline, b.study_instance_uid, d.lease_owner, d.lease_until FROM deliveries d"
+        " r.path, r.kind, j.pipeline, b.study_instance_uid, d.lease_owner, d.lease_until FROM deliveries d"
         " JOIN results r ON r.id = d.result_id JOIN jobs j ON j.id = r.job_id JOIN batches b ON b.id = j.batch_id"
     )
 

@@ -16,6 +16,7 @@ import pydicom.data
 from prometheus_client import CollectorRegistry
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+from plugin.cli import study_path
 from plugin.config import Destination, DispatchSection
 from plugin.dispatch import Dispatcher
 from plugin.journal import JobSpec, Journal, PendingSeries
@@ -62,16 +63,19 @@ def _sop_uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
-def queue_results(journal: Journal, paths: list[Path], destinations: list[str]) -> int:
-    """Journal one finished job whose results are ``paths``, each queued for each of
-    ``destinations``, as the runner does; returns the job id."""
+def queue_results(journal: Journal, paths: list[Path], destinations: list[str], kinds: list[str] | None = None) -> int:
+    """Journal one finished job whose results are ``paths`` (of ``kinds``, all SRs by
+    default), each queued for each of ``destinations``, as the runner does; returns the job id."""
     now = time.time()
     # No instance journaled: the series closes with the 0 pending instances it counts.
     series = PendingSeries("1.2.826.0.1.1", "1.2.826.0.1.1.1", 0, now, now, str(paths[0]))
     journal.create_batches(series.study_instance_uid, [(series, [JobSpec("demo", "1", "f" * 64, 0)])], [])
     job = journal.claim_job()
     assert job is not None
-    journal.complete_job(job.id, [("sr", str(p), _sop_uid(p)) for p in paths], destinations)
+    kinds = kinds or ["sr"] * len(paths)
+    journal.complete_job(
+        job.id, [(kind, str(p), _sop_uid(p)) for kind, p in zip(kinds, paths, strict=True)], destinations
+    )
     return job.id
 
 
@@ -170,6 +174,29 @@ def test_several_results_go_over_one_association(tmp_path, demo_study):
         assert len(associations) == 1
         assert metrics.registry.get_sample_value("radpipe_results_delivered_total", {"destination": "pacs"}) == 3
         assert metrics.registry.get_sample_value("radpipe_dispatch_failures_total", {"destination": "pacs"}) == 1
+    finally:
+        journal.close()
+        pacs.shutdown()
+
+
+def test_log_lines_and_trace_name_which_of_a_jobs_results_each_is_about(tmp_path, demo_study, caplog):
+    """A job's SR and SEG go to the PACS one by one: when the PACS takes one and refuses the
+    other, the operator reads which was delivered and which will be tried again, in the
+    log and in ``status --trace``, not two contradicting lines about "job N"."""
+    caplog.set_level(logging.INFO, logger="plugin.dispatch")
+    paths = with_new_uids(demo_study["Demo chest CT, no nodules"][:2], tmp_path / "results")
+    pacs, port = start_pacs([], refuse=frozenset({_sop_uid(paths[1])}))
+    journal = open_journal(tmp_path)
+    try:
+        job_id = queue_results(journal, paths, ["pacs"], kinds=["sr", "seg"])
+        with dispatching(journal, {"pacs": _pacs(port)}, DispatchSection(backoff_seconds=30)):
+            wait_for(lambda: all(d.attempts for d in journal.deliveries(job_id)), timeout=30, what="both tried")
+        lines = [r.getMessage() for r in caplog.records if r.name == "plugin.dispatch"]
+        assert f"job {job_id} SR -> pacs: delivered" in lines
+        assert f"job {job_id} SEG -> pacs: try 1 failed (C-STORE answered 0xA700); next in 30 s" in lines
+        trace = study_path(journal, "1.2.826.0.1.1")
+        assert f"  job {job_id} SR -> pacs: delivered, 1 tries" in trace
+        assert f"  job {job_id} SEG -> pacs: pending, 1 tries  C-STORE answered 0xA700" in trace
     finally:
         journal.close()
         pacs.shutdown()

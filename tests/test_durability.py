@@ -104,7 +104,7 @@ def test_status_and_retry_commands(start_node, tmp_path, demo_study, dcmtk):
     status = subprocess.run([*RADPIPE, "status", "--config", str(config)], capture_output=True, text=True)
     assert status.returncode == 0, status.stderr
     assert "dead_letter=1" in status.stdout and "dead letters: 1" in status.stdout
-    assert "-> pacs: 1 tries" in status.stdout
+    assert " SR -> pacs: 1 tries" in status.stdout
     retry = subprocess.run(
         [*RADPIPE, "retry", "--dead-letter", "--config", str(config)], capture_output=True, text=True
     )
