@@ -141,6 +141,7 @@ class Node:
         self._stopping = Event()
         self._starting = Lock()  # held while workers start: stop() sees them all, or none start
         self._failed: Callable[[], None] | None = None  # start's ``failed``
+        self._settle: Callable[[], None] | None = None  # start's ``settle``
 
     def _pipeline_workers(self) -> "tuple[dict[Role, Worker], list[Worker]]":
         """The assembler and the runner, as the roles ask, on the configured pipelines (the
@@ -178,21 +179,29 @@ class Node:
     def results_dir(self) -> Path:
         return self.config.results_dir
 
-    def start(self, wait_ready: bool = True, failed: Callable[[], None] | None = None) -> None:
+    def start(
+        self,
+        wait_ready: bool = True,
+        failed: Callable[[], None] | None = None,
+        settle: Callable[[], None] | None = None,
+    ) -> None:
         """Wait for the journal, resume interrupted work, start the workers that need no
         pipeline and, for ``receive``, listen; then (``assemble``/``infer``) load in the
         background: the pipeline stages and every model (module doc). With ``wait_ready``
         (the default) return once that is done, raising what the loading raised (an
         invalid pipeline: :class:`~plugin.pipeline.PipelineError`); without, return at once
         and call ``failed`` if the loading raises (``radpipe serve`` then stops, and
-        reports :attr:`load_error`). Returns without starting anything more if :meth:`stop`
-        is called while it waits for the journal."""
+        reports :attr:`load_error`). ``settle`` runs once all is loaded, before the node
+        says it is ready (``radpipe serve`` hides what loading made from the garbage
+        collector). Returns without starting anything more if :meth:`stop` is called while
+        it waits for the journal."""
         log.info("node %s roles: %s", self.config.node.id, ",".join(self.config.node.roles))
         if self.config.metrics.port:  # first: radpipe_journal_up tells while the node waits for its journal
             self.metrics_server = serve_metrics(
                 self.metrics, self.config.metrics.host, self.config.metrics.port, self.config.node.id
             )
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics_server[0].server_port)
+        self._settle = settle
         resumed = self._wait_for_journal()
         if resumed is None:
             return
@@ -204,7 +213,7 @@ class Node:
                 worker.start()
         if self.loading is None:
             self.journal.listen(self._woken_by())
-            self.ready.set()
+            self._become_ready()
         if "receive" in self.roles:
             assert self.group_sync is not None  # made for the receive role
             limits = StoreLimits(
@@ -256,7 +265,12 @@ class Node:
             if self._failed is not None:
                 self._failed()
             raise
+        self._become_ready()
         log.info("node %s ready: its pipelines' stages run and their models are loaded", self.config.node.id)
+
+    def _become_ready(self) -> None:
+        if self._settle is not None:
+            self._settle()
         self.ready.set()
 
     def _start_pipeline_workers(self) -> None:

@@ -65,6 +65,16 @@ def _since(age: str | None) -> float | None:
         return None
 
 
+def _freeze_what_loading_made() -> None:
+    """What loading made (torch, pydicom's dictionaries, highdicom's tables: some 500k
+    objects) lives as long as the process. Frozen, it is out of the garbage collector's
+    sight; otherwise each full collection walks it: 200-250 ms, a few times in the first
+    series received, with every association waiting. Done before the node says it is
+    ready: the collection itself holds every association for as long."""
+    gc.collect()
+    gc.freeze()
+
+
 @command(
     CONFIG,
     arg(
@@ -86,18 +96,10 @@ def serve(args: argparse.Namespace) -> int:
     # default switch interval a busy runner thread keeps it up to 5 ms each time.
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     stop = threading.Event()
-    node.start(wait_ready=False, failed=stop.set)  # listens, then loads pipelines and models
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    while not (stop.is_set() or node.ready.wait(0.1)):
-        pass
-    if node.ready.is_set():
-        # What loading made (torch, pydicom's dictionaries, highdicom's tables: some 500k
-        # objects) lives as long as the process. Frozen, it is out of the garbage
-        # collector's sight; otherwise each full collection walks it: 200-250 ms, a few
-        # times in the first series received, with every association waiting.
-        gc.collect()
-        gc.freeze()
+    # listens, then loads pipelines and models, then says it is ready
+    node.start(wait_ready=False, failed=stop.set, settle=_freeze_what_loading_made)
     stop.wait()
     node.stop()
     if node.load_error is not None:  # an invalid pipeline at start: printed by main, exit 1
