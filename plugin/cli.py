@@ -96,10 +96,10 @@ def serve(args: argparse.Namespace) -> int:
     # default switch interval a busy runner thread keeps it up to 5 ms each time.
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     # listens, then loads pipelines and models, then says it is ready
     node.start(wait_ready=False, failed=stop.set, settle=_freeze_what_loading_made)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     node.stop()
     if node.load_error is not None:  # an invalid pipeline at start: printed by main, exit 1
