@@ -159,8 +159,8 @@ def test_a_node_listens_and_stores_while_its_model_loads(tmp_path, tiny_int8, de
 def test_a_node_says_it_is_ready_only_once_it_has_settled(tmp_path, caplog):
     """``radpipe serve`` hides what loading made from the garbage collector (``settle``). That
     full collection holds every association for a quarter of a second; it used to run after
-    the node said it was ready, so the first series received waited for it (a fifth of the
-    ingest benchmark's rate). Now it runs with the models loaded and before the ready line."""
+    the node said it was ready, so the first series received waited for it (benchmarks/README.md,
+    fourteenth pass). Now it runs with the models loaded and before the ready line."""
     caplog.set_level(logging.INFO, logger="plugin.app")
     write_pipeline(tmp_path / "pipelines")
     node = Node(NodeConfig.model_validate(node_config(tmp_path)), CollectorRegistry())
