@@ -332,7 +332,9 @@ def lease_lines(journal: "Journal") -> list[str]:
     now = time.time()
     lines = [f"leases: {len(leases)}"]
     for lease in leases:
-        what = f"job #{lease.job_id} {lease.pipeline}" + (f" -> {lease.destination}" if lease.destination else "")
+        what = f"job #{lease.job_id} {lease.pipeline}"
+        if lease.destination is not None:  # a delivery: which of the job's results, and where
+            what += f" {(lease.kind or '').upper()} -> {lease.destination}"
         expired = "  (expired)" if lease.until < now else ""
         lines.append(f"  {what}: {lease.owner} until {_when(lease.until)}{expired}")
     return lines

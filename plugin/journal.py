@@ -303,6 +303,7 @@ class Lease:
     job_id: int
     pipeline: str
     destination: str | None  # None: the job itself
+    kind: str | None  # a delivery's result: sr, kos or seg
     owner: str
     until: float
 
@@ -878,12 +879,12 @@ class Journal:
     def leases(self) -> list[Lease]:
         """Every job running and delivery being sent under a lease, by job."""
         rows = self._all(
-            "SELECT * FROM (SELECT id AS job_id, pipeline, NULL AS destination, lease_owner, lease_until FROM jobs"
-            " WHERE status = 'running' AND lease_owner IS NOT NULL"
-            " UNION ALL SELECT r.job_id, j.pipeline, d.destination, d.lease_owner, d.lease_until"
+            "SELECT * FROM (SELECT id AS job_id, pipeline, NULL AS destination, NULL AS kind, lease_owner, lease_until"
+            " FROM jobs WHERE status = 'running' AND lease_owner IS NOT NULL"
+            " UNION ALL SELECT r.job_id, j.pipeline, d.destination, r.kind, d.lease_owner, d.lease_until"
             " FROM deliveries d JOIN results r ON r.id = d.result_id JOIN jobs j ON j.id = r.job_id"
             " WHERE d.status = 'pending' AND d.lease_owner IS NOT NULL) leased"
-            " ORDER BY job_id, COALESCE(destination, '')"
+            " ORDER BY job_id, COALESCE(destination, ''), COALESCE(kind, '')"
         )
         return [Lease(*row) for row in rows]
 

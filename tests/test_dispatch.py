@@ -16,7 +16,7 @@ import pydicom.data
 from prometheus_client import CollectorRegistry
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from plugin.cli import study_path
+from plugin.cli import lease_lines, study_path
 from plugin.config import Destination, DispatchSection
 from plugin.dispatch import Dispatcher
 from plugin.journal import JobSpec, Journal, PendingSeries
@@ -182,13 +182,19 @@ def test_several_results_go_over_one_association(tmp_path, demo_study):
 def test_log_lines_and_trace_name_which_of_a_jobs_results_each_is_about(tmp_path, demo_study, caplog):
     """A job's SR and SEG go to the PACS one by one: when the PACS takes one and refuses the
     other, the operator reads which was delivered and which will be tried again, in the
-    log and in ``status --trace``, not two contradicting lines about "job N"."""
+    log and in ``status`` (its leases, ``--trace``), not two contradicting lines about "job N"."""
     caplog.set_level(logging.INFO, logger="plugin.dispatch")
     paths = with_new_uids(demo_study["Demo chest CT, no nodules"][:2], tmp_path / "results")
     pacs, port = start_pacs([], refuse=frozenset({_sop_uid(paths[1])}))
     journal = open_journal(tmp_path)
     try:
         job_id = queue_results(journal, paths, ["pacs"], kinds=["sr", "seg"])
+        held = journal.due_deliveries(time.time(), "pacs")  # as a sender holds them while it sends
+        assert [line.split(":")[0] for line in lease_lines(journal)[1:]] == [
+            f"  job #{job_id} demo SEG -> pacs",
+            f"  job #{job_id} demo SR -> pacs",
+        ]
+        journal.release_deliveries(held)
         with dispatching(journal, {"pacs": _pacs(port)}, DispatchSection(backoff_seconds=30)):
             wait_for(lambda: all(d.attempts for d in journal.deliveries(job_id)), timeout=30, what="both tried")
         lines = [r.getMessage() for r in caplog.records if r.name == "plugin.dispatch"]
