@@ -14,10 +14,10 @@ the SRs delivered to a PACS (dcmtk storescp), compared with the raw model in the
 With ``--artifact DIR`` the demo pipeline runs that model artifact instead (e.g. the
 pruned int8 one), and the same node first receives the same series with the pipeline
 matching nothing (Modality MR): its ingest-only rate, against which end to end is set,
-and how fast it received them against how fast it receives them with the pipeline.
-The runner's own rate (its one thread's time per image, by its metrics) is reported too:
-the series complete a quiet period (5 s) after their last instance, here after the receiving ended,
-and from then on that rate bounds end to end.
+and how fast the node receives them with the pipeline against without it. The runner's
+own rate (its one thread's time per image, by its metrics) is reported too: a series
+completes its quiet period (5 s) after its last instance, so unless receiving takes
+longer than that the jobs run once it has ended, and that rate bounds end to end.
 
 Run: .venv/bin/python -m benchmarks.end_to_end [--series 20] [--slices 100] [--decode-workers auto]
      [--artifact DIR] [--json out.json]
