@@ -15,8 +15,8 @@ With ``--artifact DIR`` the demo pipeline runs that model artifact instead (e.g.
 pruned int8 one), and the same node first receives the same series with the pipeline
 matching nothing (Modality MR): its ingest-only rate, against which end to end is set,
 and how fast the node receives them with the pipeline against without it. The runner's
-own rate (its one thread's time per image, by its metrics) is reported too: a series
-completes its quiet period (5 s) after its last instance, so unless receiving takes
+own rate (its one thread's time per image, by its metrics) is reported too: a series is
+complete a quiet period (5 s) after its last instance, so unless receiving takes
 longer than that the jobs run once it has ended, and that rate bounds end to end.
 
 Run: .venv/bin/python -m benchmarks.end_to_end [--series 20] [--slices 100] [--decode-workers auto]
