@@ -1,0 +1,91 @@
+"""What each lesion filter of the segmentation demo does: its artifact scored, as
+`python -m plugin.demo.train_seg --evaluate` scores it, with the pipeline as it is and with
+one filter or another left out (or the model alone), on the same phantom volumes.
+
+The model runs once per volume: its stitched output is kept, and each variant of
+`postprocess.segments` is applied to it. Seed 1 gives the tuning volumes that the filters
+are chosen on; the artifact's training seed (0), its held-out volumes, only to report.
+
+Run: .venv/bin/python -m benchmarks.seg_filters [--artifact DIR] [--seed 1] [--n-val 60] [--json out.json]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import REPO, report
+from plugin.demo import train_seg
+from plugin.models.artifact import load_artifact, read_manifest
+from plugin.pipeline import Pipeline, SegmentSpec
+
+PIPELINE = REPO / "pipelines" / "lung-nodule-seg-demo.yaml"
+
+
+def variants(spec: SegmentSpec) -> dict[str, dict[str, Any]]:
+    """Updates of the pipeline's segment, by what they leave out."""
+    alone_off = None if spec.outline is None else spec.outline.model_copy(update={"alone": None})
+    return {
+        "the pipeline": {},
+        "the model alone (threshold, min_volume_mm3)": {
+            "min_mean_probability": 0.0,
+            "min_compactness": 0.0,
+            "grow_threshold": None,
+            "outline": None,
+        },
+        "without min_compactness": {"min_compactness": 0.0},
+        "min_compactness 0.45": {"min_compactness": 0.45},
+        "without min_mean_probability (nor alone)": {"min_mean_probability": 0.0, "outline": alone_off},
+        "without alone": {"outline": alone_off},
+        "without outline (nor alone)": {"outline": None},
+        "without outline (nor alone) or grow_threshold": {"outline": None, "grow_threshold": None},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifact", type=Path, default=REPO / "pipelines" / "models" / "lung-nodule-seg-demo")
+    parser.add_argument("--seed", type=int, default=1, help="1: the tuning volumes; 0: the shipped model's held-out")
+    parser.add_argument("--n-val", type=int, default=60)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    model = load_artifact(args.artifact, torch.device("cpu"), read_manifest(args.artifact)).module
+    volumes = train_seg.phantom_volumes(np.random.SeedSequence(args.seed).spawn(2)[1], args.n_val)
+    pipeline = train_seg.read_pipeline(PIPELINE)
+
+    # evaluate() runs the model through train_seg.segment_volume: keep each volume's output
+    outputs: dict[int, torch.Tensor] = {}
+    infer = train_seg.segment_volume
+
+    def once(model: torch.nn.Module, image: torch.Tensor, *window: Any) -> torch.Tensor:
+        key = hash(image.numpy().tobytes())
+        if key not in outputs:
+            outputs[key] = infer(model, image, *window)
+        return outputs[key]
+
+    train_seg.segment_volume = once  # type: ignore[assignment]
+    spec = pipeline.postprocess.segments[0]
+    figures: dict[str, Any] = {"artifact": str(args.artifact), "seed": args.seed, "volumes": args.n_val}
+    for name, update in variants(spec).items():
+        postprocess = pipeline.postprocess.model_copy(update={"segments": [spec.model_copy(update=update)]})
+        variant: Pipeline = pipeline.model_copy(update={"postprocess": postprocess})
+        scored = train_seg.evaluate(model, variant, volumes)
+        n = scored["n_nodules_5mm"]
+        figures[name] = {
+            "found_5mm": round(scored["sensitivity_5mm"] * n),
+            "within_15pct_5mm": round(scored["volume_within_15pct_5mm"] * n),
+            "nodules_5mm": n,
+            "false_lesions": round(scored["false_positives_per_volume"] * args.n_val),
+            "dice": scored["dice"],
+            "median_volume_error_5mm": scored["median_volume_error_5mm"],
+        }
+    report(figures, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
