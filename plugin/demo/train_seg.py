@@ -49,10 +49,13 @@ UNET: dict[str, Any] = {
     "spatial_dims": 3,
     "in_channels": 1,
     "out_channels": len(CLASSES),
-    "channels": [8, 16, 32, 64, 128],
-    # the last level halves the slices' plane only (a 16-slice window is 2 deep there): it
-    # sees about 100 mm across, enough to tell a vessel's branch from a round nodule
-    "strides": [2, 2, 2, [1, 2, 2]],
+    "channels": [8, 8, 16, 32, 64, 128],
+    # the first level keeps the window's full resolution: a 5 mm nodule is 2 slices and 5
+    # voxels across, and a network that halved them at once missed more of the small ones
+    # (benchmarks/README.md, fifteenth and sixteenth passes). The last level halves the
+    # slices' plane only (a 16-slice window is 2 deep there): it sees about 100 mm across,
+    # enough to tell a vessel's branch from a round nodule
+    "strides": [1, 2, 2, 2, [1, 2, 2]],
     "num_res_units": 1,
 }
 _N_SLICES = 40  # per phantom volume: 100 mm, several windows deep
