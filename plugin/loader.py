@@ -3,6 +3,7 @@ time (compressed transfer syntaxes are decoded by pydicom's pylibjpeg/GDCM plugi
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -113,19 +114,43 @@ def _in_modality_units(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     else:  # pydicom's rescale, in float32: half the memory traffic of its float64 and a cast
         pixels = pixels.astype(np.float32)
         if "RescaleSlope" in ds and "RescaleIntercept" in ds:
-            pixels *= np.float32(ds.RescaleSlope)
-            pixels += np.float32(ds.RescaleIntercept)
+            slope, intercept = np.float32(ds.RescaleSlope), np.float32(ds.RescaleIntercept)
+            if slope != 1:  # a pass over the image that would change nothing
+                pixels *= slope
+            if intercept != 0:
+                pixels += intercept
     return pixels.reshape(frames, *pixels.shape[-2:])
+
+
+def _native_dtype(header: Dataset, transfer_syntax: UID) -> np.dtype | None:
+    """The type of a native little-endian grey image's pixels, which are its Pixel Data
+    value as it lies (PS3.5 8.1.1); None for what needs pydicom's decoder: encapsulated,
+    bit-packed or colour pixels."""
+    if transfer_syntax.is_encapsulated or header.get("SamplesPerPixel", 1) != 1:
+        return None
+    bits, signed = header.get("BitsAllocated"), header.get("PixelRepresentation") == 1
+    if bits not in (8, 16, 32):
+        return None
+    return np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
 
 
 def decoded_frames(source: Source) -> np.ndarray:
     """:func:`modality_frames` of ``source``. With its Pixel Data's location journaled,
-    only that value is read from the file and given to pydicom's decoder with the
-    journaled pixel module (building a dataset around it took as long as decoding a native
-    CT slice); else the file is read whole."""
+    only that value is read from the file. A native grey image's pixels are that value
+    as it lies (pydicom's decoder added 0.08 ms to the 0.11 that reading and converting
+    a 512 x 512 CT slice take); anything else goes to pydicom's decoder with the
+    journaled pixel module (building a dataset around it took as long as decoding a
+    native CT slice). Without a location the file is read whole."""
     location = source.pixel_data
     if location is None:
         return modality_frames(pydicom.dcmread(source.path))
+    header = source.header
+    dtype = _native_dtype(header, UID(location.transfer_syntax))
+    if dtype is not None:
+        shape = (frame_count(header), int(header.Rows), int(header.Columns))
+        # count: without an odd length's pad byte
+        pixels = np.frombuffer(location.read(source.path), dtype, math.prod(shape)).reshape(shape)
+        return _in_modality_units(pixels, header)
     decoder = get_decoder(UID(location.transfer_syntax))
     options = as_pixel_options(source.header, pixel_keyword="PixelData")
     pixels, _ = decoder.as_array(location.read(source.path), **options)
