@@ -38,9 +38,13 @@ def training_windows(pipeline: Pipeline, volumes: list[PhantomVolume], n: int, s
         raise ValueError("input.sliding_window: fine-tuning a segmentation model takes windows of its roi_size; set it")
     cases = [training_case(pipeline, volume) for volume in volumes]
     generator = torch.Generator().manual_seed(seed)
-    images, labels = zip(*(patch(cases, window.roi_size, generator) for _ in range(n)), strict=True)
+    images, labels = [], []
+    for _ in range(n):  # each label kept as bytes at once: 4,096 windows' int64 labels came to 4.8 GB
+        image, label = patch(cases, window.roi_size, generator)
+        images.append(image)
+        labels.append(label[0].to(torch.uint8))
     described = f"{n} windows {'x'.join(map(str, window.roi_size))} of {len(volumes)} phantom volumes"
-    return Split(torch.stack(images), torch.stack(labels)[:, 0].to(torch.uint8), described)
+    return Split(torch.stack(images), torch.stack(labels), described)
 
 
 def _streams(data: Data) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
