@@ -18,6 +18,7 @@ import yaml
 from plugin.accel.optimize import optimize
 from plugin.accel.recipe import Recipe, task_problem
 from plugin.accel.volumes import VolumeSets, training_windows
+from plugin.demo import train_seg
 from plugin.demo.phantom import PhantomVolume, render_volume
 from plugin.models.artifact import load_artifact, read_manifest
 from plugin.pipeline import Pipeline, load_pipeline
@@ -80,6 +81,17 @@ def test_a_pruned_segmentation_model_that_passes_the_dice_gate_is_written_and_se
     with torch.inference_mode():
         logits = served.module(windows)
     assert logits.shape == (3, 2, *windows.shape[2:])  # one logit per class and voxel
+
+
+def test_the_demos_evaluate_scores_a_pruned_artifact_without_recording(tmp_path, pipeline, volumes, monkeypatch):
+    """`python -m plugin.demo.train_seg --evaluate --out DIR` on what optimize wrote: its
+    manifest has no training record (it raised KeyError: 'training'); scored, not rewritten."""
+    outcome = optimize(pipeline, _recipe(), tmp_path / "pruned", data=volumes)
+    manifest = (outcome.target / "manifest.json").read_bytes()
+    monkeypatch.setattr(train_seg, "phantom_volumes", lambda seed, n: volumes.heldout[:n])
+    scored = train_seg.rescore(outcome.target, SEG_PIPELINE, seed=1, n_val=1)
+    assert 0.0 <= scored["dice"] <= 1.0 and scored["n_heldout"] == 1
+    assert (outcome.target / "manifest.json").read_bytes() == manifest
 
 
 def test_a_result_that_fails_the_dice_gate_writes_nothing(tmp_path, pipeline, volumes):

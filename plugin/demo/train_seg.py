@@ -364,7 +364,8 @@ def rescore(directory: Path, pipeline_path: Path, seed: int, n_val: int, per_nod
     model = load_artifact(directory, torch.device("cpu"), manifest).module
     heldout = phantom_volumes(np.random.SeedSequence(seed).spawn(2)[1], n_val)
     evaluation = evaluate(model, read_pipeline(pipeline_path), heldout, per_nodule)
-    if seed == manifest["training"]["seed"] and n_val == manifest["evaluation"]["n_heldout"]:
+    trained = manifest.get("training", {})  # none in an artifact that radpipe optimize wrote
+    if "seed" in trained and (seed, n_val) == (trained["seed"], manifest["evaluation"]["n_heldout"]):
         kept = {key: value for key, value in manifest.items() if key not in ("format", "versions", "files")}
         save_artifact(directory, model, {**kept, "evaluation": evaluation})
         print(f"recorded in {directory / 'manifest.json'}", flush=True)
