@@ -144,17 +144,16 @@ def decoded_frames(source: Source) -> np.ndarray:
     location = source.pixel_data
     if location is None:
         return modality_frames(pydicom.dcmread(source.path))
-    header = source.header
-    dtype = _native_dtype(header, UID(location.transfer_syntax))
+    header, transfer_syntax = source.header, UID(location.transfer_syntax)
+    dtype = _native_dtype(header, transfer_syntax)
     if dtype is not None:
         shape = (frame_count(header), int(header.Rows), int(header.Columns))
         # count: without an odd length's pad byte
         pixels = np.frombuffer(location.read(source.path), dtype, math.prod(shape)).reshape(shape)
-        return _in_modality_units(pixels, header)
-    decoder = get_decoder(UID(location.transfer_syntax))
-    options = as_pixel_options(source.header, pixel_keyword="PixelData")
-    pixels, _ = decoder.as_array(location.read(source.path), **options)
-    return _in_modality_units(pixels, source.header)
+    else:
+        options = as_pixel_options(header, pixel_keyword="PixelData")
+        pixels, _ = get_decoder(transfer_syntax).as_array(location.read(source.path), **options)
+    return _in_modality_units(pixels, header)
 
 
 class PixelDataError(Exception):
