@@ -40,7 +40,7 @@ def training_windows(pipeline: Pipeline, volumes: list[PhantomVolume], n: int, s
     generator = torch.Generator().manual_seed(seed)
     # each window copied into its place at once: 4,096 windows are 2.4 GB of images, and a
     # list of them stacked afterwards held them twice (labels as int64 would be 4.8 GB more)
-    images = torch.empty((n, cases[0].image.shape[0], *window.roi_size))
+    images = torch.empty((n, cases[0].image.shape[0], *window.roi_size), dtype=cases[0].image.dtype)
     labels = torch.empty((n, *window.roi_size), dtype=torch.uint8)
     for index in range(n):
         image, label = patch(cases, window.roi_size, generator)
