@@ -140,9 +140,10 @@ class Batcher:
             return
         seconds = time.perf_counter() - start
         self._metrics.inference_batch_size.observe(len(logits))
-        for work in owners:
-            work.timer.add("infer", seconds)
         for (work, images), part in zip(taken, logits.split([len(i) for _, i in taken]), strict=True):
+            # Each job is charged its images' share of the call, so that the stage's
+            # seconds over all jobs add up to the model's time and not more.
+            work.timer.add("infer", seconds * len(images) / len(logits))
             work.logits.append(part)
             work.waiting -= len(images)
 

@@ -2,14 +2,23 @@
 own scores, references and failure, whether images are decoded in the runner's thread or
 on worker processes."""
 
+import time
+
 import pydicom
 import pytest
+import torch
 import yaml
+from prometheus_client import CollectorRegistry
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
+from plugin.journal import JobRecord
+from plugin.metrics import Metrics
+from plugin.models.pool import ModelPool
 from plugin.outputs.sr import read_measurement_report
-from tests.conftest import results, storescu, wait_for, with_new_uids, write_pipeline
+from plugin.pipeline import load_pipeline
+from plugin.runner import Batcher, Work
+from tests.conftest import DEMO_PIPELINE, results, storescu, wait_for, with_new_uids, write_pipeline
 
 
 def _break_pixel_data(path) -> None:
@@ -65,3 +74,31 @@ def test_series_share_batches_and_keep_their_own_results(start_node, tmp_path, d
     probabilities = [reports[uids].probability for uids in expected]
     assert max(probabilities) - min(probabilities) < 1e-5
     assert all(reports[uids].present for uids in expected)
+
+
+def test_jobs_sharing_a_model_call_are_each_charged_their_share_of_it() -> None:
+    """The infer stage's seconds over all jobs add up to the model's time: a call that
+    two jobs share is not counted once for each (benchmarks divide them by images)."""
+    pipeline = load_pipeline(DEMO_PIPELINE)
+    metrics = Metrics(CollectorRegistry())
+    pool = ModelPool(metrics)
+    artifact = pool.get(pipeline)
+    batcher = Batcher(pool, artifact, 32, metrics)
+    jobs = [
+        Work(JobRecord(n, n, pipeline.name, pipeline.version, pipeline.sha256, 0, "running", None, 0.0, 0.0, None),
+             pipeline, artifact, [])
+        for n in (1, 2)
+    ]  # fmt: skip
+    images = torch.rand(24, 1, 128, 128)
+    pool.infer(artifact, images[:8])  # warm-up: the first call is not what is measured
+
+    start = time.perf_counter()
+    for work in jobs:
+        batcher.add(work, images)  # 24 + 24 images: a call of 32 that both share, then one of 16
+    batcher.flush()
+    elapsed = time.perf_counter() - start
+
+    assert [sum(len(part) for part in work.logits) for work in jobs] == [24, 24]
+    charged = [work.timer.seconds["infer"] for work in jobs]
+    assert all(seconds > 0 for seconds in charged)
+    assert sum(charged) <= elapsed
