@@ -1,6 +1,6 @@
 """Batches across series: short series share model calls, and each still gets exactly its
 own scores, references and failure, whether images are decoded in the runner's thread or
-on worker processes."""
+on worker processes, and is charged its share of the calls' time."""
 
 import time
 
