@@ -129,12 +129,11 @@ class Batcher:
                 images = images[:count]
             taken.append((work, images))
             count -= len(images)
-        owners = {work for work, _ in taken}
         start = time.perf_counter()
         try:
             logits = self._pool.infer(self.artifact, torch.cat([images for _, images in taken]))
         except Exception as e:  # a model that raises fails every job in the batch, not the node
-            for work in owners:
+            for work in {work for work, _ in taken}:
                 work.error = e
                 self.drop(work)
             return
