@@ -658,6 +658,11 @@ class Journal:
         " AND COALESCE(eb.series_instance_uid, '') = COALESCE(mine.series_instance_uid, '')"
         " AND eb.generation < mine.generation"
     )
+    # The same batch's unfinished jobs of more urgent pipelines (a shadow's live one).
+    _MORE_URGENT_UNFINISHED = (
+        "SELECT 1 FROM jobs urgent WHERE urgent.batch_id = jobs.batch_id AND urgent.priority > jobs.priority"
+        " AND urgent.status IN ('queued', 'running')"
+    )
 
     def claim_job(self, pipeline_sha256: str | None = None) -> JobRecord | None:
         """Lease the most urgent job that is queued, or running on an expired lease, to
@@ -666,7 +671,9 @@ class Journal:
         end's ``lock``). Expired jobs already claimed ``MAX_JOB_CLAIMS`` times fail first.
         A job waits while its pipeline's job on an earlier generation of its series (or
         study) is queued or running: the later SR supersedes the earlier one, so it is
-        written after it, whichever node runs each."""
+        written after it, whichever node or lane runs each. It also waits while a job of
+        a more urgent pipeline on its batch is: a shadow is compared with its live
+        pipeline's finished job."""
         now = time.time()
         expired = "status = 'running' AND COALESCE(lease_until, 0) < ?"
         with self._backend.transaction() as db:
@@ -681,7 +688,7 @@ class Journal:
                 # row, each run skipping the rows the last one locked, and so lease them all
                 "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, lease_owner = ?,"
                 f" lease_until = ? WHERE id = (SELECT id FROM jobs WHERE (status = 'queued' OR ({expired}))"
-                f" AND NOT EXISTS ({self._EARLIER_UNFINISHED})"
+                f" AND NOT EXISTS ({self._EARLIER_UNFINISHED}) AND NOT EXISTS ({self._MORE_URGENT_UNFINISHED})"
                 f" ORDER BY priority DESC, id LIMIT 1{self._backend.lock('jobs')})"
                 " AND (CAST(? AS TEXT) IS NULL OR pipeline_sha256 = ?)"
                 " RETURNING *, (SELECT generation FROM batches WHERE batches.id = jobs.batch_id)",

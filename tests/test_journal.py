@@ -191,9 +191,10 @@ def test_every_query_of_status_replay_shadow_and_retention(location):
     journal.create_batches("1.2", [(pending[0], [live, shadow]), (pending[1], [])], [])
     assert journal.claim_job(pipeline_sha256="b" * 64) is None  # the most urgent job is another version's
     first = journal.claim_job(pipeline_sha256="a" * 64)
-    second = journal.claim_job()
-    assert (first.pipeline, second.pipeline, journal.claim_job()) == ("live", "shadow", None)
+    assert first.pipeline == "live" and journal.claim_job() is None  # the shadow waits for its live job
     journal.complete_job(first.id, [("sr", "/r/live.dcm", "9.1")], ["pacs", "gone"], [("nodule", 0.75, True)])
+    second = journal.claim_job()
+    assert (second.pipeline, journal.claim_job()) == ("shadow", None)
     journal.complete_job(second.id, [("sr", "/r/shadow.dcm", "9.2")], [], [("nodule", 0.25, False)])
     [pair] = journal.finding_pairs("live", "shadow")
     assert (pair.series_instance_uid, pair.live_probability, pair.shadow_present, pair.agree) == (
@@ -237,7 +238,8 @@ def test_every_query_of_status_replay_shadow_and_retention(location):
 
 def test_claimants_side_by_side_never_take_the_same_job(location):
     """Four claimants, each with its own connection (on PostgreSQL, its own pool: as four
-    nodes), drain 40 jobs: every job is claimed exactly once."""
+    nodes), drain 40 jobs, finishing each: every job is claimed exactly once, and none
+    while a more urgent one of its batch is unfinished."""
     journal = Journal(location)
     journal.record_instance(_instance("1.2.3.1"))
     [series] = journal.pending_series()
@@ -250,6 +252,8 @@ def test_claimants_side_by_side_never_take_the_same_job(location):
         start.wait()
         while (job := claimant.claim_job()) is not None:
             mine.append(job.id)
+            assert not [j for j in claimant.jobs() if j.priority > job.priority and j.status != "done"]
+            claimant.complete_job(job.id, [], [], [])
 
     threads = [threading.Thread(target=drain, args=pair) for pair in zip(claimants, claimed, strict=True)]
     for thread in threads:
@@ -260,7 +264,7 @@ def test_claimants_side_by_side_never_take_the_same_job(location):
         claimant.close()
     every = [job_id for mine in claimed for job_id in mine]
     assert sorted(every) == [job.id for job in journal.jobs()]  # each once, none left out
-    assert {job.status for job in journal.jobs()} == {"running"}
+    assert {job.status for job in journal.jobs()} == {"done"}
     journal.close()
 
 

@@ -193,11 +193,13 @@ def test_finding_pairs_follow_the_journal(tmp_path: Path) -> None:
     journal.create_batches(
         "1.2.3", [(series, [JobSpec(LIVE, "1", "a" * 64, 0), JobSpec(SHADOW, "1", "b" * 64, -100)])], []
     )
-    live_job, shadow_job = journal.claim_job(), journal.claim_job()
-    assert live_job is not None and shadow_job is not None and shadow_job.pipeline == SHADOW
-    journal.complete_job(shadow_job.id, [], [], [("nodule", 0.6, True)])
-    assert journal.finding_pairs(LIVE, SHADOW) == []  # the live job has not finished
+    live_job = journal.claim_job()
+    assert live_job is not None and journal.claim_job() is None  # the shadow's waits for the live one
     journal.complete_job(live_job.id, [], [], [("nodule", 0.6, False)])
+    shadow_job = journal.claim_job()
+    assert shadow_job is not None and shadow_job.pipeline == SHADOW
+    assert journal.finding_pairs(LIVE, SHADOW) == []  # the shadow job has not finished
+    journal.complete_job(shadow_job.id, [], [], [("nodule", 0.6, True)])
     pair = FindingPair("1.2.3", "1.2.3.4", "nodule", 0.6, False, 0.6, True)
     assert (
         journal.finding_pairs(LIVE, SHADOW) == journal.finding_pairs(LIVE, SHADOW, shadow_job=shadow_job.id) == [pair]
