@@ -15,9 +15,11 @@ With ``--artifact DIR`` the demo pipeline runs that model artifact instead (e.g.
 pruned int8 one), and the same node first receives the same series with the pipeline
 matching nothing (Modality MR): its ingest-only rate, against which end to end is set,
 and how fast the node receives them with the pipeline against without it. The runner's
-own rate (its one thread's time per image, by its metrics) is reported too: a series is
-complete a quiet period (5 s) after its last instance, so unless receiving takes
-longer than that the jobs run once it has ended, and that rate bounds end to end.
+own rate (by its metrics: images over the sum of its jobs' stage seconds) is reported
+too: a series is complete a quiet period (5 s) after its last instance, so unless
+receiving takes longer than that the jobs run once it has ended, and that rate bounds end
+to end. With two lanes (``runner.concurrent_jobs``) the jobs' stages overlap, and it is
+one lane's rate: the runner takes more.
 
 Run: .venv/bin/python -m benchmarks.end_to_end [--series 20] [--slices 100] [--decode-workers auto]
      [--artifact DIR] [--json out.json]
@@ -218,8 +220,8 @@ def main() -> int:
         # The node's time per image, by stage (its metrics).
         "runner_ms_per_image": {stage: round(seconds / instances * 1000, 2) for stage, seconds in stages.items()},
         "non_model_ms_per_image": round(sum(v for k, v in stages.items() if k in OVERHEAD) / instances * 1000, 2),
-        # What the runner's one thread can take: once the series complete after receiving
-        # ends, end to end is bounded by this rate, not by the receiving.
+        # What one of the runner's lanes can take: once the series complete after receiving
+        # ends, end to end is bounded by this rate (times the lanes at most), not by the receiving.
         "runner_images_per_second": round(instances / sum(v for k, v in stages.items() if k in RUNNER), 1),
         "latency_series_slices": 24,
         "quiet_seconds": quiet,

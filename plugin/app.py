@@ -154,26 +154,36 @@ class Node:
         config = self.config
         router = self.router = Router(read_pipelines(config))
         stages: dict[Role, Worker] = {}
+        helpers: list[Worker] = []
         if "assemble" in self.roles:
             stages["assemble"] = Assembler(self.journal, router, self.metrics)
         if "infer" in self.roles:
             from plugin.models.pool import ModelPool
             from plugin.prepare import Preparer
-            from plugin.runner import Runner
+            from plugin.runner import Lanes, Runner
 
             self.pool = ModelPool(self.metrics, config.storage.dir / "compiled")
-            stages["infer"] = Runner(
-                self.journal,
-                router,
-                self.pool,
-                config.results_dir,
-                list(config.destinations),
-                self.quarantine,
-                self.metrics,
-                Preparer(config.runner.workers),
-            )
+            self.metrics.observe_baselines(lambda: [band for p in router.pipelines for band in p.bands()])
+            lanes = Lanes()
+            runners = [
+                Runner(
+                    self.journal,
+                    router,
+                    self.pool,
+                    config.results_dir,
+                    list(config.destinations),
+                    self.quarantine,
+                    self.metrics,
+                    Preparer(workers),
+                    lanes,
+                )
+                for workers in config.runner.lane_workers
+            ]
+            stages["infer"] = runners[0]  # the stage; the other lanes share its wake-up and next stage
+            helpers += runners[1:]
         destinations = set(config.destinations)
-        return stages, [PipelineReloader(config.pipelines.dir, router, destinations, self.pool, self.metrics)]
+        helpers.append(PipelineReloader(config.pipelines.dir, router, destinations, self.pool, self.metrics))
+        return stages, helpers
 
     @property
     def results_dir(self) -> Path:

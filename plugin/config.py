@@ -187,17 +187,23 @@ class PipelinesSection(_Section):
 
 
 class RunnerSection(_Section):
-    """decode_workers: processes that decode and preprocess images while the model runs;
-    ``auto`` (default) is one per CPU core beyond two, so none on a 2-core machine, where
-    the model's threads already use both cores. 0 decodes in the runner's own thread."""
+    """concurrent_jobs: jobs run at once, each by a lane (a thread) of its own that shares
+    the cores with the others; with 2 (default), one job's model computes while another's
+    headers, preprocessing and SR are made. Volume jobs run one at a time whatever it says.
+    decode_workers: processes that decode and preprocess images while the model runs,
+    shared out among the lanes; ``auto`` (default) is one per CPU core beyond two, so none
+    on a 2-core machine, where the model's threads already use both cores. 0 decodes in
+    each lane's own thread."""
 
+    concurrent_jobs: Annotated[int, Field(ge=1, le=64)] = 2
     decode_workers: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = "auto"
 
     @property
-    def workers(self) -> int:
-        if self.decode_workers == "auto":
-            return max(0, (os.cpu_count() or 1) - 2)
-        return self.decode_workers
+    def lane_workers(self) -> list[int]:
+        """Each lane's decode worker processes."""
+        total = max(0, (os.cpu_count() or 1) - 2) if self.decode_workers == "auto" else self.decode_workers
+        lanes = self.concurrent_jobs
+        return [total // lanes + (lane < total % lanes) for lane in range(lanes)]
 
 
 class DispatchSection(_Section):

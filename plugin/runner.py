@@ -11,7 +11,9 @@ a stream of small series keeps the model at its batch size.
 A volume pipeline (``input.kind: volume``) runs each series on its own: its slices are
 decoded into one volume, resampled and preprocessed (plugin/volume.py), and the model
 gets the volume whole or window by window.
-Runs in its own thread, never in an association's (invariant 4).
+Runs in threads of its own, never in an association's (invariant 4): ``runner.concurrent_jobs``
+lanes, each a :class:`Runner` that claims and runs its own jobs (:class:`Lanes`), so that one
+job's Python work (headers, SR) runs while another's model computes.
 
 A claimed job is leased to this node (plugin/journal.py): the node's heartbeat keeps the
 lease while the job runs, and a finish the journal refuses (the lease expired and another
@@ -28,9 +30,10 @@ import io
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Generator
-from contextlib import closing
+from collections.abc import Generator, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,9 +99,9 @@ class Batcher:
     """Preprocessed images of one or more jobs that share a model, inferred
     ``batch_size`` at a time; each job gets its own rows of the logits back, in order."""
 
-    def __init__(self, pool: ModelPool, artifact: Artifact, batch_size: int, metrics: Metrics) -> None:
+    def __init__(self, pool: ModelPool, artifact: Artifact, batch_size: int, metrics: Metrics, lanes: "Lanes") -> None:
         self.artifact = artifact
-        self._pool, self._batch_size, self._metrics = pool, batch_size, metrics
+        self._pool, self._batch_size, self._metrics, self._lanes = pool, batch_size, metrics, lanes
         self._queue: list[tuple[Work, torch.Tensor]] = []
 
     @property
@@ -129,15 +132,13 @@ class Batcher:
                 images = images[:count]
             taken.append((work, images))
             count -= len(images)
-        start = time.perf_counter()
         try:
-            logits = self._pool.infer(self.artifact, torch.cat([images for _, images in taken]))
+            logits, seconds = self._lanes.model_call(self._pool, self.artifact, torch.cat([i for _, i in taken]))
         except Exception as e:  # a model that raises fails every job in the batch, not the node
             for work in {work for work, _ in taken}:
                 work.error = e
                 self.drop(work)
             return
-        seconds = time.perf_counter() - start
         self._metrics.inference_batch_size.observe(len(logits))
         for (work, images), part in zip(taken, logits.split([len(i) for _, i in taken]), strict=True):
             # Each job is charged its images' share of the call, so that the stage's
@@ -147,7 +148,89 @@ class Batcher:
             work.waiting -= len(images)
 
 
+class Lanes:
+    """What the runner's lanes share. Waking one wakes them all, and each hands its
+    results to the same next stage.
+
+    One lane at a time has the turn: the right to run the job's Python (headers, decoding,
+    preprocessing, SR). A lane gives the turn up while its model computes, so another
+    lane's Python runs beside the model, never beside other Python: two lanes that both ran
+    Python would pass the GIL to and fro and each go slower (benchmarks/README.md, twentieth
+    pass). The cores are shared among what runs: the lane with the turn and the model calls
+    in flight. Each sets its torch threads to its share when it starts (torch counts
+    threads per calling thread), so a lone job runs on all the cores, and two model calls
+    side by side run one thread each, which gets more out of 2 cores than one call on both.
+    Volume jobs, which hold a whole series in memory, run one at a time."""
+
+    def __init__(self, cores: int | None = None) -> None:
+        self.cores = cores or torch.get_num_threads()
+        self.woken = threading.Event()
+        self.next_stage: Worker | None = None
+        self._turn = threading.Lock()
+        self._volume = threading.Lock()
+        self._lock = threading.Lock()  # guards _running
+        self._running = 0  # the turn's holder and the model calls in flight
+
+    def _count(self, change: int) -> None:
+        with self._lock:
+            self._running += change
+
+    @contextmanager
+    def working(self) -> Iterator[None]:
+        """While a lane holds a job: with the turn, except in :meth:`model_call` and :meth:`pause`."""
+        with self._turn:
+            self._count(1)
+            try:
+                yield
+            finally:
+                self._count(-1)
+
+    @contextmanager
+    def _given_up(self) -> Iterator[None]:
+        self._count(-1)
+        self._turn.release()
+        try:
+            yield
+        finally:
+            self._turn.acquire()
+            self._count(1)
+
+    def take_share(self) -> None:
+        """Set the calling lane's torch threads to its share of the cores, as it stands now."""
+        torch.set_num_threads(max(1, self.cores // max(1, self._running)))
+
+    def model_call(self, pool: ModelPool, artifact: Artifact, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``pool.infer`` with the turn given up, on the call's share of the cores; the
+        logits and the seconds the model took (not the wait for the turn after it)."""
+        with self._given_up():
+            self._count(1)
+            try:
+                self.take_share()
+                start = time.perf_counter()
+                return pool.infer(artifact, batch), time.perf_counter() - start
+            finally:
+                self._count(-1)
+
+    def pause(self, seconds: float) -> None:
+        """Sleep with the turn given up."""
+        with self._given_up():
+            time.sleep(seconds)
+
+    @contextmanager
+    def volume_turn(self) -> Iterator[None]:
+        """A volume job's turn, one at a time (waited for with the turn given up)."""
+        with self._given_up():
+            self._volume.acquire()
+        try:
+            yield
+        finally:
+            self._volume.release()
+
+
 class Runner(Worker):
+    """One lane of the runner. ``lanes`` is what it shares with the others (none: it is
+    the only one)."""
+
     def __init__(
         self,
         journal: Journal,
@@ -158,8 +241,10 @@ class Runner(Worker):
         quarantine: Quarantine,
         metrics: Metrics,
         preparer: Preparer,
+        lanes: Lanes | None = None,
     ) -> None:
-        super().__init__("runner")
+        self._lanes = lanes or Lanes()  # before Worker's __init__ sets next_stage (below)
+        super().__init__("runner", woken=self._lanes.woken)
         self._preparer = preparer
         self._journal = journal
         self._router = router
@@ -170,7 +255,14 @@ class Runner(Worker):
         self._metrics = metrics
         self._claimed: list[int] = []  # this step's jobs: handed back at its end unless finished
         self._kill_after_claim = os.environ.get("RADPIPE_TEST_KILL_AFTER_CLAIM") == "1"  # test hook (module doc)
-        metrics.observe_baselines(lambda: [band for p in router.pipelines for band in p.bands()])
+
+    @property
+    def next_stage(self) -> Worker | None:  # Worker's attribute, shared by the lanes
+        return self._lanes.next_stage
+
+    @next_stage.setter
+    def next_stage(self, stage: Worker | None) -> None:
+        self._lanes.next_stage = stage
 
     def _claim(self, pipeline_sha256: str | None = None) -> JobRecord | None:
         job = self._journal.claim_job(pipeline_sha256)
@@ -191,18 +283,25 @@ class Runner(Worker):
         job = self._claim()
         if job is None:
             return False
+        with self._lanes.working():
+            self._run(job)
+        return True
+
+    def _run(self, job: JobRecord) -> None:
+        """``job`` and the queued jobs that share its batches."""
         work = self._start(job)
         batcher: Batcher | None = None
         fed: list[Work] = []  # every image handed to the batcher; waiting for the last logits
         while work is not None:
             if work.pipeline.input.kind == "volume":  # a volume is a batch of its own
-                self._run_volume(work)
+                with self._lanes.volume_turn():
+                    self._run_volume(work)
                 break
             if batcher is None or work.artifact is not batcher.artifact:
                 if batcher is not None:
                     batcher.flush()
                     fed = self._finish_inferred(fed)
-                batcher = Batcher(self._pool, work.artifact, work.pipeline.model.batch_size, self._metrics)
+                batcher = Batcher(self._pool, work.artifact, work.pipeline.model.batch_size, self._metrics, self._lanes)
             if self._feed(work, batcher):
                 fed.append(work)
             fed = self._finish_inferred(fed)
@@ -210,7 +309,6 @@ class Runner(Worker):
         if batcher is not None:
             batcher.flush()
             self._finish_inferred(fed)
-        return True
 
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)
@@ -250,7 +348,7 @@ class Runner(Worker):
                 continue
             if time.monotonic() >= deadline:
                 return None
-            time.sleep(0.005)
+            self._lanes.pause(0.005)
         return None
 
     def _pipeline(self, job: JobRecord) -> Pipeline:
@@ -329,6 +427,7 @@ class Runner(Worker):
                     raise JobError("worker_died", str(e)) from e
                 if item is None:
                     return
+                self._lanes.take_share()  # for this image's model call, the next one's preprocessing
                 work.timer.add("load", item[1].decode_seconds)
                 work.timer.add("preprocess", item[1].preprocess_seconds)
                 yield item[1]
@@ -365,7 +464,7 @@ class Runner(Worker):
         window = selection.sliding_window
 
         def predict(batch: torch.Tensor) -> torch.Tensor:
-            logits = self._pool.infer(work.artifact, batch)
+            logits, _ = self._lanes.model_call(self._pool, work.artifact, batch)
             self._metrics.inference_batch_size.observe(len(batch))
             return logits
 

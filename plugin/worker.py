@@ -16,15 +16,17 @@ class Worker(threading.Thread):
 
     ``next_stage`` is the worker that consumes what this one produces (assembler ->
     runner -> dispatcher): after a step that did work it is woken at once instead of
-    finding the work at its next poll, which takes the polling out of result latency."""
+    finding the work at its next poll, which takes the polling out of result latency.
+    Workers that take the same work (the runner's lanes) share ``woken``: waking one wakes
+    them all."""
 
     interval = 0.2
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, woken: threading.Event | None = None) -> None:
         super().__init__(name=name, daemon=True)
         self.stopping = threading.Event()
         self.next_stage: Worker | None = None
-        self._woken = threading.Event()
+        self._woken = woken or threading.Event()
 
     def step(self) -> bool:
         """Do one unit of work; return True if there may be more right away."""

@@ -17,7 +17,7 @@ from plugin.metrics import Metrics
 from plugin.models.pool import ModelPool
 from plugin.outputs.sr import read_measurement_report
 from plugin.pipeline import load_pipeline
-from plugin.runner import Batcher, Work
+from plugin.runner import Batcher, Lanes, Work
 from tests.conftest import DEMO_PIPELINE, results, storescu, wait_for, with_new_uids, write_pipeline
 
 
@@ -37,7 +37,8 @@ def test_series_share_batches_and_keep_their_own_results(start_node, tmp_path, d
     data = yaml.safe_load(pipeline.read_text())
     data["model"]["batch_window_ms"] = 3000  # the series close within this of each other
     pipeline.write_text(yaml.safe_dump(data, sort_keys=False))
-    node = start_node(runner={"decode_workers": decode_workers})
+    # One lane: with two, each would batch the series it took (tests/test_lanes.py).
+    node = start_node(runner={"decode_workers": decode_workers, "concurrent_jobs": 1})
     nodules = demo_study["Demo chest CT, nodules"]
     valid = [with_new_uids(nodules, tmp_path / str(i)) for i in range(3)]
     broken = with_new_uids(nodules, tmp_path / "broken")
@@ -83,7 +84,8 @@ def test_jobs_sharing_a_model_call_are_each_charged_their_share_of_it() -> None:
     metrics = Metrics(CollectorRegistry())
     pool = ModelPool(metrics)
     artifact = pool.get(pipeline)
-    batcher = Batcher(pool, artifact, 32, metrics)
+    lanes = Lanes()
+    batcher = Batcher(pool, artifact, 32, metrics, lanes)
     jobs = [
         Work(JobRecord(n, n, pipeline.name, pipeline.version, pipeline.sha256, 0, "running", None, 0.0, 0.0, None),
              pipeline, artifact, [])
@@ -93,9 +95,10 @@ def test_jobs_sharing_a_model_call_are_each_charged_their_share_of_it() -> None:
     pool.infer(artifact, images[:8])  # warm-up: the first call is not what is measured
 
     start = time.perf_counter()
-    for work in jobs:
-        batcher.add(work, images)  # 24 + 24 images: a call of 32 that both share, then one of 16
-    batcher.flush()
+    with lanes.working():  # as a runner's lane holds a job
+        for work in jobs:
+            batcher.add(work, images)  # 24 + 24 images: a call of 32 that both share, then one of 16
+        batcher.flush()
     elapsed = time.perf_counter() - start
 
     assert [sum(len(part) for part in work.logits) for work in jobs] == [24, 24]

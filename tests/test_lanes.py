@@ -1,0 +1,43 @@
+"""The runner's lanes (``runner.concurrent_jobs``): with two, two series' jobs run at the
+same time, and each series still gets exactly its own result."""
+
+from itertools import combinations
+
+import pydicom
+import pytest
+import yaml
+
+from plugin.outputs.sr import read_measurement_report
+from tests.conftest import results, storescu, wait_for, with_new_uids, write_pipeline
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_jobs_run_side_by_side_on_two_lanes_only(start_node, tmp_path, demo_study, dcmtk, lanes):
+    pipeline = write_pipeline(tmp_path / "pipelines")
+    data = yaml.safe_load(pipeline.read_text())
+    data["model"]["batch_size"] = 8  # 24 slices: no short batch for a lane to fill with the next series
+    pipeline.write_text(yaml.safe_dump(data, sort_keys=False))
+    node = start_node(runner={"concurrent_jobs": lanes})
+    series = [with_new_uids(demo_study["Demo chest CT, nodules"], tmp_path / str(i)) for i in range(4)]
+    assert storescu(node.port, *[f for s in series for f in s]).returncode == 0
+
+    def finished():
+        jobs = node.journal.jobs()
+        return len(jobs) == 4 and all(j.status == "done" for j in jobs) and jobs
+
+    jobs = wait_for(finished, what="four jobs done")
+    side_by_side = [
+        (a.id, b.id)
+        for a, b in combinations(jobs, 2)
+        if a.started_at < b.finished_at and b.started_at < a.finished_at  # type: ignore[operator]
+    ]
+    assert bool(side_by_side) == (lanes == 2), side_by_side
+
+    reports = {}
+    for path in results(node.results_dir):
+        [finding] = read_measurement_report(pydicom.dcmread(path))
+        reports[frozenset(finding.source_sop_instance_uids)] = finding
+    expected = [frozenset(str(pydicom.dcmread(p).SOPInstanceUID) for p in s) for s in series]
+    assert set(reports) == set(expected)
+    probabilities = [reports[uids].probability for uids in expected]
+    assert max(probabilities) - min(probabilities) < 1e-5  # the same pixels: the same score, on any lane
