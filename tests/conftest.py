@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pydicom
@@ -31,6 +32,9 @@ from tests.postgres import (  # noqa: F401 (fixtures)
     session_server_stopped,
     suite_journal_url,
 )
+
+if TYPE_CHECKING:
+    from plugin.outputs.sr import ReportedFinding
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PIPELINE = REPO / "pipelines" / "lung-nodule-demo.yaml"
@@ -238,6 +242,20 @@ def wait_for(condition: Callable[[], object], timeout: float = 60, what: str = "
 
 def results(results_dir: Path) -> list[Path]:
     return sorted(results_dir.glob("*/*.dcm"))
+
+
+def series_findings(results_dir: Path, series: list[list[Path]]) -> "list[ReportedFinding]":
+    """Each series' one finding, from the SRs in ``results_dir``, which must report on
+    exactly these series, each on its own images."""
+    from plugin.outputs.sr import read_measurement_report
+
+    reports = {}
+    for path in results(results_dir):
+        [finding] = read_measurement_report(pydicom.dcmread(path))
+        reports[frozenset(finding.source_sop_instance_uids)] = finding
+    expected = [frozenset(str(pydicom.dcmread(p).SOPInstanceUID) for p in files) for files in series]
+    assert set(reports) == set(expected)
+    return [reports[uids] for uids in expected]
 
 
 def storescu(port: int, *files: Path, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
