@@ -427,7 +427,7 @@ class Runner(Worker):
                     raise JobError("worker_died", str(e)) from e
                 if item is None:
                     return
-                self._lanes.take_share()  # for this image's model call, the next one's preprocessing
+                self._lanes.take_share()  # for the next image's preprocessing (a model call takes its own)
                 work.timer.add("load", item[1].decode_seconds)
                 work.timer.add("preprocess", item[1].preprocess_seconds)
                 yield item[1]

@@ -25,9 +25,7 @@ def test_jobs_run_side_by_side_on_two_lanes_only(start_node, tmp_path, demo_stud
 
     jobs = wait_for(finished, what="four jobs done")
     side_by_side = [
-        (a.id, b.id)
-        for a, b in combinations(jobs, 2)
-        if a.started_at < b.finished_at and b.started_at < a.finished_at  # type: ignore[operator]
+        (a.id, b.id) for a, b in combinations(jobs, 2) if a.started_at < b.finished_at and b.started_at < a.finished_at
     ]
     assert bool(side_by_side) == (lanes == 2), side_by_side
 
