@@ -15,7 +15,6 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -23,25 +22,21 @@ from prometheus_client import CollectorRegistry
 from benchmarks.common import ct_series, report, scratch
 from benchmarks.end_to_end import PIPELINE, pipelines, send_concurrently, start, stop
 from plugin.cli import GIL_SWITCH_SECONDS
-from plugin.journal import InstanceRecord, JobSpec, Journal
+from plugin.journal import InstanceRecord, Journal
 from plugin.metrics import Metrics
 from plugin.models.pool import ModelPool
 from plugin.outputs.conformance import load_tables
 from plugin.pipeline import Pipeline, load_pipeline
 from plugin.prepare import Preparer
 from plugin.quarantine import Quarantine
+from plugin.replay import queued_locally
 from plugin.router import Router
 from plugin.runner import Lanes, Runner
 
 
 def runner_rate(out: Path, records: list[InstanceRecord], pipeline: Pipeline, pool: ModelPool, lanes: int) -> float:
     """Images/s of ``lanes`` lanes running one job per series of ``records``."""
-    journal = Journal(out / "journal.sqlite")
-    for record in records:
-        journal.record_instance(replace(record, batch_id=None))
-    spec = JobSpec(pipeline.name, pipeline.version, pipeline.sha256, pipeline.priority)
-    for series in journal.pending_series():
-        journal.create_batches(series.study_instance_uid, [(series, [spec])], [])
+    journal = queued_locally(pipeline, records, out / "journal.sqlite")
     metrics, router, shared = Metrics(CollectorRegistry()), Router([pipeline]), Lanes()
     quarantine = Quarantine(out / "quarantine")
     runners = [

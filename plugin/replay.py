@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from plugin.journal import JobSpec, Journal, PendingSeries
+from plugin.journal import InstanceRecord, JobSpec, Journal, PendingSeries
 from plugin.pipeline import Pipeline
 from plugin.router import Router, UnreadableFile, read_header
 
@@ -87,6 +87,24 @@ def report(pipeline: Pipeline, verdicts: list[SeriesVerdict], since: float) -> l
     return lines
 
 
+def queued_locally(pipeline: Pipeline, records: list[InstanceRecord], path: Path) -> Journal:
+    """A journal of its own at ``path`` holding ``records``, with one job of ``pipeline``
+    queued per series (or study, by its completion level), as the assembler queues them."""
+    local = Journal(path)
+    for record in records:
+        local.record_instance(replace(record, batch_id=None))
+    spec = JobSpec(pipeline.name, pipeline.version, pipeline.sha256, pipeline.priority)
+    by_study: dict[str, list[PendingSeries]] = {}
+    for series in local.pending_series():
+        by_study.setdefault(series.study_instance_uid, []).append(series)
+    for study_uid, pending in by_study.items():
+        if pipeline.completion.level == "study":
+            local.create_batches(study_uid, [(s, []) for s in pending], [spec])
+        else:
+            local.create_batches(study_uid, [(s, [spec]) for s in pending], [])
+    return local
+
+
 def run_locally(
     pipeline: Pipeline, journal: Journal, verdicts: list[SeriesVerdict], out: Path, since: float
 ) -> Journal:
@@ -105,19 +123,15 @@ def run_locally(
     taken = {v.series.series_instance_uid for v in verdicts if v.failure is None}
     studies = {v.series.study_instance_uid for v in verdicts if v.failure is None}
     study_level = pipeline.completion.level == "study"
-    local = Journal(out / "journal.sqlite")
-    for record in journal.received_instances(since):
-        if (record.study_instance_uid in studies) if study_level else (record.series_instance_uid in taken):
-            local.record_instance(replace(record, batch_id=None))
-    spec = JobSpec(pipeline.name, pipeline.version, pipeline.sha256, pipeline.priority)
-    by_study: dict[str, list[PendingSeries]] = {}
-    for series in local.pending_series():
-        by_study.setdefault(series.study_instance_uid, []).append(series)
-    for study_uid, pending in by_study.items():
-        if study_level:
-            local.create_batches(study_uid, [(s, []) for s in pending], [spec])
-        else:
-            local.create_batches(study_uid, [(s, [spec]) for s in pending], [])
+    local = queued_locally(
+        pipeline,
+        [
+            record
+            for record in journal.received_instances(since)
+            if ((record.study_instance_uid in studies) if study_level else (record.series_instance_uid in taken))
+        ],
+        out / "journal.sqlite",
+    )
     metrics = Metrics(CollectorRegistry())
     runner = Runner(
         local,
