@@ -6,7 +6,12 @@ The model runs once per volume: its stitched output is kept, and each variant of
 `postprocess.segments` is applied to it. Seed 1 gives the tuning volumes that the filters
 are chosen on; the artifact's training seed (0), its held-out volumes, only to report.
 
-Run: .venv/bin/python -m benchmarks.seg_filters [--artifact DIR] [--seed 1] [--n-val 60] [--json out.json]
+`--alone 0.65 0.5` adds the pipeline with the `alone` band's lower bound at each of those scores.
+Seed 1 gives the tuning volumes; seed 3, a second set drawn the same way, checks a choice
+made on them with volumes it was not made on.
+
+Run: .venv/bin/python -m benchmarks.seg_filters [--artifact DIR] [--seed 1] [--n-val 60] [--alone P ...]
+     [--json out.json]
 """
 
 import argparse
@@ -25,9 +30,16 @@ from plugin.pipeline import Pipeline, SegmentSpec
 PIPELINE = REPO / "pipelines" / "lung-nodule-seg-demo.yaml"
 
 
-def variants(spec: SegmentSpec) -> dict[str, dict[str, Any]]:
-    """Updates of the pipeline's segment, by what they leave out."""
-    alone_off = None if spec.outline is None else spec.outline.model_copy(update={"alone": None})
+def variants(spec: SegmentSpec, alone_bounds: list[float]) -> dict[str, dict[str, Any]]:
+    """Updates of the pipeline's segment, by what they leave out, then with the ``alone``
+    band's lower bound at each of ``alone_bounds``."""
+    outline = spec.outline
+    alone_off = None if outline is None else outline.model_copy(update={"alone": None})
+    alone_from = {}
+    if outline is not None and outline.alone is not None:
+        for bound in alone_bounds:
+            alone = outline.alone.model_copy(update={"min_mean_probability": bound})
+            alone_from[f"alone from {bound}"] = {"outline": outline.model_copy(update={"alone": alone})}
     return {
         "the pipeline": {},
         "the model alone (threshold, min_volume_mm3)": {
@@ -42,6 +54,7 @@ def variants(spec: SegmentSpec) -> dict[str, dict[str, Any]]:
         "without alone": {"outline": alone_off},
         "without outline (nor alone)": {"outline": None},
         "without outline (nor alone) or grow_threshold": {"outline": None, "grow_threshold": None},
+        **alone_from,
     }
 
 
@@ -50,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact", type=Path, default=REPO / "pipelines" / "models" / "lung-nodule-seg-demo")
     parser.add_argument("--seed", type=int, default=1, help="1: the tuning volumes; 0: the shipped model's held-out")
     parser.add_argument("--n-val", type=int, default=60)
+    parser.add_argument("--alone", type=float, nargs="*", default=[], help="lower bounds of the alone band to score")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -70,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     train_seg.segment_volume = once  # type: ignore[assignment]
     spec = pipeline.postprocess.segments[0]
     figures: dict[str, Any] = {"artifact": str(args.artifact), "seed": args.seed, "volumes": args.n_val}
-    for name, update in variants(spec).items():
+    for name, update in variants(spec, args.alone).items():
         postprocess = pipeline.postprocess.model_copy(update={"segments": [spec.model_copy(update=update)]})
         variant: Pipeline = pipeline.model_copy(update={"postprocess": postprocess})
         scored = train_seg.evaluate(model, variant, volumes)
