@@ -8,7 +8,10 @@ On one generated 512x512 CT series, in one process, in interleaved rounds (media
 - the runner's headers in order (``loader.read_images``): from the journal entries, and
   from the files as for a row without one (an earlier radpipe's);
 - decoding each image in modality units (``loader.decoded_frames``): its Pixel Data value
-  read at the journaled offset, and the whole file parsed and decoded.
+  read at the journaled offset, and the whole file parsed and decoded;
+- a job's load as the runner does it: the headers in order from the journal, then each
+  image decoded (each job builds its headers anew, so pydicom converts every value it
+  reads of them once more; the decode steps above reuse headers converted already).
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.parse_once [--slices 100] [--rounds 5] [--json out.json]
 """
@@ -72,6 +75,9 @@ def main() -> int:
         "runner headers in order: from the files": lambda: read_images(from_files),
         "decode: Pixel Data read at the journaled offset": lambda: [decoded_frames(s) for s in journaled],
         "decode: whole file parsed and decoded": lambda: [decoded_frames(s) for s in unjournaled],
+        "a job's load: headers in order, then each image decoded": lambda: [
+            decoded_frames(s) for s in read_images(records)
+        ],
     }
     timings: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):

@@ -13,7 +13,6 @@ the twenty of them cost more than the whole parse), and rebuilt as raw elements:
 header the runner gets reads exactly as the file's would.
 """
 
-import dataclasses
 import json
 import struct
 from dataclasses import dataclass
@@ -141,13 +140,45 @@ def header_values(dataset: Dataset) -> dict[str, str | int]:
 
 
 @dataclass(frozen=True)
+class NativeGrey:
+    """How a native little-endian grey image's pixels lie: they are its Pixel Data value as
+    it is (PS3.5 8.1.1), so the runner reads them as an array, without pydicom. From the
+    journaled values: converting them to a header's attributes cost more than the read."""
+
+    dtype: str  # numpy's, for BitsAllocated and PixelRepresentation
+    shape: tuple[int, int, int]  # NumberOfFrames, Rows, Columns
+    rescale: tuple[float, float] | None  # RescaleSlope and RescaleIntercept, when both are there
+
+
+def native_grey(values: dict[str, str | int], transfer_syntax: UID) -> NativeGrey | None:
+    """``values``' :class:`NativeGrey`; None for what needs pydicom's decoder (encapsulated,
+    bit-packed or colour pixels) and for a value that does not read as a number, which
+    pydicom's reading then judges."""
+    bits, rows, columns = values.get("BitsAllocated"), values.get("Rows"), values.get("Columns")
+    if transfer_syntax.is_encapsulated or values.get("SamplesPerPixel", 1) != 1 or bits not in (8, 16, 32):
+        return None
+    if not isinstance(rows, int) or not isinstance(columns, int) or not isinstance(bits, int):
+        return None
+    try:
+        frames = int(values.get("NumberOfFrames", 1)) or 1
+        rescale = None
+        if "RescaleSlope" in values and "RescaleIntercept" in values:
+            rescale = float(values["RescaleSlope"]), float(values["RescaleIntercept"])
+    except ValueError:
+        return None
+    signed = values.get("PixelRepresentation") == 1
+    return NativeGrey(f"<{'i' if signed else 'u'}{bits // 8}", (frames, rows, columns), rescale)
+
+
+@dataclass(frozen=True)
 class PixelData:
-    """Where an image's Pixel Data value lies in its file and the transfer syntax it is
-    encoded in."""
+    """Where an image's Pixel Data value lies in its file, the transfer syntax it is
+    encoded in and, for a native grey image, how its pixels lie."""
 
     offset: int
     length: int
     transfer_syntax: str
+    native: NativeGrey | None = None
 
     def read(self, path: str) -> bytes:
         with open(path, "rb") as file:
@@ -172,7 +203,7 @@ def journal_entry(
         and pixels.offset is not None
         and transfer_syntax.is_little_endian
     ):
-        location = dataclasses.asdict(PixelData(pixels.offset, pixels.length, str(transfer_syntax)))
+        location = {"offset": pixels.offset, "length": pixels.length, "transfer_syntax": str(transfer_syntax)}
     return json.dumps({"attributes": values, "pixel_data": location})
 
 
@@ -196,4 +227,7 @@ def read_journal_entry(entry: str) -> JournaledHeader:
             raw += b"\0" if vr == "UI" else b" "
         elements[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
     location = stored["pixel_data"]
-    return JournaledHeader(Dataset(elements), PixelData(**location) if location else None)
+    if location is None:
+        return JournaledHeader(Dataset(elements), None)
+    native = native_grey(stored["attributes"], UID(location["transfer_syntax"]))
+    return JournaledHeader(Dataset(elements), PixelData(**location, native=native))
