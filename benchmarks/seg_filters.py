@@ -6,9 +6,9 @@ The model runs once per volume: its stitched output is kept, and each variant of
 `postprocess.segments` is applied to it. Seed 1 gives the tuning volumes that the filters
 are chosen on; the artifact's training seed (0), its held-out volumes, only to report.
 
-`--alone 0.65 0.5` adds the pipeline with the `alone` band's lower bound at each of those scores.
-Seed 1 gives the tuning volumes; seed 3, a second set drawn the same way, checks a choice
-made on them with volumes it was not made on.
+Seed 3 gives a second set drawn the same way, to check a choice made on seed 1 with volumes
+it was not made on. `--alone 0.65 0.5` adds the pipeline with the `alone` band's lower bound
+at each of those scores.
 
 Run: .venv/bin/python -m benchmarks.seg_filters [--artifact DIR] [--seed 1] [--n-val 60] [--alone P ...]
      [--json out.json]
@@ -61,7 +61,9 @@ def variants(spec: SegmentSpec, alone_bounds: list[float]) -> dict[str, dict[str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", type=Path, default=REPO / "pipelines" / "models" / "lung-nodule-seg-demo")
-    parser.add_argument("--seed", type=int, default=1, help="1: the tuning volumes; 0: the shipped model's held-out")
+    parser.add_argument(
+        "--seed", type=int, default=1, help="1: the tuning volumes; 3: a second set; 0: the shipped model's held-out"
+    )
     parser.add_argument("--n-val", type=int, default=60)
     parser.add_argument("--alone", type=float, nargs="*", default=[], help="lower bounds of the alone band to score")
     parser.add_argument("--json", type=Path)

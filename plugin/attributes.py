@@ -3,10 +3,11 @@
 The C-STORE handler parses the header up to Pixel Data for its checks. From that parse
 it keeps the attributes that sorting, preprocessing and the results need
 (:data:`JOURNALED`), as the file encodes them, and where the Pixel Data's value starts in
-the spool file. The runner builds each image's header from the journal and has pydicom's
-decoder read its pixels at that offset, instead of parsing every file twice (headers to
-sort, then whole to decode). A series' first image, whose header the results copy the
-patient and study from, is still read from its file, once per job.
+the spool file. The runner builds each image's header from the journal and reads its
+pixels at that offset, instead of parsing every file twice (headers to sort, then whole to
+decode): a native grey image's as the journaled values say (:class:`NativeGrey`), others
+with pydicom's decoder. A series' first image, whose header the results copy the patient
+and study from, is still read from its file, once per job.
 
 Values are read from pydicom's raw elements, before pydicom converts them (converting
 the twenty of them cost more than the whole parse), and rebuilt as raw elements: the
