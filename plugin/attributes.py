@@ -210,10 +210,12 @@ def journal_entry(
 
 @dataclass(frozen=True)
 class JournaledHeader:
-    """An instance's header as the journal holds it, and where its pixels are."""
+    """An instance's header as the journal holds it, where its pixels are, and the
+    journaled values themselves (what :func:`header_values` reads of a header)."""
 
     header: Dataset
     pixel_data: PixelData | None
+    values: dict[str, str | int]
 
 
 def read_journal_entry(entry: str) -> JournaledHeader:
@@ -227,8 +229,8 @@ def read_journal_entry(entry: str) -> JournaledHeader:
         if len(raw) % 2:
             raw += b"\0" if vr == "UI" else b" "
         elements[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
-    location = stored["pixel_data"]
+    values, location = stored["attributes"], stored["pixel_data"]
     if location is None:
-        return JournaledHeader(Dataset(elements), None)
-    native = native_grey(stored["attributes"], UID(location["transfer_syntax"]))
-    return JournaledHeader(Dataset(elements), PixelData(**location, native=native))
+        return JournaledHeader(Dataset(elements), None, values)
+    native = native_grey(values, UID(location["transfer_syntax"]))
+    return JournaledHeader(Dataset(elements), PixelData(**location, native=native), values)

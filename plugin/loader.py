@@ -13,7 +13,7 @@ from pydicom import Dataset, FileDataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, as_pixel_options, get_decoder
 from pydicom.uid import UID
 
-from plugin.attributes import PixelData, read_journal_entry
+from plugin.attributes import PixelData, header_values, read_journal_entry
 from plugin.journal import InstanceRecord
 
 
@@ -45,24 +45,45 @@ def file_source(path: str) -> Source:
     return Source(pydicom.dcmread(path, stop_before_pixels=True), path)
 
 
-def _journaled_source(record: InstanceRecord) -> Source:
-    """An instance as the receipt journaled it (:mod:`plugin.attributes`); from its file
-    when nothing was journaled (an earlier radpipe's row, lookup tables)."""
+def _journaled_source(record: InstanceRecord) -> tuple[Source, dict[str, str | int]]:
+    """An instance as the receipt journaled it (:mod:`plugin.attributes`), and its
+    journaled values; from its file when nothing was journaled (an earlier radpipe's row,
+    lookup tables)."""
     if record.attributes is None:
-        return file_source(record.path)
+        source = file_source(record.path)
+        return source, header_values(source.header)
     journaled = read_journal_entry(record.attributes)
-    return Source(journaled.header, record.path, journaled.pixel_data)
+    return Source(journaled.header, record.path, journaled.pixel_data), journaled.values
 
 
-def _position_along_normal(header: Dataset) -> float | None:
+def _numbers(values: dict[str, str | int], keyword: str) -> list[float]:
+    """The numbers of a journaled DS or IS value (PS3.5 6.2: backslash-separated); none if absent."""
+    text = values.get(keyword)
+    return [float(item) for item in str(text).split("\\")] if text is not None else []
+
+
+def _position_along_normal(values: dict[str, str | int]) -> float | None:
     try:
-        row, col = (
-            np.array(header.ImageOrientationPatient[:3], float),
-            np.array(header.ImageOrientationPatient[3:], float),
-        )
-        return float(np.dot(np.cross(row, col), np.array(header.ImagePositionPatient, float)))
-    except (AttributeError, TypeError, ValueError, IndexError):
+        orientation, position = _numbers(values, "ImageOrientationPatient"), _numbers(values, "ImagePositionPatient")
+    except ValueError:
         return None
+    if len(orientation) != 6 or len(position) != 3:
+        return None
+    (r0, r1, r2), (c0, c1, c2) = orientation[:3], orientation[3:]
+    normal = (r1 * c2 - r2 * c1, r2 * c0 - r0 * c2, r0 * c1 - r1 * c0)
+    return sum(n * p for n, p in zip(normal, position, strict=True))
+
+
+def _order(values: dict[str, str | int], sort: str) -> tuple[float, float, str]:
+    """The sort key of :func:`read_images`, from the journaled values: reading them from
+    each job's headers anew (pydicom converting every decimal string) took longer than
+    building the headers. A number that does not read as one counts as absent."""
+    position = _position_along_normal(values) if sort == "position" else None
+    try:
+        number = _numbers(values, "InstanceNumber")
+    except ValueError:
+        number = []
+    return (position if position is not None else 0.0, number[0] if number else 0.0, str(values.get("SOPInstanceUID")))
 
 
 def read_images(records: Sequence[InstanceRecord], sort: str = "position") -> list[Source]:
@@ -71,19 +92,8 @@ def read_images(records: Sequence[InstanceRecord], sort: str = "position") -> li
     sorts by InstanceNumber. Ties go by SOP Instance UID. Headers come from the journal;
     the first image's whole header from its file, as the results copy the patient and
     the study from it."""
-    sources = [s for s in map(_journaled_source, records) if is_image(s)]
-
-    def order(source: Source) -> tuple[float, float, str]:
-        h = source.header
-        position = _position_along_normal(h) if sort == "position" else None
-        number = h.get("InstanceNumber")
-        return (
-            position if position is not None else 0.0,
-            float(number) if number not in (None, "") else 0.0,
-            str(h.SOPInstanceUID),
-        )
-
-    ordered = sorted(sources, key=order)
+    keyed = [(source, _order(values, sort)) for source, values in map(_journaled_source, records) if is_image(source)]
+    ordered = [source for source, _ in sorted(keyed, key=lambda pair: pair[1])]
     if ordered and not isinstance(ordered[0].header, FileDataset):
         ordered[0] = dataclasses.replace(ordered[0], header=file_source(ordered[0].path).header)
     return ordered

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from plugin.attributes import JOURNALED, header_values, journal_entry, read_journal_entry
@@ -148,3 +150,65 @@ def test_the_node_journals_where_each_instances_pixels_lie(start_node, demo_stud
         assert journaled.pixel_data.read(row.path) == stored.PixelData
         assert journaled.header.ImagePositionPatient == stored.ImagePositionPatient
     wait_for(lambda: results(node.results_dir), what="the series' SR")
+
+
+def _slice(path: Path, uid: str, number: str, position: list[float] | None, orientation: list[float]) -> Path:
+    """A small CT image of pydicom's, made one slice of a series with these values."""
+    ds = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")
+    ds.SOPInstanceUID, ds.ImageOrientationPatient = uid, orientation
+    del ds.ImagePositionPatient
+    if position is not None:
+        ds.ImagePositionPatient = position
+    # as written, even where it is no number (pydicom would refuse to set it)
+    raw = (number + " " * (len(number) % 2)).encode()
+    ds[0x0020_0013] = RawDataElement(Tag(0x0020_0013), "IS", len(raw), raw, 0, False, True)
+    ds.save_as(path)
+    return path
+
+
+def test_images_are_ordered_along_the_slice_normal_from_the_journal_as_from_their_files(tmp_path):
+    """An oblique series shuffled: read back in order along its normal (not by z, nor by
+    InstanceNumber), from the journal as from the files. Where the geometry is missing
+    InstanceNumber orders, one that is not a number counts as absent, and ties go by UID."""
+    oblique = [0.8, 0.6, 0.0, 0.0, 0.0, 1.0]  # the normal is (0.6, -0.8, 0)
+    normal = np.cross(oblique[:3], oblique[3:])
+    rng = np.random.default_rng(0)
+    made = []
+    for i, step in enumerate(rng.permutation(6)):
+        # z falls as the slices go along the normal, and InstanceNumber runs the other way
+        position = list(normal * float(step) * 2.5 + [0.0, 0.0, -float(step)])
+        made.append((step, _slice(tmp_path / f"a{i}.dcm", f"1.2.3.{i + 1}", str(9 - i), position, oblique)))
+    unplaced = [
+        _slice(tmp_path / "b0.dcm", "1.2.4.2", "2", None, oblique),
+        _slice(tmp_path / "b1.dcm", "1.2.4.9", "1A", None, oblique),  # counts as absent: first
+        _slice(tmp_path / "b2.dcm", "1.2.4.1", "2", None, oblique),  # ties with b0: by UID
+    ]
+
+    def records(paths: list[Path], journaled: bool) -> list[InstanceRecord]:
+        rows = []
+        for path in paths:
+            whole, entry = _received(path)
+            rows.append(
+                InstanceRecord(
+                    "1.2.3",
+                    str(whole.SOPClassUID),
+                    "1.2",
+                    "1.2.3",
+                    str(path),
+                    0,
+                    "CT1",
+                    0.0,
+                    None,
+                    entry if journaled else None,
+                )
+            )
+        return rows
+
+    expected = [str(path) for _, path in sorted(made)]
+    for journaled in (True, False):
+        ordered = read_images(records([p for _, p in made], journaled))
+        assert [s.path for s in ordered] == expected, journaled
+        numbered = read_images(records(unplaced, journaled))
+        assert [s.path for s in numbered] == [str(unplaced[i]) for i in (1, 2, 0)], journaled
+        by_number = read_images(records([p for _, p in made], journaled), sort="instance_number")
+        assert [s.path for s in by_number] == [str(made[i][1]) for i in reversed(range(6))], journaled
