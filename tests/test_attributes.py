@@ -2,6 +2,7 @@
 back, and the pixels it decodes at the journaled offset are the file's, for every real
 file the node accepts."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -188,20 +189,8 @@ def test_images_are_ordered_along_the_slice_normal_from_the_journal_as_from_thei
         rows = []
         for path in paths:
             whole, entry = _received(path)
-            rows.append(
-                InstanceRecord(
-                    "1.2.3",
-                    str(whole.SOPClassUID),
-                    "1.2",
-                    "1.2.3",
-                    str(path),
-                    0,
-                    "CT1",
-                    0.0,
-                    None,
-                    entry if journaled else None,
-                )
-            )
+            record = InstanceRecord("1.2.3", str(whole.SOPClassUID), "1.2", "1.2.3", str(path), 0, "CT1", 0.0)
+            rows.append(dataclasses.replace(record, attributes=entry if journaled else None))
         return rows
 
     expected = [str(path) for _, path in sorted(made)]
