@@ -243,7 +243,7 @@ class Runner(Worker):
         preparer: Preparer,
         lanes: Lanes | None = None,
     ) -> None:
-        self._lanes = lanes or Lanes()  # before Worker's __init__ sets next_stage (below)
+        self._lanes = lanes or Lanes()
         super().__init__("runner", woken=self._lanes.woken)
         self._preparer = preparer
         self._journal = journal

@@ -21,11 +21,11 @@ class Worker(threading.Thread):
     them all."""
 
     interval = 0.2
+    next_stage: "Worker | None" = None  # set when the stages are wired (plugin/app.py)
 
     def __init__(self, name: str, woken: threading.Event | None = None) -> None:
         super().__init__(name=name, daemon=True)
         self.stopping = threading.Event()
-        self.next_stage: Worker | None = None
         self._woken = woken or threading.Event()
 
     def step(self) -> bool:
