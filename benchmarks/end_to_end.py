@@ -12,17 +12,21 @@ the SRs delivered to a PACS (dcmtk storescp), compared with the raw model in the
    SR delivered, minus the quiet period: p50 and p95.
 
 With ``--artifact DIR`` the demo pipeline runs that model artifact instead (e.g. the
-pruned int8 one), and the same node first receives the same series with the pipeline
-matching nothing (Modality MR): its ingest-only rate, against which end to end is set,
-and how fast the node receives them with the pipeline against without it. The runner's
-own rate (by its metrics: images over the sum of its jobs' stage seconds) is reported
-too: a series is complete a quiet period (5 s) after its last instance, so unless
-receiving takes longer than that the jobs run once it has ended, and that rate bounds end
-to end. With two lanes (``runner.concurrent_jobs``) the jobs' stages overlap, and it is
-one lane's rate: the runner takes more.
+pruned int8 one), and a second node, the same but for its pipeline matching nothing
+(Modality MR), first receives the same series: its ingest-only rate, against which end to
+end is set, and how fast the node receives them with the pipeline against without it.
+``--rounds N`` repeats the throughput measurement N times on the same two nodes (both
+started before the first round), each round a new set of series sent to the ingest-only
+node and then to the node with the pipeline; figures are medians over the rounds (each
+round's ratio sets end to end against the ingest-only round just before it), with each
+round's figures beside them. The runner's own rate (by its metrics: images over the sum
+of its jobs' stage seconds) is reported too: a series is complete a quiet period (5 s)
+after its last instance, so unless receiving takes longer than that the jobs run once it
+has ended, and that rate bounds end to end. With two lanes (``runner.concurrent_jobs``)
+the jobs' stages overlap, and it is one lane's rate: the runner takes more.
 
 Run: .venv/bin/python -m benchmarks.end_to_end [--series 20] [--slices 100] [--decode-workers auto]
-     [--artifact DIR] [--json out.json]
+     [--artifact DIR] [--rounds 1] [--json out.json]
 """
 
 import argparse
@@ -143,6 +147,7 @@ def main() -> int:
     parser.add_argument("--decode-workers", default="auto", type=lambda v: v if v == "auto" else int(v),
                         help="the node's runner.decode_workers")  # fmt: skip
     parser.add_argument("--artifact", type=Path, help="the model artifact to run instead of the demo's")
+    parser.add_argument("--rounds", type=int, default=1, help="throughput rounds, each with new series")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -150,23 +155,19 @@ def main() -> int:
     folder = pipelines(work, args.artifact, matching=True)
     pipeline = load_pipeline(folder / PIPELINE.name)
     quiet = pipeline.completion.quiet_seconds
-    series = [ct_series(work / f"series-{i}", args.slices, seed=i + 1) for i in range(args.series)]
-    small = [ct_series(work / f"small-{i}", 24, seed=1000 + i) for i in range(args.latency_series)]
-    instances = sum(map(len, series))
-    raw = raw_model_rate(pipeline, series[0], 2000)
+    rounds = [
+        [ct_series(work / f"round-{r}" / f"series-{i}", args.slices, seed=1000 * r + i + 1) for i in range(args.series)]
+        for r in range(args.rounds)
+    ]
+    small = [ct_series(work / f"small-{i}", 24, seed=1000 * args.rounds + i) for i in range(args.latency_series)]
+    instances = args.series * args.slices
+    raw = raw_model_rate(pipeline, rounds[0][0], 2000)
 
-    receive_alone = None  # seconds the ingest-only node took to receive the series
+    ingest_only = None  # (process, port) of the node whose pipeline matches nothing
     if args.artifact:
         (work / "ingest-only").mkdir()
-        node, port, _ = start(work / "ingest-only", pipelines(work, args.artifact, False), args.decode_workers)
-        try:
-            os.sync()
-            start_time = time.perf_counter()
-            send_concurrently(port, series, args.senders)
-            receive_alone = time.perf_counter() - start_time
-        finally:
-            stop(node)
-
+        process, port, _ = start(work / "ingest-only", pipelines(work, args.artifact, False), args.decode_workers)
+        ingest_only = process, port
     pacs_port = free_port()
     pacs_dir = work / "pacs"
     pacs_dir.mkdir()
@@ -174,55 +175,75 @@ def main() -> int:
         ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)], env=ENV, stderr=subprocess.DEVNULL
     )
     destinations = {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}}
-    node, node_port, metrics_port = start(work, folder, args.decode_workers, destinations)
+    receive_alone: list[float] = []  # seconds the ingest-only node took to receive each round's series
+    receive: list[float] = []  # the same for the node with the pipeline
+    totals: list[float] = []  # its first byte to last SR delivered
     try:
-        wait_for_echo(pacs_port, "PACS")
-        os.sync()  # the generated series must not be flushed on the node's account
-        start_time = time.perf_counter()
-        send_concurrently(node_port, series, args.senders)
-        sent = time.perf_counter()
-        delivered = wait_for_results(pacs_dir, len(series))
-        total = delivered - start_time
-        stages = stage_seconds(metrics_port, pipeline.name)
-        latencies = []
-        for index, files in enumerate(small):
-            acknowledged = time.perf_counter() + storescu(node_port, files)
-            latencies.append(wait_for_results(pacs_dir, len(series) + index + 1) - acknowledged - quiet)
+        node, node_port, metrics_port = start(work, folder, args.decode_workers, destinations)
+        try:
+            wait_for_echo(pacs_port, "PACS")
+            for index, series in enumerate(rounds):
+                if ingest_only is not None:
+                    os.sync()  # the generated series must not be flushed on the node's account
+                    start_time = time.perf_counter()
+                    send_concurrently(ingest_only[1], series, args.senders)
+                    receive_alone.append(time.perf_counter() - start_time)
+                os.sync()
+                start_time = time.perf_counter()
+                send_concurrently(node_port, series, args.senders)
+                receive.append(time.perf_counter() - start_time)
+                totals.append(wait_for_results(pacs_dir, args.series * (index + 1)) - start_time)
+            stages = stage_seconds(metrics_port, pipeline.name)
+            latencies = []
+            for index, files in enumerate(small):
+                acknowledged = time.perf_counter() + storescu(node_port, files)
+                results = args.series * args.rounds + index + 1
+                latencies.append(wait_for_results(pacs_dir, results) - acknowledged - quiet)
+        finally:
+            stop(node)
     finally:
-        stop(node)
+        if ingest_only is not None:
+            stop(ingest_only[0])
         pacs.terminate()
         pacs.wait(10)
 
-    rate = instances / (total - quiet)
+    median = statistics.median
+    rates = [instances / (total - quiet) for total in totals]
+    against_ingest_only = {}
+    if receive_alone:
+        ratios = [rate * alone / instances for rate, alone in zip(rates, receive_alone, strict=True)]
+        speeds = [alone / with_pipeline for alone, with_pipeline in zip(receive_alone, receive, strict=True)]
+        against_ingest_only = {
+            "ingest_only_instances_per_second": round(instances / median(receive_alone), 1),
+            "ingest_only_instances_per_second_by_round": [round(instances / s, 1) for s in receive_alone],
+            "ratio_to_ingest_only_without_last_quiet_period": round(median(ratios), 2),
+            "ratio_to_ingest_only_without_last_quiet_period_by_round": [round(r, 2) for r in ratios],
+            # 1: the series were received as fast with the pipeline matching as without.
+            "receive_speed_to_ingest_only": round(median(speeds), 2),
+        }
+    images = instances * args.rounds  # the stages' seconds are every round's
     figures = {
         "series": args.series,
         "slices_per_series": args.slices,
         "senders": args.senders,
         "decode_workers": args.decode_workers,
         "artifact": str(args.artifact or pipeline.model.artifact),
+        "rounds": args.rounds,
         "raw_model_images_per_second": round(raw, 1),
-        "receive_seconds": round(sent - start_time, 2),
-        "first_byte_to_last_sr_seconds": round(total, 2),
-        "end_to_end_instances_per_second": round(instances / total, 1),
-        "ratio_to_raw_model": round(instances / total / raw, 2),
-        "without_last_quiet_period_instances_per_second": round(rate, 1),
-        "ratio_to_raw_model_without_last_quiet_period": round(rate / raw, 2),
-        **(
-            {
-                "ingest_only_instances_per_second": round(instances / receive_alone, 1),
-                "ratio_to_ingest_only_without_last_quiet_period": round(rate * receive_alone / instances, 2),
-                # 1: the series were received as fast with the pipeline matching as without.
-                "receive_speed_to_ingest_only": round(receive_alone / (sent - start_time), 2),
-            }
-            if receive_alone
-            else {}
-        ),
+        "receive_seconds": round(median(receive), 2),
+        "first_byte_to_last_sr_seconds": round(median(totals), 2),
+        "end_to_end_instances_per_second": round(instances / median(totals), 1),
+        "ratio_to_raw_model": round(instances / median(totals) / raw, 2),
+        "without_last_quiet_period_instances_per_second": round(median(rates), 1),
+        "ratio_to_raw_model_without_last_quiet_period": round(median(rates) / raw, 2),
+        "without_last_quiet_period_instances_per_second_by_round": [round(rate, 1) for rate in rates],
+        **against_ingest_only,
         # The node's time per image, by stage (its metrics).
-        "runner_ms_per_image": {stage: round(seconds / instances * 1000, 2) for stage, seconds in stages.items()},
-        "non_model_ms_per_image": round(sum(v for k, v in stages.items() if k in OVERHEAD) / instances * 1000, 2),
+        "runner_ms_per_image": {stage: round(seconds / images * 1000, 2) for stage, seconds in stages.items()},
+        "non_model_ms_per_image": round(sum(v for k, v in stages.items() if k in OVERHEAD) / images * 1000, 2),
         # What one of the runner's lanes can take: once the series complete after receiving
         # ends, end to end is bounded by this rate (times the lanes at most), not by the receiving.
-        "runner_images_per_second": round(instances / sum(v for k, v in stages.items() if k in RUNNER), 1),
+        "runner_images_per_second": round(images / sum(v for k, v in stages.items() if k in RUNNER), 1),
         "latency_series_slices": 24,
         "quiet_seconds": quiet,
         "beyond_quiet_p50_seconds": round(statistics.median(latencies), 3),
