@@ -2,7 +2,8 @@
 the SRs delivered to a PACS (dcmtk storescp), compared with the raw model in the same run.
 
 1. raw model: the demo artifact on the same preprocessed slices, in batches of the
-   pipeline's batch size, with nothing else running: images/s;
+   pipeline's batch size, in this process while the nodes are idle: images/s, before
+   each round (each round's ratio is against the raw rate measured just before it);
 2. throughput: 20 series of 100 slices sent by ``--senders`` concurrent storescu
    (TCP_NODELAY=1); instances/s from the first byte sent to the last SR delivered, and
    the same without the last series' quiet period (which no node can skip);
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -70,8 +72,9 @@ OVERHEAD = ("load", "preprocess", "write")
 RUNNER = (*OVERHEAD, "infer")
 
 
-def raw_model_rate(pipeline: Pipeline, files: list[Path], images: int) -> float:
-    """Images/s of the pipeline's model alone on ``files`` preprocessed (repeated to ``images``)."""
+def raw_model(pipeline: Pipeline, files: list[Path], images: int) -> Callable[[], float]:
+    """A timing of the pipeline's model alone on ``files`` preprocessed (repeated to
+    ``images``), loaded and warmed once: each call runs it again and returns images/s."""
     pool = ModelPool(Metrics(CollectorRegistry()))
     artifact = pool.get(pipeline)
     slices = torch.cat([preprocess(pipeline.preprocess, torch.from_numpy(modality_frames(pydicom.dcmread(f)))[:, None])
@@ -79,10 +82,14 @@ def raw_model_rate(pipeline: Pipeline, files: list[Path], images: int) -> float:
     repeats = -(-images // len(slices))
     batches = slices.repeat(repeats, 1, 1, 1)[:images].split(pipeline.model.batch_size)
     pool.infer(artifact, batches[0])  # warm-up
-    start = time.perf_counter()
-    for batch in batches:
-        pool.infer(artifact, batch)
-    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+    def rate() -> float:
+        start = time.perf_counter()
+        for batch in batches:
+            pool.infer(artifact, batch)
+        return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+    return rate
 
 
 def wait_for_results(folder: Path, count: int, timeout: float = 600) -> float:
@@ -161,7 +168,7 @@ def main() -> int:
     ]
     small = [ct_series(work / f"small-{i}", 24, seed=1000 * args.rounds + i) for i in range(args.latency_series)]
     instances = args.series * args.slices
-    raw = raw_model_rate(pipeline, rounds[0][0], 2000)
+    raw_model_rate = raw_model(pipeline, rounds[0][0], 2000)
 
     ingest_only = None  # (process, port) of the node whose pipeline matches nothing
     if args.artifact:
@@ -175,6 +182,7 @@ def main() -> int:
         ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)], env=ENV, stderr=subprocess.DEVNULL
     )
     destinations = {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}}
+    raw: list[float] = []  # the raw model's images/s, measured again before each round
     receive_alone: list[float] = []  # seconds the ingest-only node took to receive each round's series
     receive: list[float] = []  # the same for the node with the pipeline
     totals: list[float] = []  # its first byte to last SR delivered
@@ -183,6 +191,7 @@ def main() -> int:
         try:
             wait_for_echo(pacs_port, "PACS")
             for index, series in enumerate(rounds):
+                raw.append(raw_model_rate())
                 if ingest_only is not None:
                     os.sync()  # the generated series must not be flushed on the node's account
                     start_time = time.perf_counter()
@@ -209,6 +218,7 @@ def main() -> int:
 
     median = statistics.median
     rates = [instances / (total - quiet) for total in totals]
+    to_raw = [rate / raw_rate for rate, raw_rate in zip(rates, raw, strict=True)]
     against_ingest_only = {}
     if receive_alone:
         ratios = [rate * alone / instances for rate, alone in zip(rates, receive_alone, strict=True)]
@@ -229,14 +239,16 @@ def main() -> int:
         "decode_workers": args.decode_workers,
         "artifact": str(args.artifact or pipeline.model.artifact),
         "rounds": args.rounds,
-        "raw_model_images_per_second": round(raw, 1),
+        "raw_model_images_per_second": round(median(raw), 1),
+        "raw_model_images_per_second_by_round": [round(r, 1) for r in raw],
         "receive_seconds": round(median(receive), 2),
         "first_byte_to_last_sr_seconds": round(median(totals), 2),
         "end_to_end_instances_per_second": round(instances / median(totals), 1),
-        "ratio_to_raw_model": round(instances / median(totals) / raw, 2),
+        "ratio_to_raw_model": round(median(instances / total / r for total, r in zip(totals, raw, strict=True)), 2),
         "without_last_quiet_period_instances_per_second": round(median(rates), 1),
-        "ratio_to_raw_model_without_last_quiet_period": round(median(rates) / raw, 2),
+        "ratio_to_raw_model_without_last_quiet_period": round(median(to_raw), 2),
         "without_last_quiet_period_instances_per_second_by_round": [round(rate, 1) for rate in rates],
+        "ratio_to_raw_model_without_last_quiet_period_by_round": [round(r, 2) for r in to_raw],
         **against_ingest_only,
         # The node's time per image, by stage (its metrics).
         "runner_ms_per_image": {stage: round(seconds / images * 1000, 2) for stage, seconds in stages.items()},
