@@ -244,7 +244,7 @@ def main() -> int:
         "receive_seconds": round(median(receive), 2),
         "first_byte_to_last_sr_seconds": round(median(totals), 2),
         "end_to_end_instances_per_second": round(instances / median(totals), 1),
-        "ratio_to_raw_model": round(median(instances / total / r for total, r in zip(totals, raw, strict=True)), 2),
+        "ratio_to_raw_model": round(median([instances / total / r for total, r in zip(totals, raw, strict=True)]), 2),
         "without_last_quiet_period_instances_per_second": round(median(rates), 1),
         "ratio_to_raw_model_without_last_quiet_period": round(median(to_raw), 2),
         "without_last_quiet_period_instances_per_second_by_round": [round(rate, 1) for rate in rates],
@@ -258,7 +258,7 @@ def main() -> int:
         "runner_images_per_second": round(images / sum(v for k, v in stages.items() if k in RUNNER), 1),
         "latency_series_slices": 24,
         "quiet_seconds": quiet,
-        "beyond_quiet_p50_seconds": round(statistics.median(latencies), 3),
+        "beyond_quiet_p50_seconds": round(median(latencies), 3),
         "beyond_quiet_p95_seconds": round(statistics.quantiles(latencies, n=20, method="inclusive")[-1], 3),
         "beyond_quiet_max_seconds": round(max(latencies), 3),
     }
