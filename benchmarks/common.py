@@ -64,6 +64,12 @@ def ct_series(out_dir: Path, slices: int, seed: int = 1) -> list[Path]:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU seconds (user + system, all threads) that process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def wait_for_echo(port: int, called_ae: str = "RADPIPE", timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while (

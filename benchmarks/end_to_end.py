@@ -26,12 +26,18 @@ after its last instance, so unless receiving takes longer than that the jobs run
 has ended, and that rate bounds end to end. With two lanes (``runner.concurrent_jobs``)
 the jobs' stages overlap, and it is one lane's rate: the runner takes more.
 
+What the cores allow: each round, the CPU seconds (user + system, all threads) of the node,
+the senders and the PACS, per instance; the rate at which that work would keep every core
+busy bounds end to end, and is set against the raw model (whose own CPU per image is
+measured with it). The ingest-only node's CPU per instance is what receiving alone costs.
+
 Run: .venv/bin/python -m benchmarks.end_to_end [--series 20] [--slices 100] [--decode-workers auto]
      [--artifact DIR] [--rounds 1] [--json out.json]
 """
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +53,7 @@ from prometheus_client import CollectorRegistry
 from benchmarks.common import (
     ENV,
     REPO,
+    cpu_seconds,
     ct_series,
     free_port,
     node_config,
@@ -72,9 +79,10 @@ OVERHEAD = ("load", "preprocess", "write")
 RUNNER = (*OVERHEAD, "infer")
 
 
-def raw_model(pipeline: Pipeline, files: list[Path], images: int) -> Callable[[], float]:
+def raw_model(pipeline: Pipeline, files: list[Path], images: int) -> Callable[[], tuple[float, float]]:
     """A timing of the pipeline's model alone on ``files`` preprocessed (repeated to
-    ``images``), loaded and warmed once: each call runs it again and returns images/s."""
+    ``images``), loaded and warmed once: each call runs it again and returns images/s
+    and the CPU ms per image (all of its threads)."""
     pool = ModelPool(Metrics(CollectorRegistry()))
     artifact = pool.get(pipeline)
     slices = torch.cat([preprocess(pipeline.preprocess, torch.from_numpy(modality_frames(pydicom.dcmread(f)))[:, None])
@@ -83,11 +91,11 @@ def raw_model(pipeline: Pipeline, files: list[Path], images: int) -> Callable[[]
     batches = slices.repeat(repeats, 1, 1, 1)[:images].split(pipeline.model.batch_size)
     pool.infer(artifact, batches[0])  # warm-up
 
-    def rate() -> float:
-        start = time.perf_counter()
+    def rate() -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
         for batch in batches:
             pool.infer(artifact, batch)
-        return sum(len(b) for b in batches) / (time.perf_counter() - start)
+        return images / (time.perf_counter() - start), (time.process_time() - cpu) * 1000 / images
 
     return rate
 
@@ -183,7 +191,10 @@ def main() -> int:
     )
     destinations = {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}}
     raw: list[float] = []  # the raw model's images/s, measured again before each round
+    raw_cpu: list[float] = []  # and its CPU ms per image
+    cpu: dict[str, list[float]] = {"node": [], "senders": [], "pacs": []}  # CPU ms per instance, by round
     receive_alone: list[float] = []  # seconds the ingest-only node took to receive each round's series
+    receive_alone_cpu: list[float] = []  # and its CPU seconds
     receive: list[float] = []  # the same for the node with the pipeline
     totals: list[float] = []  # its first byte to last SR delivered
     try:
@@ -191,17 +202,28 @@ def main() -> int:
         try:
             wait_for_echo(pacs_port, "PACS")
             for index, series in enumerate(rounds):
-                raw.append(raw_model_rate())
+                rate, cpu_per_image = raw_model_rate()
+                raw.append(rate)
+                raw_cpu.append(cpu_per_image)
                 if ingest_only is not None:
                     os.sync()  # the generated series must not be flushed on the node's account
+                    cpu_before = cpu_seconds(ingest_only[0].pid)
                     start_time = time.perf_counter()
                     send_concurrently(ingest_only[1], series, args.senders)
                     receive_alone.append(time.perf_counter() - start_time)
+                    receive_alone_cpu.append(cpu_seconds(ingest_only[0].pid) - cpu_before)
                 os.sync()
+                cpu_before = cpu_seconds(node.pid), cpu_seconds(pacs.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
                 start_time = time.perf_counter()
                 send_concurrently(node_port, series, args.senders)
                 receive.append(time.perf_counter() - start_time)
                 totals.append(wait_for_results(pacs_dir, args.series * (index + 1)) - start_time)
+                senders = resource.getrusage(resource.RUSAGE_CHILDREN)  # storescu, reaped; the nodes and PACS are not
+                cpu["node"].append(cpu_seconds(node.pid) - cpu_before[0])
+                cpu["pacs"].append(cpu_seconds(pacs.pid) - cpu_before[1])
+                cpu["senders"].append(
+                    senders.ru_utime + senders.ru_stime - cpu_before[2].ru_utime - cpu_before[2].ru_stime
+                )
             stages = stage_seconds(metrics_port, pipeline.name)
             latencies = []
             for index, files in enumerate(small):
@@ -230,8 +252,14 @@ def main() -> int:
             "ratio_to_ingest_only_without_last_quiet_period_by_round": [round(r, 2) for r in ratios],
             # 1: the series were received as fast with the pipeline matching as without.
             "receive_speed_to_ingest_only": round(median(speeds), 2),
+            "ingest_only_node_cpu_ms_per_instance": round(median(receive_alone_cpu) * 1000 / instances, 2),
         }
     images = instances * args.rounds  # the stages' seconds are every round's
+    # What the cores allow: each round's CPU per instance of everything that ran (node,
+    # senders, PACS), and the rate at which it would keep every core busy, against the raw model.
+    cpu_ms = {name: [seconds * 1000 / instances for seconds in rounds] for name, rounds in cpu.items()}
+    whole = [sum(parts) for parts in zip(*cpu_ms.values(), strict=True)]
+    bound = [(os.cpu_count() or 1) * 1000 / ms for ms in whole]
     figures = {
         "series": args.series,
         "slices_per_series": args.slices,
@@ -250,6 +278,12 @@ def main() -> int:
         "without_last_quiet_period_instances_per_second_by_round": [round(rate, 1) for rate in rates],
         "ratio_to_raw_model_without_last_quiet_period_by_round": [round(r, 2) for r in to_raw],
         **against_ingest_only,
+        "cpu_ms_per_instance": {name: round(median(ms), 2) for name, ms in cpu_ms.items()},
+        "raw_model_cpu_ms_per_image": round(median(raw_cpu), 2),
+        "node_cpu_ms_per_instance_besides_the_model": round(median(cpu_ms["node"]) - median(raw_cpu), 2),
+        "cpu_bound_instances_per_second": round(median(bound), 1),
+        "cpu_bound_ratio_to_raw_model": round(median([b / r for b, r in zip(bound, raw, strict=True)]), 2),
+        "cpu_bound_ratio_to_raw_model_by_round": [round(b / r, 2) for b, r in zip(bound, raw, strict=True)],
         # The node's time per image, by stage (its metrics).
         "runner_ms_per_image": {stage: round(seconds / images * 1000, 2) for stage, seconds in stages.items()},
         "non_model_ms_per_image": round(sum(v for k, v in stages.items() if k in OVERHEAD) / images * 1000, 2),
