@@ -11,7 +11,8 @@
   that flushes before it answers success can beat it on this disk.
 
 Then dcmtk storescp and radpipe again, with 4 storescu associations at once, each
-sending a series of its own (a quarter of the slices each).
+sending a series of its own (a quarter of the slices each). Each receiver's CPU time
+(user + system, all threads) while it received is given per instance.
 
 Run: .venv/bin/python -m benchmarks.ingest [--slices 200] [--rounds 5] [--json out.json]
 """
@@ -19,7 +20,6 @@ Run: .venv/bin/python -m benchmarks.ingest [--slices 200] [--rounds 5] [--json o
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,7 +29,17 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import ENV, ct_series, free_port, node_config, scratch, storescu, wait_for_echo, wait_for_log
+from benchmarks.common import (
+    ENV,
+    cpu_seconds,
+    ct_series,
+    free_port,
+    node_config,
+    scratch,
+    storescu,
+    wait_for_echo,
+    wait_for_log,
+)
 from plugin.durability import GroupSync
 from plugin.spool import write_atomically
 
@@ -81,7 +91,7 @@ def measure(
 ) -> tuple[float, float]:
     """Seconds for ``shares`` to be sent, each by its own storescu association, at once,
     once the receiver answers C-ECHO and (``ready``) has logged that line; and the CPU
-    seconds (user + system) the storescu processes took."""
+    seconds (user + system, all threads) the receiver took meanwhile."""
     # Start clean: radpipe's flushes must not pay for what the series generation or an
     # earlier receiver left in the page cache.
     os.sync()
@@ -93,13 +103,11 @@ def measure(
         wait_for_echo(port)
         if ready:  # radpipe listens first, then loads: receiving is measured once it has
             wait_for_log(log, ready)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)  # the receiver is not reaped yet: not counted
+        cpu = cpu_seconds(process.pid)
         start = time.perf_counter()
         with ThreadPoolExecutor(len(shares)) as senders:
             list(senders.map(lambda files: storescu(port, files), shares))
-        seconds = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return time.perf_counter() - start, cpu_seconds(process.pid) - cpu
     finally:
         process.terminate()
         process.wait(30)
@@ -133,6 +141,7 @@ def main() -> int:
     megabytes = sum(f.stat().st_size for f in files) / 1e6
     modes = {"one association": [files], f"{CONCURRENT} associations": concurrent}
     timings: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}  # the receiver's CPU seconds
     for round_number in range(args.rounds):  # interleaved, so a noisy moment hits every receiver
         for mode, shares in modes.items():
             for name, command in receivers(work).items():
@@ -145,8 +154,9 @@ def main() -> int:
                 config = node_config(work / f"radpipe-{port}", port, work / "no-pipelines")
                 (work / "radpipe.yaml").write_text(yaml.safe_dump(config))
                 ready = " ready: " if name.startswith("radpipe") else None
-                seconds, _ = measure(command, port, shares, work / f"{name}.log", ready)
+                seconds, cpu_used = measure(command, port, shares, work / f"{name}.log", ready)
                 timings.setdefault((mode, name), []).append(seconds)
+                cpu.setdefault((mode, name), []).append(cpu_used)
         floor = durable_write_floor(files, work / f"floor-{round_number}")
         timings.setdefault(("one association", "durable-write floor"), []).append(floor)
     rows = []
@@ -160,17 +170,21 @@ def main() -> int:
                 "instances_per_second": round(len(files) / seconds, 1),
                 "megabytes_per_second": round(megabytes / seconds, 1),
                 "all_seconds": [round(v, 3) for v in values],
+                "receiver_cpu_ms_per_instance": (
+                    round(statistics.median(cpu[mode, name]) * 1000 / len(files), 2) if (mode, name) in cpu else None
+                ),
             }
         )
     dcmtk = {row["associations"]: row["instances_per_second"] for row in rows if row["receiver"] == "dcmtk storescp"}
     for row in rows:
         row["ratio_to_dcmtk"] = round(row["instances_per_second"] / dcmtk[row["associations"]], 2)
     print(f"{len(files)} instances, {megabytes:.0f} MB, loopback, median of {args.rounds} interleaved rounds")
-    print(f"{'associations':<16} {'receiver':<24} {'s':>7} {'inst/s':>8} {'MB/s':>7} {'x dcmtk':>8}")
+    print(f"{'associations':<16} {'receiver':<24} {'s':>7} {'inst/s':>8} {'MB/s':>7} {'x dcmtk':>8} {'CPU ms':>7}")
     for row in rows:
+        cpu_ms = row["receiver_cpu_ms_per_instance"] or ""  # none for the floor: no receiver
         print(
             f"{row['associations']:<16} {row['receiver']:<24} {row['seconds']:>7} {row['instances_per_second']:>8} "
-            f"{row['megabytes_per_second']:>7} {row['ratio_to_dcmtk']:>8}"
+            f"{row['megabytes_per_second']:>7} {row['ratio_to_dcmtk']:>8} {cpu_ms:>7}"
         )
     if args.json:
         args.json.write_text(json.dumps({"instances": len(files), "megabytes": megabytes, "rows": rows}, indent=2))
