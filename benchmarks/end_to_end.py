@@ -192,13 +192,21 @@ def main() -> int:
     destinations = {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}}
     raw: list[float] = []  # the raw model's images/s, measured again before each round
     raw_cpu: list[float] = []  # and its CPU ms per image
-    cpu: dict[str, list[float]] = {"node": [], "senders": [], "pacs": []}  # CPU ms per instance, by round
+    cpu: dict[str, list[float]] = {"node": [], "senders": [], "pacs": []}  # CPU seconds, by round
     receive_alone: list[float] = []  # seconds the ingest-only node took to receive each round's series
     receive_alone_cpu: list[float] = []  # and its CPU seconds
     receive: list[float] = []  # the same for the node with the pipeline
     totals: list[float] = []  # its first byte to last SR delivered
     try:
         node, node_port, metrics_port = start(work, folder, args.decode_workers, destinations)
+
+        def cpu_used() -> dict[str, float]:
+            """CPU seconds so far: the node's, the PACS's, and the reaped children's (the
+            storescu senders; the nodes and the PACS are not reaped while they run)."""
+            children = resource.getrusage(resource.RUSAGE_CHILDREN)
+            senders = children.ru_utime + children.ru_stime
+            return {"node": cpu_seconds(node.pid), "senders": senders, "pacs": cpu_seconds(pacs.pid)}
+
         try:
             wait_for_echo(pacs_port, "PACS")
             for index, series in enumerate(rounds):
@@ -207,23 +215,19 @@ def main() -> int:
                 raw_cpu.append(cpu_per_image)
                 if ingest_only is not None:
                     os.sync()  # the generated series must not be flushed on the node's account
-                    cpu_before = cpu_seconds(ingest_only[0].pid)
+                    alone_before = cpu_seconds(ingest_only[0].pid)
                     start_time = time.perf_counter()
                     send_concurrently(ingest_only[1], series, args.senders)
                     receive_alone.append(time.perf_counter() - start_time)
-                    receive_alone_cpu.append(cpu_seconds(ingest_only[0].pid) - cpu_before)
+                    receive_alone_cpu.append(cpu_seconds(ingest_only[0].pid) - alone_before)
                 os.sync()
-                cpu_before = cpu_seconds(node.pid), cpu_seconds(pacs.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu_before = cpu_used()
                 start_time = time.perf_counter()
                 send_concurrently(node_port, series, args.senders)
                 receive.append(time.perf_counter() - start_time)
                 totals.append(wait_for_results(pacs_dir, args.series * (index + 1)) - start_time)
-                senders = resource.getrusage(resource.RUSAGE_CHILDREN)  # storescu, reaped; the nodes and PACS are not
-                cpu["node"].append(cpu_seconds(node.pid) - cpu_before[0])
-                cpu["pacs"].append(cpu_seconds(pacs.pid) - cpu_before[1])
-                cpu["senders"].append(
-                    senders.ru_utime + senders.ru_stime - cpu_before[2].ru_utime - cpu_before[2].ru_stime
-                )
+                for name, seconds in cpu_used().items():
+                    cpu[name].append(seconds - cpu_before[name])
             stages = stage_seconds(metrics_port, pipeline.name)
             latencies = []
             for index, files in enumerate(small):
