@@ -261,7 +261,7 @@ def main() -> int:
     images = instances * args.rounds  # the stages' seconds are every round's
     # What the cores allow: each round's CPU per instance of everything that ran (node,
     # senders, PACS), and the rate at which it would keep every core busy, against the raw model.
-    cpu_ms = {name: [seconds * 1000 / instances for seconds in rounds] for name, rounds in cpu.items()}
+    cpu_ms = {name: [seconds * 1000 / instances for seconds in by_round] for name, by_round in cpu.items()}
     whole = [sum(parts) for parts in zip(*cpu_ms.values(), strict=True)]
     bound = [(os.cpu_count() or 1) * 1000 / ms for ms in whole]
     figures = {

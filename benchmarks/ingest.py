@@ -20,12 +20,14 @@ Run: .venv/bin/python -m benchmarks.ingest [--slices 200] [--rounds 5] [--json o
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -86,12 +88,17 @@ def receivers(work: Path) -> dict[str, list[str]]:
     }
 
 
-def measure(
-    command: list[str], port: int, shares: list[list[Path]], log: Path, ready: str | None
-) -> tuple[float, float]:
-    """Seconds for ``shares`` to be sent, each by its own storescu association, at once,
-    once the receiver answers C-ECHO and (``ready``) has logged that line; and the CPU
-    seconds (user + system, all threads) the receiver took meanwhile."""
+class Measurement(NamedTuple):
+    """One receiver's run: wall seconds, and CPU seconds (user + system, all threads)."""
+
+    seconds: float
+    senders_cpu: float  # the storescu processes'
+    receiver_cpu: float  # the receiver's, while they sent
+
+
+def measure(command: list[str], port: int, shares: list[list[Path]], log: Path, ready: str | None) -> Measurement:
+    """``shares`` sent, each by its own storescu association, at once, once the receiver
+    answers C-ECHO and (``ready``) has logged that line."""
     # Start clean: radpipe's flushes must not pay for what the series generation or an
     # earlier receiver left in the page cache.
     os.sync()
@@ -103,11 +110,15 @@ def measure(
         wait_for_echo(port)
         if ready:  # radpipe listens first, then loads: receiving is measured once it has
             wait_for_log(log, ready)
-        cpu = cpu_seconds(process.pid)
+        # The receiver is not reaped yet: the children's CPU time is the senders' alone.
+        before, receiver = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_seconds(process.pid)
         start = time.perf_counter()
         with ThreadPoolExecutor(len(shares)) as senders:
             list(senders.map(lambda files: storescu(port, files), shares))
-        return time.perf_counter() - start, cpu_seconds(process.pid) - cpu
+        seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        senders_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return Measurement(seconds, senders_cpu, cpu_seconds(process.pid) - receiver)
     finally:
         process.terminate()
         process.wait(30)
@@ -154,9 +165,9 @@ def main() -> int:
                 config = node_config(work / f"radpipe-{port}", port, work / "no-pipelines")
                 (work / "radpipe.yaml").write_text(yaml.safe_dump(config))
                 ready = " ready: " if name.startswith("radpipe") else None
-                seconds, cpu_used = measure(command, port, shares, work / f"{name}.log", ready)
-                timings.setdefault((mode, name), []).append(seconds)
-                cpu.setdefault((mode, name), []).append(cpu_used)
+                measured = measure(command, port, shares, work / f"{name}.log", ready)
+                timings.setdefault((mode, name), []).append(measured.seconds)
+                cpu.setdefault((mode, name), []).append(measured.receiver_cpu)
         floor = durable_write_floor(files, work / f"floor-{round_number}")
         timings.setdefault(("one association", "durable-write floor"), []).append(floor)
     rows = []

@@ -94,20 +94,20 @@ def main() -> int:
     for round_number in range(args.rounds):
         port, received = free_port(), work / f"storescp-{round_number}"
         received.mkdir()
-        wall, sender = measure(storescp(received, port), port, [files], work / "storescp.log", None)
+        wall, sender, _ = measure(storescp(received, port), port, [files], work / "storescp.log", None)
         add("dcmtk storescp: wall", wall / n * 1000)
         add("  storescu's CPU time, sending to storescp", sender / n * 1000)
 
         port = free_port()
         command = [sys.executable, "-c", NO_HANDLER, *serve_args(work / f"no-handler-{round_number}", port)]
-        wall, sender = measure(command, port, [files], work / "no-handler.log", " ready: ")
+        wall, sender, _ = measure(command, port, [files], work / "no-handler.log", " ready: ")
         add("radpipe's acceptor, the handler doing nothing: wall", wall / n * 1000)
         add("  storescu's CPU time, sending to it", sender / n * 1000)
 
         port, stages = free_port(), work / f"stages-{round_number}.json"
         serve = serve_args(work / f"radpipe-{round_number}", port)
         command = [sys.executable, "-c", TIMED_NODE, json.dumps(TIMED), str(stages), *serve]
-        wall, sender = measure(command, port, [files], work / "radpipe.log", " ready: ")
+        wall, sender, _ = measure(command, port, [files], work / "radpipe.log", " ready: ")
         add("radpipe: wall", wall / n * 1000)
         add("  storescu's CPU time, sending to radpipe", sender / n * 1000)
         timed = json.loads(stages.read_text())
