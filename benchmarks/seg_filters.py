@@ -85,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
 
     train_seg.segment_volume = once  # type: ignore[assignment]
     spec = pipeline.postprocess.segments[0]
-    figures: dict[str, Any] = {"artifact": str(args.artifact), "seed": args.seed, "volumes": args.n_val}
+    figures: dict[str, Any] = {
+        "artifact": str(args.artifact),
+        "seed": args.seed,
+        "volumes": args.n_val,
+        "volumes_without_nodules": sum(not len(volume.nodules) for volume in volumes),
+    }
     for name, update in variants(spec, args.alone).items():
         postprocess = pipeline.postprocess.model_copy(update={"segments": [spec.model_copy(update=update)]})
         variant: Pipeline = pipeline.model_copy(update={"postprocess": postprocess})
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             "within_15pct_5mm": round(scored["volume_within_15pct_5mm"] * n),
             "nodules_5mm": n,
             "false_lesions": round(scored["false_positives_per_volume"] * args.n_val),
+            "volumes_without_nodules_with_a_lesion": scored["volumes_without_nodules_with_a_lesion"],
             "dice": scored["dice"],
             "median_volume_error_5mm": scored["median_volume_error_5mm"],
         }

@@ -82,6 +82,7 @@ def test_the_committed_model_is_small_and_scored():
     assert manifest["architecture"]["id"] == "monai.networks.nets.UNet"
     assert manifest["classes"] == train_seg.CLASSES
     scored = {"dice", "sensitivity", "false_positives_per_volume", "volume_within_15pct_5mm", "median_volume_error_5mm"}
+    scored |= {"volumes_without_nodules", "volumes_without_nodules_with_a_lesion"}
     assert scored <= manifest["evaluation"].keys()
     window = pipeline.input.sliding_window
     assert window is not None
@@ -138,3 +139,22 @@ def test_per_nodule_tells_a_filters_miss_from_the_models(capsys):
             assert ("not found" not in " ".join(row)) == found
             most, mean = float(row[-2]), float(row[-1])
             assert most >= spec.threshold and spec.threshold <= mean < 1.01
+
+
+def test_a_volume_without_nodules_is_counted_when_any_lesion_is_reported():
+    """``evaluate`` counts the volumes without nodules whose SR would say a nodule is
+    present: the pipeline's filters keep this one clear, the model alone does not."""
+    pipeline = load_pipeline(PIPELINE)
+    model = load_artifact(pipeline.artifact_dir, torch.device("cpu")).module
+    # a tuning volume without nodules (never a held-out one), with vessels seen end-on
+    volume = train_seg.phantom_volumes(np.random.SeedSequence(1).spawn(2)[1], 4)[3]
+    assert not len(volume.nodules)
+    unfiltered = {"min_mean_probability": 0.0, "min_compactness": 0.0, "grow_threshold": None, "outline": None}
+    alone = pipeline.postprocess.segments[0].model_copy(update=unfiltered)
+    model_alone = pipeline.model_copy(
+        update={"postprocess": pipeline.postprocess.model_copy(update={"segments": [alone]})}
+    )
+    for checked, flagged in ((pipeline, 0), (model_alone, 1)):
+        scored = train_seg.evaluate(model, checked, [volume])
+        assert (scored["volumes_without_nodules"], scored["volumes_without_nodules_with_a_lesion"]) == (1, flagged)
+        assert (scored["false_positives_per_volume"] > 0) == bool(flagged)

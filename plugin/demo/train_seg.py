@@ -222,7 +222,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Voxel Dice over all ``volumes`` on the series' own voxels; per nodule whether a
     reported lesion overlaps it (sensitivity) and the volume of the lesions that do against
-    its drawn mask (volume accuracy, for nodules of at least 5 mm); false lesions per volume.
+    its drawn mask (volume accuracy, for nodules of at least 5 mm); false lesions per volume,
+    and how many of the volumes without nodules got any lesion (their SR would say "present").
     ``per_nodule`` also prints each nodule's drawn and measured voxels, by diameter (is an
     error a bias of one size, or noise?), and what the model gave it before the lesion
     filters: its highest probability, and the mean probability of the parts at or above the
@@ -230,6 +231,7 @@ def evaluate(
     overlap = predicted = true = 0
     nodules: list[tuple[float, bool, float]] = []  # diameter, found, measured / drawn volume - 1
     false_lesions = 0
+    negatives = flagged_negatives = 0  # volumes without nodules, and those of them with a reported lesion
     table: list[tuple[float, int, int, int, float, float]] = []  # and each nodule's probabilities, as above
     threshold = round(pipeline.postprocess.segments[0].threshold * 255)
     for number, volume in enumerate(volumes):
@@ -252,6 +254,9 @@ def evaluate(
                 table.append((2 * float(radius), number, int(drawn.sum()), measured, most, mean))
             touched |= hit
         false_lesions += int(reported.max()) - len(touched)
+        if not len(volume.nodules):
+            negatives += 1
+            flagged_negatives += int(reported.max() > 0)
 
     def sensitivity(smallest: float) -> float:
         found = [hit for diameter, hit, _ in nodules if diameter >= smallest]
@@ -272,6 +277,8 @@ def evaluate(
         "sensitivity_5mm": sensitivity(5),
         "sensitivity_10mm": sensitivity(10),
         "false_positives_per_volume": round(false_lesions / len(volumes), 3),
+        "volumes_without_nodules": negatives,
+        "volumes_without_nodules_with_a_lesion": flagged_negatives,
         # a missed nodule counts as measured 0: 100 % too small
         "volume_within_15pct_5mm": round(float((np.abs(errors) <= 0.15).mean()), 4) if len(errors) else None,
         "median_volume_error_5mm": round(float(np.median(errors)), 4) if len(errors) else None,
