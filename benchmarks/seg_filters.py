@@ -8,9 +8,9 @@ are chosen on; the artifact's training seed (0), its held-out volumes, only to r
 
 Seed 3 gives a second set drawn the same way, to check a choice made on seed 1 with volumes
 it was not made on. `--alone 0.65 0.5` adds the pipeline with the `alone` band's lower bound
-at each of those scores.
+at each of those scores, `--apart 0.75 1.5` with `apart`'s `max_attached` at each of those.
 
-Run: .venv/bin/python -m benchmarks.seg_filters [--artifact DIR] [--seed 1] [--n-val 60] [--alone P ...]
+Run: .venv/bin/python -m benchmarks.seg_filters [--artifact DIR] [--seed 1] [--n-val 60] [--alone P ...] [--apart A ...]
      [--json out.json]
 """
 
@@ -30,16 +30,23 @@ from plugin.pipeline import Pipeline, SegmentSpec
 PIPELINE = REPO / "pipelines" / "lung-nodule-seg-demo.yaml"
 
 
-def variants(spec: SegmentSpec, alone_bounds: list[float]) -> dict[str, dict[str, Any]]:
+def variants(spec: SegmentSpec, alone_bounds: list[float], apart_bounds: list[float]) -> dict[str, dict[str, Any]]:
     """Updates of the pipeline's segment, by what they leave out, then with the ``alone``
-    band's lower bound at each of ``alone_bounds``."""
+    band's lower bound at each of ``alone_bounds``, and ``apart``'s ``max_attached`` at each
+    of ``apart_bounds``."""
     outline = spec.outline
     alone_off = None if outline is None else outline.model_copy(update={"alone": None})
+    apart_off = None if outline is None else outline.model_copy(update={"apart": None})
     alone_from = {}
     if outline is not None and outline.alone is not None:
         for bound in alone_bounds:
             alone = outline.alone.model_copy(update={"min_mean_probability": bound})
             alone_from[f"alone from {bound}"] = {"outline": outline.model_copy(update={"alone": alone})}
+    apart_at = {}
+    if outline is not None and outline.apart is not None:
+        for bound in apart_bounds:
+            apart = outline.apart.model_copy(update={"max_attached": bound})
+            apart_at[f"apart at {bound}"] = {"outline": outline.model_copy(update={"apart": apart})}
     return {
         "the pipeline": {},
         "the model alone (threshold, min_volume_mm3)": {
@@ -52,9 +59,11 @@ def variants(spec: SegmentSpec, alone_bounds: list[float]) -> dict[str, dict[str
         "min_compactness 0.45": {"min_compactness": 0.45},
         "without min_mean_probability (nor alone)": {"min_mean_probability": 0.0, "outline": alone_off},
         "without alone": {"outline": alone_off},
+        "without apart": {"outline": apart_off},
         "without outline (nor alone)": {"outline": None},
         "without outline (nor alone) or grow_threshold": {"outline": None, "grow_threshold": None},
         **alone_from,
+        **apart_at,
     }
 
 
@@ -66,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--n-val", type=int, default=60)
     parser.add_argument("--alone", type=float, nargs="*", default=[], help="lower bounds of the alone band to score")
+    parser.add_argument("--apart", type=float, nargs="*", default=[], help="apart's max_attached values to score")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "volumes": args.n_val,
         "volumes_without_nodules": sum(not len(volume.nodules) for volume in volumes),
     }
-    for name, update in variants(spec, args.alone).items():
+    for name, update in variants(spec, args.alone, args.apart).items():
         postprocess = pipeline.postprocess.model_copy(update={"segments": [spec.model_copy(update=update)]})
         variant: Pipeline = pipeline.model_copy(update={"postprocess": postprocess})
         scored = train_seg.evaluate(model, variant, volumes)

@@ -168,17 +168,26 @@ class FindingSpec(_Strict):
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
-class Alone(_Strict):
+class Apart(_Strict):
+    """How a lesion stands apart in the image (see :class:`Outline`): once redrawn, the
+    voxels at the outline's ``min_value`` or more connected to it within ``reach_mm`` of it
+    add at most ``max_attached`` of its own volume; otherwise it is part of something larger
+    and is dropped. A lung nodule lies in lung, and touches a vessel at most; the mediastinum
+    and the hilum, where a model may also see a round shape, go on."""
+
+    max_attached: float = Field(ge=0.0)
+    reach_mm: float = Field(default=4.0, gt=0.0)
+
+
+class Alone(Apart):
     """A second, lower score for lesions that stand alone in the image (see :class:`Outline`):
     a lesion whose mean probability is under its segment's ``min_mean_probability`` but at
-    least this ``min_mean_probability`` is reported when, once redrawn, the voxels at the
-    outline's ``min_value`` or more connected to it within ``reach_mm`` of it add at most
-    ``max_attached`` of its own volume; otherwise, or with no voxel at ``min_value``, it is
-    dropped. A nodule lies in lung; a vessel, seen end-on where it ends, goes on: the series
-    tells them apart where the model's score does not."""
+    least this ``min_mean_probability`` is reported when it stands apart (:class:`Apart`), by
+    default with at most 0.3 of its volume attached; otherwise, or with no voxel at
+    ``min_value``, it is dropped. A nodule lies in lung; a vessel, seen end-on where it ends,
+    goes on: the series tells them apart where the model's score does not."""
 
     min_mean_probability: float = Field(ge=0.0, le=1.0)
-    reach_mm: float = Field(default=4.0, gt=0.0)
     max_attached: float = Field(default=0.3, ge=0.0)
 
 
@@ -194,12 +203,14 @@ class Outline(_Strict):
     outline. A voxel goes to the lesion whose outline as the model drew it is nearer, and
     lesions stay a voxel apart: they do not merge. A lesion that comes apart (its pieces
     parted by values under ``min_value``) stays one lesion. Which lesions are found, and
-    their scores, do not change, except through ``alone`` (optional, :class:`Alone`)."""
+    their scores, do not change, except through ``alone`` (optional, :class:`Alone`) for the
+    lesions scored in its band, and ``apart`` (optional, :class:`Apart`) for the others."""
 
     min_value: float
     reach_mm: float = Field(default=3.0, gt=0.0)
     min_probability: float = Field(default=0.01, ge=0.0, le=1.0)
     alone: Alone | None = None
+    apart: Apart | None = None
 
 
 class SegmentSpec(_Strict):

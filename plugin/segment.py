@@ -40,7 +40,9 @@ a reader checks a volume or a diameter on them, not on the grid the model happen
   A lesion whose pieces the values part (lower between them than ``min_value``) stays one
   lesion, measured over its pieces. With the outline's ``alone``, a lesion scored under
   ``min_mean_probability`` but at least ``alone``'s passes the filters, and is reported
-  only if, redrawn, it stands alone in the series' values (plugin/pipeline.py, Alone).
+  only if, redrawn, it stands alone in the series' values (plugin/pipeline.py, Alone); with
+  its ``apart``, every other lesion is reported only if it stands apart, not part of
+  something larger (plugin/pipeline.py, Apart).
 """
 
 import dataclasses
@@ -279,23 +281,22 @@ def _outlined(
     to it than to the other parts and to ``elsewhere(box)`` (the other segments' voxels in
     ``box``), and none next to them. A part scored under the segment's
     ``min_mean_probability`` (let through for ``outline.alone``) is kept only if it stands
-    alone; those are judged first, so that one dropped claims no voxel from the others.
-    ``values`` ``[1, ...]``: the segment's probabilities on the model's grid."""
+    alone; those are judged first, so that one dropped claims no voxel from the others. The
+    others, with ``outline.apart``, are kept only if they stand apart, judged as they are
+    redrawn. ``values`` ``[1, ...]``: the segment's probabilities on the model's grid."""
     outline = spec.outline
     assert outline is not None  # _lesions calls this for a segment with an outline
-    alone = outline.alone
     ball = _ball(source.spacing, outline.reach_mm)
-    around = ball if alone is None else _ball(source.spacing, alone.reach_mm)
-    # twice the reach and a voxel: the other outlines that can claim a voxel in reach, and the
-    # voxels next to one; for a lesion judged alone, as far again as it is judged
-    margins = list(ball.shape)
-    judged_margins = [m + a // 2 for m, a in zip(margins, around.shape, strict=True)]
-    on_probation = [alone is not None and bool(part[2].mean() < spec.min_mean_probability) for part in parts]
+    on_probation = [outline.alone is not None and bool(part[2].mean() < spec.min_mean_probability) for part in parts]
     redrawn: list[_Part] = []
-    for (box, inside, probability), judged in sorted(zip(parts, on_probation, strict=True), key=lambda p: not p[1]):
+    for (box, inside, probability), probation in sorted(zip(parts, on_probation, strict=True), key=lambda p: not p[1]):
+        judge = outline.alone if probation else outline.apart
+        around = np.ones((1, 1, 1), dtype=bool) if judge is None else _ball(source.spacing, judge.reach_mm)
+        # twice the reach and a voxel: the other outlines that can claim a voxel in reach, and
+        # the voxels next to one; for a lesion judged, as far again as it is judged
         wide = tuple(
-            slice(max(b.start - m, 0), min(b.stop + m, n))
-            for b, m, n in zip(box, judged_margins if judged else margins, source.shape, strict=True)
+            slice(max(b.start - m - a // 2, 0), min(b.stop + m + a // 2, n))
+            for b, m, a, n in zip(box, ball.shape, around.shape, source.shape, strict=True)
         )
         lesion = np.zeros([w.stop - w.start for w in wide], dtype=bool)
         lesion[tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, wide, strict=True))] = inside
@@ -315,9 +316,10 @@ def _outlined(
         # every piece that holds some of it: one lesion the model drew stays one (it may
         # come apart where the values between its pieces fall under min_value)
         kept = np.isin(pieces, pieces[lesion & candidate])
-        if judged:
-            assert alone is not None
-            if not kept.any() or _attached(kept, dense, around) > alone.max_attached * kept.sum():
+        if judge is not None:
+            # one on probation with no voxel at min_value is dropped; any other keeps the model's outline
+            unseen = probation and not kept.any()
+            if unseen or _attached(kept, dense, around) > judge.max_attached * kept.sum():
                 mask[wide] &= ~lesion
                 continue
         if not kept.any():  # nothing of it at min_value: the model's outline stays
