@@ -9,13 +9,16 @@ are chosen on; the artifact's training seed (0), its held-out volumes, only to r
 Seed 3 gives a second set drawn the same way, to check a choice made on seed 1 with volumes
 it was not made on. `--alone 0.65 0.5` adds the pipeline with the `alone` band's lower bound
 at each of those scores, `--apart 0.75 1.5` with `apart`'s `max_attached` at each of those.
+`--demo 40` scores the studies `radpipe demo` sends for seeds 0-39 instead (24 slices, a
+series with nodules and one without each), as the node sees them.
 
-Run: .venv/bin/python -m benchmarks.seg_filters [--artifact DIR] [--seed 1] [--n-val 60] [--alone P ...] [--apart A ...]
-     [--json out.json]
+Run: .venv/bin/python -m benchmarks.seg_filters [--artifact DIR] [--seed 1] [--n-val 60] [--demo N]
+     [--alone P ...] [--apart A ...] [--json out.json]
 """
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ import torch
 
 from benchmarks.common import REPO, report
 from plugin.demo import train_seg
+from plugin.demo.series import write_synthetic_study
 from plugin.models.artifact import load_artifact, read_manifest
 from plugin.pipeline import Pipeline, SegmentSpec
 
@@ -74,13 +78,21 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=int, default=1, help="1: the tuning volumes; 3: a second set; 0: the shipped model's held-out"
     )
     parser.add_argument("--n-val", type=int, default=60)
+    parser.add_argument(
+        "--demo", type=int, help="score `radpipe demo`'s studies of seeds 0 to DEMO - 1 (both series) instead"
+    )
     parser.add_argument("--alone", type=float, nargs="*", default=[], help="lower bounds of the alone band to score")
     parser.add_argument("--apart", type=float, nargs="*", default=[], help="apart's max_attached values to score")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = load_artifact(args.artifact, torch.device("cpu"), read_manifest(args.artifact)).module
-    volumes = train_seg.phantom_volumes(np.random.SeedSequence(args.seed).spawn(2)[1], args.n_val)
+    if args.demo is None:
+        volumes = train_seg.phantom_volumes(np.random.SeedSequence(args.seed).spawn(2)[1], args.n_val)
+    else:
+        with tempfile.TemporaryDirectory() as folder:  # the volumes as drawn; their files are not read
+            studies = [write_synthetic_study(Path(folder) / str(seed), seed=seed) for seed in range(args.demo)]
+        volumes = [series.volume for study in studies for series in study]
     pipeline = train_seg.read_pipeline(PIPELINE)
 
     # evaluate() runs the model through train_seg.segment_volume: keep each volume's output
@@ -97,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = pipeline.postprocess.segments[0]
     figures: dict[str, Any] = {
         "artifact": str(args.artifact),
-        "seed": args.seed,
-        "volumes": args.n_val,
+        "seed": args.seed if args.demo is None else f"radpipe demo's studies 0-{args.demo - 1}",
+        "volumes": len(volumes),
         "volumes_without_nodules": sum(not len(volume.nodules) for volume in volumes),
     }
     for name, update in variants(spec, args.alone, args.apart).items():
@@ -110,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             "found_5mm": round(scored["sensitivity_5mm"] * n),
             "within_15pct_5mm": round(scored["volume_within_15pct_5mm"] * n),
             "nodules_5mm": n,
-            "false_lesions": round(scored["false_positives_per_volume"] * args.n_val),
+            "false_lesions": round(scored["false_positives_per_volume"] * len(volumes)),
             "volumes_without_nodules_with_a_lesion": scored["volumes_without_nodules_with_a_lesion"],
             "dice": scored["dice"],
             "median_volume_error_5mm": scored["median_volume_error_5mm"],
