@@ -172,8 +172,9 @@ class Apart(_Strict):
     """How a lesion stands apart in the image (see :class:`Outline`): once redrawn, the
     voxels at the outline's ``min_value`` or more connected to it within ``reach_mm`` of it
     add at most ``max_attached`` of its own volume; otherwise it is part of something larger
-    and is dropped. A lung nodule lies in lung, and touches a vessel at most; the mediastinum
-    and the hilum, where a model may also see a round shape, go on."""
+    and is dropped (one with no voxel at ``min_value`` attaches nothing). A lung nodule lies
+    in lung, and touches a vessel at most; the mediastinum and the hilum, where a model may
+    also see a round shape, go on."""
 
     max_attached: float = Field(ge=0.0)
     reach_mm: float = Field(default=4.0, gt=0.0)

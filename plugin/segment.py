@@ -283,7 +283,8 @@ def _outlined(
     ``min_mean_probability`` (let through for ``outline.alone``) is kept only if it stands
     alone; those are judged first, so that one dropped claims no voxel from the others. The
     others, with ``outline.apart``, are kept only if they stand apart, judged as they are
-    redrawn. ``values`` ``[1, ...]``: the segment's probabilities on the model's grid."""
+    redrawn (one dropped may already have kept a lesion redrawn before it from voxels nearer
+    to it). ``values`` ``[1, ...]``: the segment's probabilities on the model's grid."""
     outline = spec.outline
     assert outline is not None  # _lesions calls this for a segment with an outline
     ball = _ball(source.spacing, outline.reach_mm)

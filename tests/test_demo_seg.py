@@ -150,9 +150,9 @@ def test_a_volume_without_nodules_is_counted_when_any_lesion_is_reported():
     volume = train_seg.phantom_volumes(np.random.SeedSequence(1).spawn(2)[1], 4)[3]
     assert not len(volume.nodules)
     unfiltered = {"min_mean_probability": 0.0, "min_compactness": 0.0, "grow_threshold": None, "outline": None}
-    alone = pipeline.postprocess.segments[0].model_copy(update=unfiltered)
+    threshold_only = pipeline.postprocess.segments[0].model_copy(update=unfiltered)
     model_alone = pipeline.model_copy(
-        update={"postprocess": pipeline.postprocess.model_copy(update={"segments": [alone]})}
+        update={"postprocess": pipeline.postprocess.model_copy(update={"segments": [threshold_only]})}
     )
     for checked, flagged in ((pipeline, 0), (model_alone, 1)):
         scored = train_seg.evaluate(model, checked, [volume])
