@@ -18,7 +18,6 @@ Run: .venv/bin/python -m benchmarks.seg_filters [--artifact DIR] [--seed 1] [--n
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 
 from benchmarks.common import REPO, report
 from plugin.demo import train_seg
-from plugin.demo.series import write_synthetic_study
+from plugin.demo.series import synthetic_study_volumes
 from plugin.models.artifact import load_artifact, read_manifest
 from plugin.pipeline import Pipeline, SegmentSpec
 
@@ -90,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo is None:
         volumes = train_seg.phantom_volumes(np.random.SeedSequence(args.seed).spawn(2)[1], args.n_val)
     else:
-        with tempfile.TemporaryDirectory() as folder:  # the volumes as drawn; their files are not read
-            studies = [write_synthetic_study(Path(folder) / str(seed), seed=seed) for seed in range(args.demo)]
-        volumes = [series.volume for study in studies for series in study]
+        volumes = [volume for seed in range(args.demo) for volume in synthetic_study_volumes(seed).values()]
     pipeline = train_seg.read_pipeline(PIPELINE)
 
     # evaluate() runs the model through train_seg.segment_volume: keep each volume's output

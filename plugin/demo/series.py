@@ -173,15 +173,21 @@ class SyntheticSeries:
         return truth
 
 
-def write_synthetic_study(out_dir: Path, seed: int = 0, n_slices: int = 24) -> list[SyntheticSeries]:
-    """One study, two series: 1-3 nodules, and a hard negative with vessels seen end-on;
-    series land in ``out_dir/<series number>/``."""
+def synthetic_study_volumes(seed: int = 0, n_slices: int = 24) -> dict[str, PhantomVolume]:
+    """The volumes of :func:`write_synthetic_study`'s two series, by description, drawn
+    without writing them: 1-3 nodules, and a hard negative with vessels seen end-on."""
     rng = np.random.default_rng(seed)
-    study_uid = _uid(seed, "study")
-    volumes = {
+    return {
         POSITIVE_DESCRIPTION: render_volume(rng, n_slices, int(rng.integers(1, 4)), SLICE_THICKNESS_MM),
         NEGATIVE_DESCRIPTION: render_volume(rng, n_slices, 0, SLICE_THICKNESS_MM),
     }
+
+
+def write_synthetic_study(out_dir: Path, seed: int = 0, n_slices: int = 24) -> list[SyntheticSeries]:
+    """One study, two series (:func:`synthetic_study_volumes`); series land in
+    ``out_dir/<series number>/``."""
+    study_uid = _uid(seed, "study")
+    volumes = synthetic_study_volumes(seed, n_slices)
     return [
         SyntheticSeries(
             description,
